@@ -1,0 +1,40 @@
+"""stampede: cache-stampede protection for the caches you already use.
+
+Misses of a key load once for every concurrent caller (single-flight), hot
+keys refresh before they expire (XFetch), errors can be negative-cached, and
+stale values can be served while revalidating or when the origin fails.
+"""
+
+from __future__ import annotations
+
+from ._acache import AsyncCoalescingCache
+from ._cache import CoalescingCache
+from ._entry import MISSING
+from ._errors import (
+    BackendUnavailable,
+    BlockingWaitInLoop,
+    LoadAbandoned,
+    LoadTimeout,
+    RecursiveLoad,
+    StampedeError,
+)
+from ._singleflight import AsyncSingleFlight, SingleFlight
+from ._stats import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MISSING",
+    "AsyncCoalescingCache",
+    "AsyncSingleFlight",
+    "BackendUnavailable",
+    "BlockingWaitInLoop",
+    "CoalescingCache",
+    "LoadAbandoned",
+    "LoadTimeout",
+    "RecursiveLoad",
+    "SingleFlight",
+    "StampedeError",
+    "Stats",
+    "__version__",
+]

@@ -1,0 +1,131 @@
+"""``AsyncCoalescingCache``: the asyncio shell.
+
+The same steps as ``CoalescingCache`` (all decisions live in ``_core`` and
+``_policy``); what differs is that every load, foreground or background, runs
+as its own task in ``AsyncSingleFlight``, and every caller, the first one
+included, waits for that task without owning it. So:
+
+- a cancelled caller withdraws alone; the load goes on and is stored;
+- when every caller has left, the load still completes and is stored (the
+  next reader gets it); ``invalidate`` is how to drop it;
+- ``wait_timeout`` bounds the wait of every caller, the first one too (the
+  sync cache's first caller runs the loader itself and cannot time out).
+
+The loader may be a coroutine function, a function returning an awaitable
+(``lambda: fetch(key)``), or a plain function; a plain function runs on the
+event loop's thread, so wrap blocking I/O in ``asyncio.to_thread`` yourself.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from ._core import _NS, CacheCore, V, log
+from ._entry import MISSING, Entry
+from ._policy import Decision
+from ._singleflight import AsyncSingleFlight, _AsyncCall
+
+
+class AsyncCoalescingCache(CacheCore[V]):
+    """The asyncio twin of ``CoalescingCache``: same parameters, async methods."""
+
+    _flight: AsyncSingleFlight
+
+    def __init__(self, backend: Any = None, **options: Any) -> None:
+        super().__init__(backend, **options)
+        self._flight = AsyncSingleFlight()
+
+    async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
+        """The cached value of ``key``, loading it with ``loader()`` when missing.
+
+        See ``CoalescingCache.get_or_load``; a cancelled caller leaves the load
+        running for the others.
+        """
+        k = (_NS, self._namespace, key) if self._namespace else key
+        entry = self._get(k)
+        if entry is not None:
+            try:
+                if self._clock() < entry.check_at:
+                    self._counters.hits += 1
+                    return entry.value  # type: ignore[return-value]
+            except AttributeError:  # not an Entry: _slow counts and drops it
+                pass
+        return await self._slow(k, loader, entry)
+
+    async def _slow(self, k: Hashable, loader: Callable[[], Awaitable[V] | V], entry: Any) -> V:
+        entry = self._valid(entry)
+        decision = self._decide(entry)
+        if decision <= Decision.STALE_QUIET:
+            assert entry is not None
+            if self._served(decision):
+                self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
+            return entry.value  # type: ignore[no-any-return]
+        if decision is Decision.NEGATIVE:
+            assert entry is not None
+            raise self._negative(entry)
+        self._counters.misses += 1
+        call, leader = self._flight._join(k, functools.partial(self._load, k, loader, entry))
+        if not leader:
+            self._counters.coalesced += 1
+        return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+
+    async def _load(
+        self,
+        k: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        previous: Entry[V] | None,
+        call: _AsyncCall,
+    ) -> V:
+        found = self._recheck(k, previous)
+        if found is not None:
+            return self._answer(found)
+        started = self._clock()
+        try:
+            value = loader()
+            if inspect.isawaitable(value):
+                value = await value
+        except BaseException as exc:
+            instead = self._failed(k, call, exc, previous)
+            if instead is MISSING:
+                raise
+            return instead
+        return self._stored(k, call, value, started)
+
+    def _refresh(
+        self,
+        k: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        entry: Entry[V],
+        early: bool,
+    ) -> None:
+        run = functools.partial(self._run_refresh, k, loader, entry)
+        if self._flight._reserve(k, run) is not None and early:
+            self._counters.early_refreshes += 1
+
+    async def _run_refresh(
+        self,
+        k: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        entry: Entry[V],
+        call: _AsyncCall,
+    ) -> V:
+        try:
+            return await self._load(k, loader, entry, call)
+        except Exception:
+            log.warning("background refresh of %r failed", k, exc_info=True)
+            raise  # callers that joined the refresh share its error
+
+    async def get(self, key: Hashable, default: Any = None) -> V | Any:
+        """The cached value of ``key`` (fresh or still servable stale), else ``default``."""
+        return self._lookup(self._key(key), default)
+
+    async def set(self, key: Hashable, value: V, ttl: float | None = None) -> None:
+        """Store ``value`` for ``ttl`` seconds; an in-flight load of ``key`` is not stored."""
+        self._set_entry(self._key(key), value, ttl)
+
+    async def invalidate(self, key: Hashable) -> None:
+        """Drop ``key``'s entry and fence any in-flight load of it."""
+        self._invalidate(self._key(key))

@@ -1,0 +1,162 @@
+"""``CoalescingCache``: the sync shell.
+
+Read the entry, let the policy decide, and on a miss lead or join the key's
+single flight. Background refreshes (XFetch, stale-while-revalidate) run on a
+small shared thread pool, reserved in the flight map first so a key never
+has two refreshes at once and foreground misses join the running one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import functools
+import os
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from ._core import _NS, CacheCore, V, log
+from ._entry import MISSING, Entry
+from ._policy import Decision
+from ._singleflight import SingleFlight, _Call
+
+REFRESH_WORKERS = 8
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _refresher() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=REFRESH_WORKERS, thread_name_prefix="stampede-refresh"
+                )
+    return _pool
+
+
+def _after_fork() -> None:
+    # The parent's pool threads do not exist in the child: start a new pool lazily.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+class CoalescingCache(CacheCore[V]):
+    """A cache whose misses load once for all concurrent callers.
+
+    Wraps ``backend`` (``None`` for a bounded in-process LRU, a ``dict``, a
+    cachetools or cachebox cache, any mutable mapping, or ``"memory://"``).
+    See ``CacheCore`` for the parameters and DESIGN.md for the guarantees.
+    """
+
+    _flight: SingleFlight
+
+    def __init__(self, backend: Any = None, **options: Any) -> None:
+        super().__init__(backend, **options)
+        self._flight = SingleFlight()
+
+    def get_or_load(self, key: Hashable, loader: Callable[[], V]) -> V:
+        """The cached value of ``key``, loading it with ``loader()`` when missing.
+
+        Concurrent callers of a missing key share one ``loader()`` call and its
+        result or exception. Raises the loader's exception, a negative-cached
+        error (a new instance of its type), ``LoadTimeout`` when a wait runs
+        past ``wait_timeout``, ``RecursiveLoad`` when ``loader`` asks for
+        ``key``, ``BlockingWaitInLoop`` when waiting would block a running
+        event loop.
+        """
+        k = (_NS, self._namespace, key) if self._namespace else key
+        entry = self._get(k)
+        if entry is not None:
+            try:
+                if self._clock() < entry.check_at:
+                    self._counters.hits += 1
+                    return entry.value  # type: ignore[return-value]
+            except AttributeError:  # not an Entry: _slow counts and drops it
+                pass
+        return self._slow(k, loader, entry)
+
+    def _slow(self, k: Hashable, loader: Callable[[], V], entry: Any) -> V:
+        entry = self._valid(entry)
+        decision = self._decide(entry)
+        if decision <= Decision.STALE_QUIET:
+            assert entry is not None
+            if self._served(decision):
+                self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
+            return entry.value  # type: ignore[no-any-return]
+        if decision is Decision.NEGATIVE:
+            assert entry is not None
+            raise self._negative(entry)
+        self._counters.misses += 1
+        call, leader = self._flight._join(k)
+        if leader:
+            return self._flight._lead(k, call, functools.partial(self._load, k, loader, entry))
+        self._counters.coalesced += 1
+        return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+
+    def _load(
+        self, k: Hashable, loader: Callable[[], V], previous: Entry[V] | None, call: _Call
+    ) -> V:
+        found = self._recheck(k, previous)
+        if found is not None:
+            return self._answer(found)
+        started = self._clock()
+        try:
+            value = loader()
+        except BaseException as exc:
+            instead = self._failed(k, call, exc, previous)
+            if instead is MISSING:
+                raise
+            return instead
+        return self._stored(k, call, value, started)
+
+    def _refresh(self, k: Hashable, loader: Callable[[], V], entry: Entry[V], early: bool) -> None:
+        call = self._flight._reserve(k)
+        if call is None:
+            return  # a load or refresh of this key is already running
+        if early:
+            self._counters.early_refreshes += 1
+        run = functools.partial(self._run_refresh, k, loader, entry, call)
+        try:
+            # In the reader's context, as asyncio tasks would be.
+            _refresher().submit(contextvars.copy_context().run, run)
+        except RuntimeError:  # the pool is shut down: the interpreter is exiting
+            self._flight._lead(k, call, _not_started)
+
+    def _run_refresh(
+        self, k: Hashable, loader: Callable[[], V], entry: Entry[V], call: _Call
+    ) -> None:
+        try:
+            self._flight._lead(k, call, functools.partial(self._load, k, loader, entry))
+        except Exception:
+            log.warning("background refresh of %r failed", k, exc_info=True)
+
+    def get(self, key: Hashable, default: Any = None) -> V | Any:
+        """The cached value of ``key`` (fresh or still servable stale), else ``default``.
+
+        Never loads and never raises a cached error.
+        """
+        return self._lookup(self._key(key), default)
+
+    def set(self, key: Hashable, value: V, ttl: float | None = None) -> None:
+        """Store ``value`` for ``ttl`` seconds (default: the cache's ``ttl``).
+
+        An in-flight load of ``key`` still answers its callers but is not stored.
+        """
+        self._set_entry(self._key(key), value, ttl)
+
+    def invalidate(self, key: Hashable) -> None:
+        """Drop ``key``'s entry and fence any in-flight load of it (its result is not stored)."""
+        self._invalidate(self._key(key))
+
+
+def _not_started(_call: _Call) -> Any:
+    raise RuntimeError("the background refresh could not start (interpreter shutting down)")

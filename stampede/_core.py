@@ -1,0 +1,278 @@
+"""What the sync and async caches share: configuration, bookkeeping, and every
+step of a load that is not I/O or waiting.
+
+The shells (``_cache.py``, ``_acache.py``) differ only in how they wait (a
+thread event or a task) and how they call the loader (plainly or awaited).
+Everything they decide goes through ``_policy`` and the methods here, so the
+two flavours cannot drift; ``tests/test_parity.py`` runs one scenario list
+through both.
+
+Fencing: ``invalidate`` and ``set`` forget the key's in-flight call and write
+the store under ``_lock``; a finished load writes under the same lock only if
+its call was not forgotten. So a load that overlaps an invalidation still
+answers its callers but never writes its (possibly outdated) result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random as _random
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
+
+from . import _policy
+from ._entry import MISSING, Entry, Missing, error_entry, value_entry
+from ._policy import Decision, ErrorFilter
+from ._stats import Counters, Stats
+from .backends import MemoryBackend, resolve
+
+V = TypeVar("V")
+
+log = logging.getLogger("stampede")
+
+_NS = object()  # first item of a namespaced key: no user key can contain it
+
+
+class _Flight(Protocol):
+    def forget(self, key: Hashable) -> None: ...
+
+
+class _CallRecord(Protocol):
+    forgotten: bool
+
+
+def _seconds(name: str, value: float, *, positive: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}") from None
+    if math.isnan(value) or value < 0 or (positive and value == 0) or math.isinf(value):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+class CacheCore(Generic[V]):
+    """Configuration and shared steps of ``CoalescingCache`` / ``AsyncCoalescingCache``."""
+
+    _flight: _Flight
+
+    def __init__(
+        self,
+        backend: Any = None,
+        *,
+        ttl: float = 60.0,
+        beta: float = 1.0,
+        stale_ttl: float = 0.0,
+        cache_errors: tuple[type[BaseException], ...] | ErrorFilter = (),
+        error_ttl: float = 5.0,
+        wait_timeout: float | None = None,
+        namespace: str = "",
+        serializer: Any = None,
+        distributed: bool = False,
+        lease_ttl: float = 10.0,
+        maxsize: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self._ttl = _seconds("ttl", ttl, positive=True)
+        self._beta = _seconds("beta", beta)
+        self._stale_ttl = _seconds("stale_ttl", stale_ttl)
+        self._error_ttl = _seconds("error_ttl", error_ttl)
+        self._wait_timeout = (
+            None if wait_timeout is None else _seconds("wait_timeout", wait_timeout, positive=True)
+        )
+        self._lease_ttl = _seconds("lease_ttl", lease_ttl, positive=True)
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        self._namespace = namespace
+        self._cacheable = _policy.error_filter(cache_errors)
+        self._backend: MemoryBackend = resolve(backend, maxsize=maxsize)
+        if distributed:
+            raise ValueError(
+                "distributed=True needs a backend shared between processes (Redis, "
+                f"diskcache); {self._backend!r} lives in this process only"
+            )
+        self._serializer = serializer  # unused by the in-memory backend: it keeps objects
+        self._clock = clock
+        self._random = random
+        self._get = self._backend.get
+        self._counters = Counters()
+        self._lock = threading.Lock()  # fencing: see the module docstring
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @property
+    def stale_ttl(self) -> float:
+        return self._stale_ttl
+
+    @property
+    def error_ttl(self) -> float:
+        return self._error_ttl
+
+    @property
+    def wait_timeout(self) -> float | None:
+        return self._wait_timeout
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def backend(self) -> MemoryBackend:
+        return self._backend
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counters."""
+        return self._counters.snapshot()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self._backend!r}, ttl={self._ttl}, beta={self._beta}, "
+            f"stale_ttl={self._stale_ttl}, namespace={self._namespace!r})"
+        )
+
+    # -- shared steps ----------------------------------------------------------
+
+    def _key(self, key: Hashable) -> Hashable:
+        return (_NS, self._namespace, key) if self._namespace else key
+
+    def _valid(self, entry: object) -> Entry[V] | None:
+        """``entry`` if it is ours; anything else in the store is a counted miss."""
+        if entry is None or type(entry) is Entry:
+            return entry
+        self._counters.serialization_errors += 1
+        log.warning("ignoring a foreign object of type %s in the store", type(entry).__name__)
+        return None
+
+    def _read(self, k: Hashable) -> Entry[V] | None:
+        try:
+            entry = self._get(k)
+        except Exception:
+            self._counters.backend_errors += 1
+            log.warning("backend read failed; treating it as a miss", exc_info=True)
+            return None
+        return self._valid(entry)
+
+    def _decide(self, entry: Entry[V] | None) -> Decision:
+        return _policy.decide(entry, self._clock(), self._beta, 1.0 - self._random())
+
+    def _served(self, decision: Decision) -> bool:
+        """Count a read answered from the store; should it start a refresh?"""
+        counters = self._counters
+        if decision is Decision.HIT:
+            counters.hits += 1
+            return False
+        if decision is Decision.REFRESH:
+            counters.hits += 1
+            return True
+        counters.stale_served += 1
+        return decision is Decision.STALE
+
+    def _negative(self, entry: Entry[V]) -> Exception:
+        """The exception to raise for a negative entry: a new instance every time."""
+        self._counters.negative_hits += 1
+        assert entry.error is not None
+        exc = entry.error.rebuild()
+        if hasattr(exc, "add_note"):
+            exc.add_note("stampede: negative-cached error, raised again until error_ttl passes")
+        return exc
+
+    def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
+        """A leader's second look: an entry someone stored since ``previous`` was read."""
+        current = self._read(k)
+        if current is None or current is previous:
+            return None
+        decision = _policy.decide(current, self._clock(), 0.0, 1.0)
+        return current if decision in (Decision.HIT, Decision.NEGATIVE) else None
+
+    def _answer(self, entry: Entry[V]) -> V:
+        if entry.error is not None:
+            raise self._negative(entry)
+        self._counters.hits += 1
+        return entry.value  # type: ignore[return-value]
+
+    def _commit(self, k: Hashable, call: _CallRecord, entry: Entry[Any]) -> bool:
+        """Store ``entry`` unless the call was fenced; a failing store is logged, not raised."""
+        with self._lock:
+            if call.forgotten:
+                self._counters.fenced += 1
+                return False
+            try:
+                self._backend.set(k, entry)
+            except Exception:
+                self._counters.backend_errors += 1
+                log.warning(
+                    "backend write failed; the value is returned, not cached", exc_info=True
+                )
+                return False
+        return True
+
+    def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
+        now = self._clock()
+        delta = max(0.0, now - started)
+        counters = self._counters
+        counters.loads += 1
+        counters.load_time += delta
+        self._commit(
+            k, call, value_entry(value, now, self._ttl, self._stale_ttl, delta, self._beta)
+        )
+        return value
+
+    def _failed(
+        self, k: Hashable, call: _CallRecord, exc: BaseException, previous: Entry[V] | None
+    ) -> V | Missing:
+        """Handle a loader's exception: the value to serve instead, or ``MISSING`` to raise."""
+        now = self._clock()
+        self._counters.load_errors += 1
+        outcome = _policy.on_load_error(exc, previous, now, self._cacheable)
+        if outcome is _policy.Outcome.SERVE_STALE:
+            assert previous is not None
+            self._commit(k, call, previous.with_retry_at(now + self._error_ttl))
+            self._counters.stale_served += 1
+            log.warning(
+                "load of %r failed; serving the previous value, next try in %s s",
+                k,
+                self._error_ttl,
+                exc_info=exc,
+            )
+            return previous.value
+        if outcome is _policy.Outcome.NEGATIVE:
+            assert isinstance(exc, Exception)
+            self._commit(k, call, error_entry(exc, now, self._error_ttl))
+        return MISSING
+
+    def _set_entry(self, k: Hashable, value: V, ttl: float | None) -> None:
+        ttl = self._ttl if ttl is None else _seconds("ttl", ttl, positive=True)
+        previous = self._read(k)
+        # Keep the measured load time so XFetch still refreshes a set value early.
+        delta = previous.delta if previous is not None and previous.error is None else 0.0
+        entry = value_entry(value, self._clock(), ttl, self._stale_ttl, delta, self._beta)
+        with self._lock:
+            self._flight.forget(k)
+            self._backend.set(k, entry)
+
+    def _invalidate(self, k: Hashable) -> None:
+        with self._lock:
+            self._flight.forget(k)
+            self._backend.delete(k)
+
+    def _lookup(self, k: Hashable, default: Any) -> Any:
+        entry = self._read(k)
+        decision = _policy.decide(entry, self._clock(), 0.0, 1.0)
+        if entry is None or decision in (Decision.MISS, Decision.NEGATIVE):
+            self._counters.misses += 1
+            return default
+        self._served(decision)
+        return entry.value

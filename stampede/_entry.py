@@ -1,0 +1,144 @@
+"""The entry envelope: a cached value or a cached error, with its timing.
+
+One ``Entry`` is what a backend stores under a key. Times are on the clock of
+the cache that wrote it (``time.monotonic`` by default) so entries held in
+process memory never compare wall clocks. Byte-oriented backends encode the
+same fields with ``ENVELOPE_VERSION``; an entry of an unknown version is a miss.
+
+``check_at`` is derived, not stored: before it, a read is a plain hit and does
+no XFetch draw (the hit path is one comparison). Negative entries set it to
+``-inf`` so every read of them takes the slow path and raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Generic, TypeVar
+
+ENVELOPE_VERSION = 1
+
+# XFetch draws u in (0, 1]; we clamp -ln(u) at XFETCH_CAP. Reads earlier than
+# delta * beta * XFETCH_CAP before expiry would refresh with probability
+# e**-XFETCH_CAP (about 2e-9), so they skip the draw entirely.
+XFETCH_CAP = 20.0
+
+V = TypeVar("V")
+
+
+class Missing(enum.Enum):
+    """Sentinel type: ``MISSING`` means "no value", so ``None`` can be cached."""
+
+    MISSING = "MISSING"
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = Missing.MISSING
+
+
+class ErrorData:
+    """A negative-cached error as data: its type and its ``args``, never the instance."""
+
+    __slots__ = ("type", "args")
+
+    def __init__(self, type: type[Exception], args: tuple[Any, ...]) -> None:
+        self.type = type
+        self.args = args
+
+    @classmethod
+    def of(cls, exc: Exception) -> ErrorData:
+        return cls(type(exc), tuple(exc.args))
+
+    def rebuild(self) -> Exception:
+        """A new instance of the cached type (a fresh object for every raise)."""
+        try:
+            exc = self.type(*self.args)
+        except Exception:
+            # The type's __init__ wants other arguments than its args: build it
+            # bare so `except ThatType:` still works for the caller.
+            exc = self.type.__new__(self.type)
+            exc.args = self.args
+        return exc
+
+    def __repr__(self) -> str:
+        return f"ErrorData({self.type.__qualname__}, {self.args!r})"
+
+
+class Entry(Generic[V]):
+    """What a backend stores for one key: a value or an error, and its timing."""
+
+    __slots__ = (
+        "value",
+        "error",
+        "fresh_until",
+        "stale_until",
+        "delta",
+        "check_at",
+        "retry_at",
+    )
+
+    value: V | Missing
+    error: ErrorData | None
+    fresh_until: float  # fresh (served with no refresh) before this instant
+    stale_until: float  # may be served stale before this instant
+    delta: float  # seconds the load that produced the value took
+    check_at: float  # before this, a read is a plain hit (no XFetch draw)
+    retry_at: float  # no refresh starts before this (backoff after a failed refresh)
+
+    def __init__(
+        self,
+        value: V | Missing,
+        error: ErrorData | None,
+        fresh_until: float,
+        stale_until: float,
+        delta: float,
+        check_at: float,
+        retry_at: float = -math.inf,
+    ) -> None:
+        self.value = value
+        self.error = error
+        self.fresh_until = fresh_until
+        self.stale_until = stale_until
+        self.delta = delta
+        self.check_at = check_at
+        self.retry_at = retry_at
+
+    @property
+    def is_error(self) -> bool:
+        return self.error is not None
+
+    def with_retry_at(self, retry_at: float) -> Entry[V]:
+        """The same entry, refreshing no sooner than ``retry_at``."""
+        return Entry(
+            self.value,
+            self.error,
+            self.fresh_until,
+            self.stale_until,
+            self.delta,
+            self.check_at,
+            retry_at,
+        )
+
+    def __repr__(self) -> str:
+        what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"
+        return (
+            f"Entry({what}, fresh_until={self.fresh_until:.6f}, "
+            f"stale_until={self.stale_until:.6f}, delta={self.delta:.6f})"
+        )
+
+
+def value_entry(
+    value: V, now: float, ttl: float, stale_ttl: float, delta: float, beta: float
+) -> Entry[V]:
+    """A value entry written at ``now`` by a load that took ``delta`` seconds."""
+    fresh_until = now + ttl
+    check_at = fresh_until - delta * beta * XFETCH_CAP if beta > 0 else fresh_until
+    return Entry(value, None, fresh_until, fresh_until + stale_ttl, delta, check_at)
+
+
+def error_entry(exc: Exception, now: float, error_ttl: float) -> Entry[Any]:
+    """A negative entry for ``exc``, raised again to readers for ``error_ttl`` seconds."""
+    until = now + error_ttl
+    return Entry(MISSING, ErrorData.of(exc), until, until, 0.0, -math.inf)

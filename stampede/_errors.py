@@ -1,0 +1,46 @@
+"""The exceptions stampede raises.
+
+    StampedeError
+     ├── LoadTimeout            (also TimeoutError)  a wait for someone else's load ran out
+     ├── RecursiveLoad          (also RuntimeError)  a loader asked for its own key
+     ├── LoadAbandoned                              the leader died (BaseException, cancellation)
+     ├── BlockingWaitInLoop     (also RuntimeError)  a sync wait would freeze a running event loop
+     └── BackendUnavailable                         the backend failed and the cache is set to raise
+
+Errors raised by a loader are never wrapped: callers see the loader's own
+exception (or, for negative-cached errors, a new instance of the same type).
+"""
+
+from __future__ import annotations
+
+
+class StampedeError(Exception):
+    """Base class of every error stampede itself raises."""
+
+
+class LoadTimeout(StampedeError, TimeoutError):
+    """A caller waited longer than ``wait_timeout`` for another caller's load."""
+
+
+class RecursiveLoad(StampedeError, RuntimeError):
+    """A loader (or a task it started) asked for the key it is loading."""
+
+
+class LoadAbandoned(StampedeError):
+    """The load this caller waited for ended without a result.
+
+    Raised to waiters when the leader was stopped by a ``BaseException``
+    that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``,
+    cancellation of the load task). The leader's exception is ``__cause__``.
+    """
+
+
+class BlockingWaitInLoop(StampedeError, RuntimeError):
+    """The sync API would block a running event loop while waiting for a load.
+
+    Use ``AsyncCoalescingCache`` from coroutines.
+    """
+
+
+class BackendUnavailable(StampedeError):
+    """The backend failed and the cache is configured to raise; see ``__cause__``."""

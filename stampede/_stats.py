@@ -1,0 +1,85 @@
+"""Counters and their frozen snapshot.
+
+Counters are plain ints bumped without a lock: with the GIL an increment of
+an attribute is not split by a thread switch in practice, and the hit path
+cannot afford a lock. Treat the numbers as monitoring data, not accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+_FIELDS = (
+    "hits",  # served a fresh value
+    "misses",  # found nothing usable and loaded (or joined a load) in the foreground
+    "loads",  # loader calls that returned a value
+    "load_errors",  # loader calls that raised
+    "coalesced",  # callers that waited for another caller's load instead of loading
+    "early_refreshes",  # background refreshes started before expiry (XFetch)
+    "stale_served",  # expired values served (while revalidating, or instead of an error)
+    "negative_hits",  # cached errors raised again
+    "fenced",  # finished loads not stored because the key was invalidated or set meanwhile
+    "lease_waits",  # distributed: waits for another process's lease
+    "lease_takeovers",  # distributed: leases taken over after their owner vanished
+    "backend_errors",  # backend operations that failed
+    "serialization_errors",  # values that could not be encoded, entries not decoded
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """A frozen snapshot of a cache's counters (see ``CoalescingCache.stats``)."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_errors: int = 0
+    coalesced: int = 0
+    early_refreshes: int = 0
+    stale_served: int = 0
+    negative_hits: int = 0
+    fenced: int = 0
+    lease_waits: int = 0
+    lease_takeovers: int = 0
+    backend_errors: int = 0
+    serialization_errors: int = 0
+    load_time: float = 0.0  # seconds spent in loader calls, summed
+
+    @property
+    def hit_ratio(self) -> float:
+        """Reads served from the cache (fresh, stale or negative) over all reads."""
+        served = self.hits + self.stale_served + self.negative_hits
+        total = served + self.misses
+        return served / total if total else 0.0
+
+
+class Counters:
+    """The live, mutable counters behind ``Stats``."""
+
+    __slots__ = (*_FIELDS, "load_time")
+
+    hits: int
+    misses: int
+    loads: int
+    load_errors: int
+    coalesced: int
+    early_refreshes: int
+    stale_served: int
+    negative_hits: int
+    fenced: int
+    lease_waits: int
+    lease_takeovers: int
+    backend_errors: int
+    serialization_errors: int
+    load_time: float
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        for name in _FIELDS:
+            setattr(self, name, 0)
+        self.load_time = 0.0
+
+    def snapshot(self) -> Stats:
+        return Stats(**{name: getattr(self, name) for name in self.__slots__})

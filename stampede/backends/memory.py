@@ -1,0 +1,125 @@
+"""The in-process backend: entries kept as objects in a mapping.
+
+Any ``MutableMapping`` works, cachetools caches included, used as they are
+(their own ``maxsize``/``ttl`` still evict). The default store is cachebox's
+``LRUCache``: bounded, implemented in Rust, thread-safe, and about as cheap to
+read as a dict, which the hit-path target needs (cachetools' ``LRUCache`` is
+pure Python and alone costs more than that budget). Without cachebox the
+default falls back to a locked cachetools ``LRUCache``.
+
+Plain dicts and cachebox caches are safe to share between threads; other
+mappings (cachetools caches reorder or expire items on a read) are guarded by
+a lock of this backend's own, unless ``lock=False`` says the mapping is safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, MutableMapping
+from typing import Any
+
+from .._entry import Entry
+
+DEFAULT_MAXSIZE = 4096
+
+
+def _default_store(maxsize: int) -> tuple[Any, bool]:
+    """The default bounded store and whether it needs our lock."""
+    try:
+        import cachebox
+    except ImportError:  # pragma: no cover - cachebox is a core dependency
+        import cachetools
+
+        return cachetools.LRUCache(maxsize), True
+    return cachebox.LRUCache(maxsize), False
+
+
+def _thread_safe(mapping: object) -> bool:
+    if type(mapping) is dict:
+        return True
+    try:
+        import cachebox
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(mapping, cachebox.BaseCacheImpl)
+
+
+def is_mapping(obj: object) -> bool:
+    """Can ``MemoryBackend`` wrap ``obj``?"""
+    if isinstance(obj, MutableMapping):
+        return True
+    return all(callable(getattr(obj, name, None)) for name in ("get", "__setitem__", "pop"))
+
+
+class MemoryBackend:
+    """Entries held as Python objects in a mapping of this process.
+
+    Args:
+        mapping: the store to use as it is; ``None`` builds a bounded LRU.
+        maxsize: the size of the LRU built when ``mapping`` is ``None``.
+        lock: guard the mapping with a lock; ``None`` decides by its type.
+    """
+
+    local = True  # entries are objects of this process: no serialization
+
+    get: Callable[[Hashable], Entry[Any] | None]
+    set: Callable[[Hashable, Entry[Any]], None]
+
+    def __init__(
+        self,
+        mapping: Any = None,
+        *,
+        maxsize: int = DEFAULT_MAXSIZE,
+        lock: bool | None = None,
+    ) -> None:
+        if mapping is None:
+            if maxsize < 1:
+                raise ValueError(f"maxsize must be at least 1, got {maxsize!r}")
+            mapping, needs_lock = _default_store(maxsize)
+        else:
+            if not is_mapping(mapping):
+                raise TypeError(
+                    f"MemoryBackend needs a mutable mapping, got {type(mapping).__name__}"
+                )
+            needs_lock = not _thread_safe(mapping)
+        if lock is not None:
+            needs_lock = lock
+        self.mapping = mapping
+        self._guard: threading.Lock | None = None
+        if needs_lock:
+            guard = self._guard = threading.Lock()
+
+            def get(key: Hashable) -> Entry[Any] | None:
+                with guard:
+                    return mapping.get(key)  # type: ignore[no-any-return]
+
+            def set_(key: Hashable, entry: Entry[Any]) -> None:
+                with guard:
+                    mapping[key] = entry
+
+            def delete(key: Hashable) -> None:
+                with guard:
+                    mapping.pop(key, None)
+
+            self.get, self.set, self.delete = get, set_, delete  # type: ignore[method-assign]
+        else:
+            # Bound methods of the mapping itself: the hit path is one C call.
+            self.get = mapping.get
+            self.set = mapping.__setitem__
+            self._pop = mapping.pop
+
+    def delete(self, key: Hashable) -> None:
+        self._pop(key, None)
+
+    def clear(self) -> None:
+        if self._guard is None:
+            self.mapping.clear()
+        else:
+            with self._guard:
+                self.mapping.clear()
+
+    def __len__(self) -> int:
+        return len(self.mapping)
+
+    def __repr__(self) -> str:
+        return f"MemoryBackend({type(self.mapping).__module__}.{type(self.mapping).__qualname__})"
