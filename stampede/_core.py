@@ -148,22 +148,24 @@ class CacheCore(Generic[V]):
     def _key(self, key: Hashable) -> Hashable:
         return (_NS, self._namespace, key) if self._namespace else key
 
-    def _valid(self, entry: object) -> Entry[V] | None:
+    def _valid(self, entry: object, count_foreign: bool = True) -> Entry[V] | None:
         """``entry`` if it is ours; anything else in the store is a counted miss."""
         if entry is None or type(entry) is Entry:
             return entry
+        if not count_foreign:
+            return None
         self._counters.serialization_errors += 1
         log.warning("ignoring a foreign object of type %s in the store", type(entry).__name__)
         return None
 
-    def _read(self, k: Hashable) -> Entry[V] | None:
+    def _read(self, k: Hashable, count_foreign: bool = True) -> Entry[V] | None:
         try:
             entry = self._get(k)
         except Exception:
             self._counters.backend_errors += 1
             log.warning("backend read failed; treating it as a miss", exc_info=True)
             return None
-        return self._valid(entry)
+        return self._valid(entry, count_foreign)
 
     def _decide(self, entry: Entry[V] | None) -> Decision:
         return _policy.decide(entry, self._clock(), self._beta, 1.0 - self._random())
@@ -191,7 +193,7 @@ class CacheCore(Generic[V]):
 
     def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
         """A leader's second look: an entry someone stored since ``previous`` was read."""
-        current = self._read(k)
+        current = self._read(k, count_foreign=False)  # the first read counted it
         if current is None or current is previous:
             return None
         decision = _policy.decide(current, self._clock(), 0.0, 1.0)

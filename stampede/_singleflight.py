@@ -48,7 +48,9 @@ class _Call:
     __slots__ = ("done", "value", "exc", "dups", "forgotten")
 
     def __init__(self) -> None:
-        self.done = threading.Event()  # set once value/exc are final
+        # Made by the first waiter (most loads have none) under the group lock;
+        # set once value/exc are final.
+        self.done: threading.Event | None = None
         self.value: Any = None
         self.exc: BaseException | None = None
         self.dups = 0  # callers that joined; guarded by the group lock
@@ -65,6 +67,10 @@ class _AsyncCall:
     def __init__(self) -> None:
         self.dups = 0
         self.forgotten = False
+
+
+_FINISHED = threading.Event()  # shared "done" of calls that ended before anyone waited
+_FINISHED.set()
 
 
 def _check_recursion(call: object) -> None:
@@ -130,6 +136,8 @@ class SingleFlight:
                 return call, True
             _check_recursion(call)
             call.dups += 1
+            if call.done is None:
+                call.done = threading.Event()
         return call, False
 
     def _reserve(self, key: Hashable) -> _Call | None:
@@ -155,10 +163,15 @@ class SingleFlight:
             with self._lock:
                 if self._calls.get(key) is call:
                     del self._calls[key]
-            call.done.set()
+                done = call.done
+                if done is None:  # no waiter yet; a late joiner finds it finished
+                    done = call.done = _FINISHED
+            if done is not _FINISHED:
+                done.set()
 
     @staticmethod
     def _wait(call: _Call, timeout: float | None) -> Any:
+        assert call.done is not None  # made in _join
         if not call.done.is_set():
             if asyncio.events._get_running_loop() is not None:
                 raise BlockingWaitInLoop(

@@ -1,0 +1,297 @@
+"""CoalescingCache under real threads: coalescing, early refresh, fencing, failures."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from stampede import CoalescingCache, LoadAbandoned, LoadTimeout, RecursiveLoad
+from stampede.testing import Draws, FakeClock, Gate, wait_until
+
+from .helpers import join_all, run_threads
+
+
+def coalesced(cache: CoalescingCache[Any]) -> int:
+    return cache.stats().coalesced
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_cold_key_thousand_threads_one_load(trial: int, fast_switching: None) -> None:
+    cache: CoalescingCache[object] = CoalescingCache(ttl=60)
+    value = object()
+    gate = Gate(value)
+    barrier = threading.Barrier(1000)
+    got: list[object] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        barrier.wait()
+        v = cache.get_or_load("k", gate)
+        with lock:
+            got.append(v)
+
+    threads = run_threads(1000, caller)
+    wait_until(lambda: coalesced(cache) == 999, what="999 coalesced callers")
+    gate.open()
+    join_all(threads)
+    assert gate.calls == 1
+    assert len(got) == 1000 and all(v is value for v in got)
+    assert len(cache._flight) == 0
+    assert cache.get_or_load("k", gate) is value and gate.calls == 1
+
+
+def test_ungated_hammering_loads_once(fast_switching: None) -> None:
+    """No gate: the leader's second look stops late arrivals from loading again."""
+    cache: CoalescingCache[int] = CoalescingCache(ttl=60)
+    calls = 0
+    lock = threading.Lock()
+
+    def loader() -> int:
+        nonlocal calls
+        with lock:
+            calls += 1
+        return 7
+
+    barrier = threading.Barrier(100)
+
+    def caller() -> None:
+        barrier.wait()
+        for _ in range(100):
+            assert cache.get_or_load("k", loader) == 7
+
+    join_all(run_threads(100, caller))
+    assert calls == 1
+
+
+def test_early_refresh_runs_once_while_readers_keep_the_value() -> None:
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        ttl=10, beta=1.0, clock=clock, random=Draws(then=0.99)
+    )
+
+    def first() -> str:
+        clock.advance(0.5)  # a load that took 0.5 s
+        return "old"
+
+    cache.get_or_load("k", first)
+    clock.advance(9.9)
+    refresh = Gate("new")
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def reader() -> None:
+        v = cache.get_or_load("k", refresh)
+        with lock:
+            results.append(v)
+
+    join_all(run_threads(50, reader))  # all return at once: nobody waits for the load
+    assert results == ["old"] * 50
+    refresh.entered.wait(5)
+    assert refresh.calls == 1
+    refresh.open()
+    wait_until(lambda: cache.stats().loads == 2)
+    wait_until(lambda: len(cache._flight) == 0)
+    assert cache.get_or_load("k", refresh) == "new"
+    assert refresh.calls == 1
+    assert cache.stats().early_refreshes == 1
+
+
+def test_stale_readers_do_not_wait_and_misses_join_the_refresh() -> None:
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(ttl=1, stale_ttl=5, beta=0, clock=clock)
+    cache.get_or_load("k", lambda: "old")
+    clock.advance(2)
+    refresh = Gate("new")
+    assert cache.get_or_load("k", refresh) == "old"
+    refresh.entered.wait(5)
+    clock.advance(10)  # the stale window ends while the refresh still runs
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(cache.get_or_load("k", refresh)))
+    t.start()
+    wait_until(lambda: coalesced(cache) == 1, what="the miss joins the running refresh")
+    refresh.open()
+    join_all([t])
+    assert got == ["new"] and refresh.calls == 1
+
+
+def test_invalidate_during_load_fences_the_result() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60)
+    gate = Gate("loaded-before-invalidate")
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(cache.get_or_load("k", gate)))
+    t.start()
+    gate.entered.wait(5)
+    cache.invalidate("k")
+    gate.open()
+    join_all([t])
+    assert got == ["loaded-before-invalidate"]  # the caller still gets it
+    assert cache.get("k") is None  # ... but it was not stored
+    assert cache.stats().fenced == 1
+    assert cache.get_or_load("k", lambda: "fresh") == "fresh"
+
+
+def test_set_during_load_wins_over_the_load() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60)
+    gate = Gate("from-load")
+    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    t.start()
+    gate.entered.wait(5)
+    cache.set("k", "from-set")
+    gate.open()
+    join_all([t])
+    assert cache.get("k") == "from-set"
+
+
+def test_invalidate_during_load_lets_new_callers_start_a_new_load() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60)
+    old = Gate("old")
+    t = threading.Thread(target=cache.get_or_load, args=("k", old))
+    t.start()
+    old.entered.wait(5)
+    cache.invalidate("k")
+    assert cache.get_or_load("k", lambda: "new") == "new"
+    old.open()
+    join_all([t])
+    assert cache.get("k") == "new"  # the fenced old load did not overwrite it
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exceptions_are_never_negative_cached(exc_type: type[BaseException]) -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60, cache_errors=(BaseException,))
+    gate = Gate(error=exc_type())
+    seen: list[BaseException] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        try:
+            cache.get_or_load("k", gate)
+        except BaseException as exc:
+            with lock:
+                seen.append(exc)
+
+    threads = run_threads(5, caller)
+    wait_until(lambda: coalesced(cache) == 4)
+    gate.open()
+    join_all(threads)
+    assert sorted(type(e).__name__ for e in seen) == sorted(
+        [exc_type.__name__] + ["LoadAbandoned"] * 4
+    )
+    assert all(isinstance(e.__cause__, exc_type) for e in seen if isinstance(e, LoadAbandoned))
+    assert cache.get_or_load("k", lambda: "ok") == "ok"  # nothing was cached
+
+
+def test_error_is_shared_by_waiters_then_retried_once() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60)
+    boom = ValueError("boom")
+    gate = Gate(error=boom)
+    seen: list[BaseException] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        try:
+            cache.get_or_load("k", gate)
+        except ValueError as exc:
+            with lock:
+                seen.append(exc)
+
+    threads = run_threads(20, caller)
+    wait_until(lambda: coalesced(cache) == 19)
+    gate.open()
+    join_all(threads)
+    assert gate.calls == 1 and len(seen) == 20 and all(e is boom for e in seen)
+    assert cache.get_or_load("k", lambda: "recovered") == "recovered"
+
+
+def test_negative_entry_raised_to_concurrent_waiters_too() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60, cache_errors=(KeyError,))
+    gate = Gate(error=KeyError("missing"))
+    seen: list[BaseException] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        try:
+            cache.get_or_load("k", gate)
+        except KeyError as exc:
+            with lock:
+                seen.append(exc)
+
+    threads = run_threads(10, caller)
+    wait_until(lambda: coalesced(cache) == 9)
+    gate.open()
+    join_all(threads)
+    assert len(seen) == 10 and gate.calls == 1
+    with pytest.raises(KeyError):
+        cache.get_or_load("k", gate)
+    assert gate.calls == 1
+
+
+def test_recursive_get_or_load_raises() -> None:
+    cache: CoalescingCache[int] = CoalescingCache(ttl=60)
+
+    def loader() -> int:
+        with pytest.raises(RecursiveLoad):
+            cache.get_or_load("k", loader)
+        return 1
+
+    assert cache.get_or_load("k", loader) == 1
+
+
+def test_wait_timeout_raises_and_starts_no_load() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60, wait_timeout=0.05)
+    gate = Gate("v")
+    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    t.start()
+    gate.entered.wait(5)
+    with pytest.raises(LoadTimeout):
+        cache.get_or_load("k", gate)
+    gate.open()
+    join_all([t])
+    assert gate.calls == 1
+    assert cache.get("k") == "v"
+
+
+def test_refresh_in_reader_context() -> None:
+    """A background refresh sees the context variables of the reader that started it."""
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(ttl=1, stale_ttl=10, beta=0, clock=clock)
+    cache.get_or_load("k", lambda: "old")
+    clock.advance(2)
+    seen: list[str] = []
+
+    def loader() -> str:
+        seen.append(request_id.get())
+        return "new"
+
+    request_id.set("req-42")
+    assert cache.get_or_load("k", loader) == "old"
+    wait_until(lambda: cache.stats().loads == 2)
+    assert seen == ["req-42"]
+
+
+def test_invalid_parameters_are_rejected() -> None:
+    for bad in (
+        {"ttl": 0},
+        {"ttl": -1},
+        {"ttl": float("nan")},
+        {"beta": -0.1},
+        {"stale_ttl": float("inf")},
+        {"wait_timeout": 0},
+        {"error_ttl": -1},
+    ):
+        with pytest.raises(ValueError):
+            CoalescingCache(**bad)
+    with pytest.raises(TypeError):
+        CoalescingCache(ttl="soon")
+    with pytest.raises(TypeError):
+        CoalescingCache(cache_errors=("KeyError",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        CoalescingCache(backend=42)
+    with pytest.raises(ValueError, match="unsupported backend URL"):
+        CoalescingCache(backend="ftp://x")
+    with pytest.raises(ValueError, match="distributed"):
+        CoalescingCache(distributed=True)
