@@ -61,19 +61,20 @@ class Unavailable(Exception):
 @dataclasses.dataclass(frozen=True)
 class Config:
     quick: bool
-    repeat: int  # timed repeats per hit row; the minimum is reported
-    repeat_s: float  # seconds one timed repeat should last
+    rounds: int  # timed rounds over all hit rows; each row's minimum is reported
+    repeat_s: float  # seconds one timed repeat of one row should last
     threads: int  # callers of the cold-key thread test
     tasks: int  # callers of the cold-key asyncio test
-    trials: int  # cold-key trials per variant; the worst is reported
+    thread_trials: int  # cold-key trials per variant (threads are noisy: more of them)
+    task_trials: int
     cap_s: float  # wall-clock cap for all the trials of one asyncio variant
     join_s: float  # how long a thread trial may run before it counts as hung
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
-            return cls(True, 3, 0.01, 200, 2_000, 1, 5.0, 10.0)
-        return cls(False, 7, 0.1, 1_000, 10_000, 3, 10.0, 30.0)
+            return cls(True, 3, 0.01, 200, 2_000, 1, 1, 5.0, 10.0)
+        return cls(False, 7, 0.1, 1_000, 10_000, 5, 3, 10.0, 30.0)
 
 
 def progress(message: str) -> None:
@@ -251,35 +252,64 @@ class HitResult:
     note: str = ""
 
 
-def time_sync(fn: Callable[..., Any], args: tuple[Any, ...], cfg: Config) -> float:
-    """Seconds per ``fn(*args)``: the minimum over ``cfg.repeat`` timeit repeats."""
+@dataclasses.dataclass
+class _Row:
+    """A hit row being measured: ``run(number)`` times ``number`` calls."""
+
+    result: HitResult
+    run: Callable[[int], Any]  # returns seconds (sync) or an awaitable of seconds (async)
+    calls: list[int]  # the source's call count
+    caches: bool
+    number: int = 0
+
+    def record(self, elapsed: float) -> None:
+        seconds = elapsed / self.number
+        old = self.result.seconds
+        self.result.seconds = seconds if old is None else min(old, seconds)
+
+    def check(self) -> None:
+        if self.caches and self.calls[0] > 1:
+            self.result.note = f"source ran {self.calls[0]} times: not a pure hit"
+
+
+def _number(elapsed: float, number: int, cfg: Config) -> int:
+    return max(1, int(number * cfg.repeat_s / elapsed))
+
+
+def _sync_timer(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[int], float]:
     names = [f"a{i}" for i in range(len(args))]
-    timer = timeit.Timer(
-        f"fn({', '.join(names)})", globals={"fn": fn, **dict(zip(names, args, strict=True))}
-    )
-    number, elapsed = 16, 0.0
-    while elapsed < cfg.repeat_s / 5:  # calibrate
-        number *= 2
-        elapsed = timer.timeit(number)
-    number = max(1, int(number * cfg.repeat_s / elapsed))
-    return min(timer.repeat(repeat=cfg.repeat, number=number)) / number
+    namespace = {"fn": fn, **dict(zip(names, args, strict=True))}
+    return timeit.Timer(f"fn({', '.join(names)})", globals=namespace).timeit
 
 
 def bench_hit_sync(cfg: Config) -> list[HitResult]:
-    results = []
+    """Time every row in rounds, so drift of the machine touches all rows alike."""
+    results, rows = [], []
     for label, build, caches in SYNC_CASES:
         progress(f"sync hit: {label}")
+        result = HitResult(label, None)
+        results.append(result)
         src, calls = counting(lambda x: x)
         try:
             fn, args = build(src)
             if fn(*args) != KEY:
                 raise RuntimeError("wrong value returned")
-            seconds = time_sync(fn, args, cfg)
+            row = _Row(result, _sync_timer(fn, args), calls, caches)
+            number, elapsed = 16, 0.0
+            while elapsed < cfg.repeat_s / 5:  # calibrate
+                number *= 2
+                elapsed = row.run(number)
+            row.number = _number(elapsed, number, cfg)
         except Exception as exc:
-            results.append(HitResult(label, None, reason(exc)))
+            result.note = reason(exc)
             continue
-        note = f"source ran {calls[0]} times: not a pure hit" if caches and calls[0] > 1 else ""
-        results.append(HitResult(label, seconds, note))
+        rows.append(row)
+    for i in range(cfg.rounds):
+        progress(f"sync hit: round {i + 1} of {cfg.rounds}")
+        for row in rows:
+            row.record(row.run(row.number))
+    for row in rows:
+        row.check()
     return results
 
 
@@ -368,19 +398,12 @@ async def _await_loop(fn: Callable[..., Any], args: tuple[Any, ...], number: int
             gc.enable()
 
 
-async def time_async(fn: Callable[..., Any], args: tuple[Any, ...], cfg: Config) -> float:
-    number, elapsed = 8, 0.0
-    while elapsed < cfg.repeat_s / 5:  # calibrate
-        number *= 2
-        elapsed = await _await_loop(fn, args, number)
-    number = max(1, int(number * cfg.repeat_s / elapsed))
-    return min([await _await_loop(fn, args, number) for _ in range(cfg.repeat)]) / number
-
-
 async def _bench_hit_async(cfg: Config) -> list[HitResult]:
-    results = []
+    results, rows = [], []
     for label, build, caches in ASYNC_CASES:
         progress(f"async hit: {label}")
+        result = HitResult(label, None)
+        results.append(result)
 
         async def identity(x: Any) -> Any:
             return x
@@ -390,12 +413,22 @@ async def _bench_hit_async(cfg: Config) -> list[HitResult]:
             fn, args = build(src)
             if await fn(*args) != KEY:
                 raise RuntimeError("wrong value returned")
-            seconds = await time_async(fn, args, cfg)
+            row = _Row(result, functools.partial(_await_loop, fn, args), calls, caches)
+            number, elapsed = 8, 0.0
+            while elapsed < cfg.repeat_s / 5:  # calibrate
+                number *= 2
+                elapsed = await row.run(number)
+            row.number = _number(elapsed, number, cfg)
         except Exception as exc:
-            results.append(HitResult(label, None, reason(exc)))
+            result.note = reason(exc)
             continue
-        note = f"source ran {calls[0]} times: not a pure hit" if caches and calls[0] > 1 else ""
-        results.append(HitResult(label, seconds, note))
+        rows.append(row)
+    for i in range(cfg.rounds):
+        progress(f"async hit: round {i + 1} of {cfg.rounds}")
+        for row in rows:
+            row.record(await row.run(row.number))
+    for row in rows:
+        row.check()
     return results
 
 
@@ -414,27 +447,43 @@ def report_hit_async(results: list[HitResult]) -> str:
 # -- 3. cold key, threads -------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    loads: int
+    p50: float  # caller latency percentiles, seconds beyond the loader's duration
+    p99: float
+    max: float
+    errors: int
+    seconds: float  # wall-clock time the trial took
+
+
 @dataclasses.dataclass
 class ColdResult:
     label: str
-    loads: int | None = None  # worst loader-call count over the trials
-    p50: float | None = None  # worst, seconds beyond the loader's duration
-    p99: float | None = None
-    max: float | None = None
-    errors: int = 0
-    trials: int = 0
+    trials: list[Trial] = dataclasses.field(default_factory=list)
     note: str = ""
 
-    def add(self, loads: int, latencies: list[float], errors: int) -> None:
+    def add(self, loads: int, latencies: list[float], errors: int, seconds: float) -> None:
         ordered = sorted(t - LOADER_S for t in latencies)
-        stats = (percentile(ordered, 0.5), percentile(ordered, 0.99), ordered[-1])
-        self.loads = max(loads, self.loads or 0)
-        self.p50, self.p99, self.max = (
-            s if old is None else max(s, old)
-            for s, old in zip(stats, (self.p50, self.p99, self.max), strict=True)
-        )
-        self.errors += errors
-        self.trials += 1
+        p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
+        self.trials.append(Trial(loads, p50, p99, ordered[-1], errors, seconds))
+
+    @property
+    def loads(self) -> int | None:
+        """The worst loader-call count over the trials."""
+        return max((t.loads for t in self.trials), default=None)
+
+    @property
+    def typical(self) -> Trial | None:
+        """The median trial by p99 (thread scheduling makes single trials noisy)."""
+        ordered = sorted(self.trials, key=lambda t: t.p99)
+        return ordered[(len(ordered) - 1) // 2] if ordered else None
+
+    def p99_range(self) -> str:
+        if not self.trials:
+            return "n/a"
+        p99s = [t.p99 for t in self.trials]
+        return f"{ms(min(p99s))} .. {ms(max(p99s))}"
 
 
 # A build function receives the loader (sleeps LOADER_S, counts its calls) and
@@ -503,6 +552,7 @@ THREAD_CASES: list[tuple[str, ThreadBuild]] = [
     ("floor: minimal lock + dict + Event single-flight", _cold_floor_threads),
 ]
 STAMPEDE_THREADS = THREAD_CASES[0][0]
+FLOOR_THREADS = THREAD_CASES[-1][0]
 
 
 def _thread_trial(build: ThreadBuild, cfg: Config) -> tuple[int, list[float], int, str]:
@@ -551,41 +601,44 @@ def bench_cold_threads(cfg: Config) -> list[ColdResult]:
     for label, build in THREAD_CASES:
         progress(f"cold threads: {label}")
         result = ColdResult(label)
-        for _ in range(cfg.trials):
+        for _ in range(cfg.thread_trials):
+            began = time.perf_counter()
             try:
                 loads, latencies, errors, note = _thread_trial(build, cfg)
             except Exception as exc:
                 result.note = reason(exc)
                 break
-            if not latencies:
-                result.loads, result.note = loads, note
+            if not latencies:  # hung: later trials would pile up on it
+                result.note = f"{note} ({loads} loader calls); trials kept: {len(result.trials)}"
                 break
-            result.add(loads, latencies, errors)
+            result.add(loads, latencies, errors, time.perf_counter() - began)
             result.note = result.note or note
         results.append(result)
     return results
 
 
 def report_cold(results: list[ColdResult], callers: str) -> str:
-    rows = [
-        [
-            r.label,
-            "n/a" if r.loads is None else str(r.loads),
-            ms(r.p50),
-            ms(r.p99),
-            ms(r.max),
-            str(r.errors),
-            str(r.trials),
-            r.note,
-        ]
-        for r in results
-    ]
+    rows = []
+    for r in results:
+        t = r.typical
+        rows.append(
+            [
+                r.label,
+                "n/a" if r.loads is None else str(r.loads),
+                *(["n/a"] * 3 if t is None else [ms(t.p50), ms(t.p99), ms(t.max)]),
+                r.p99_range(),
+                str(sum(t.errors for t in r.trials)),
+                str(len(r.trials)),
+                r.note,
+            ]
+        )
     headers = [
         f"variant ({callers})",
-        "loader calls",
-        "p50 - loader (ms)",
-        "p99 - loader (ms)",
-        "max - loader (ms)",
+        "loader calls (worst)",
+        "p50 (ms)",
+        "p99 (ms)",
+        "max (ms)",
+        "p99 range (ms)",
         "errors",
         "trials",
         "note",
@@ -657,6 +710,7 @@ TASK_CASES: list[tuple[str, TaskBuild]] = [
     ("floor: minimal dict of tasks, awaited directly", _cold_floor_tasks),
 ]
 STAMPEDE_TASKS = TASK_CASES[0][0]
+FLOOR_TASKS = TASK_CASES[-1][0]
 
 
 async def _task_trial(
@@ -692,7 +746,7 @@ async def _task_trial(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        return len(loads), [], len(errors), f"over the {cfg.cap_s:g} s cap"
+        return len(loads), [], len(errors), f"ran into the {cfg.cap_s:g} s cap"
     note = f"first error: {reason(errors[0])}" if errors else ""
     return len(loads), latencies, len(errors), note
 
@@ -703,22 +757,22 @@ async def _bench_cold_tasks(cfg: Config) -> list[ColdResult]:
         progress(f"cold tasks: {label}")
         result = ColdResult(label)
         deadline = time.monotonic() + cfg.cap_s
-        for _ in range(cfg.trials):
+        for i in range(cfg.task_trials):
+            left = deadline - time.monotonic()
+            if result.trials and left < 1.5 * result.trials[-1].seconds:
+                result.note = f"stopped after {i} trials: {cfg.cap_s:g} s cap"
+                break
+            began = time.perf_counter()
             try:
-                loads, latencies, errors, note = await _task_trial(
-                    build, cfg, deadline - time.monotonic()
-                )
+                loads, latencies, errors, note = await _task_trial(build, cfg, left)
             except Exception as exc:
                 result.note = reason(exc)
                 break
             if not latencies:
-                result.loads, result.note = None, f"n/a: {note} ({loads} loader calls so far)"
-                result.p50 = result.p99 = result.max = None
+                result.note = f"trial {i + 1} {note} ({loads} loader calls so far)"
                 break
-            result.add(loads, latencies, errors)
+            result.add(loads, latencies, errors, time.perf_counter() - began)
             result.note = result.note or note
-            if time.monotonic() >= deadline:
-                break
         results.append(result)
     return results
 
@@ -800,21 +854,34 @@ def hit_targets(sync: list[HitResult], asyn: list[HitResult]) -> list[Target]:
     return targets
 
 
-def cold_targets(result: ColdResult, callers: str) -> list[Target]:
+def cold_targets(result: ColdResult, floor: ColdResult, callers: str) -> list[Target]:
+    typical = result.typical
+    base = floor.typical
+    context = "" if base is None else f"; floor row: {ms(base.p99)}"
     return [
         Target(
             f"cold key, {callers}: loader calls",
             "1",
-            "n/a" if result.loads is None else f"{result.loads} (worst of {result.trials})",
+            "n/a" if result.loads is None else f"{result.loads} (worst of {len(result.trials)})",
             None if result.loads is None else result.loads == 1,
         ),
         Target(
-            f"cold key, {callers}: p99 caller latency",
+            f"cold key, {callers}: p99 caller latency (median trial)",
             f"<= loader + {P99_SLACK_S * 1e3:g} ms",
-            "n/a" if result.p99 is None else f"loader {ms(result.p99)} ms",
-            None if result.p99 is None else result.p99 <= P99_SLACK_S,
+            "n/a"
+            if typical is None
+            else f"loader {ms(typical.p99)} ms (trials: {result.p99_range()}{context})",
+            None if typical is None else typical.p99 <= P99_SLACK_S,
         ),
     ]
+
+
+COLD_NOTE = (
+    "Latency: each caller's own call to return, minus the loader's {loader:g} ms (negative: "
+    "the caller arrived after the load had started or finished). p50/p99/max are from the "
+    "median trial by p99 of {trials}; loader calls are the worst trial's. The floor row is "
+    "the least any single-flight can cost here: waking the callers."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -838,8 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit("## 1. Memory hit, sync (one key, already cached)\n")
         emit(report_hit_sync(sync) + "\n")
         emit(
-            f"Min of {cfg.repeat} timeit repeats of ~{cfg.repeat_s:g} s each; "
-            "includes timeit's loop overhead (see the plain call row).\n"
+            f"Each row: the minimum of {cfg.rounds} rounds of ~{cfg.repeat_s:g} s; rounds "
+            "interleave the rows. Includes the loop's own overhead (see the plain call row).\n"
         )
         asyn = bench_hit_async(cfg)
         emit("## 2. Memory hit, async (awaited in a loop inside one coroutine)\n")
@@ -851,19 +918,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads = bench_cold_threads(cfg)
         emit(f"## 3. Cold key, {callers}, {LOADER_S * 1e3:g} ms `time.sleep` loader\n")
         emit(report_cold(threads, callers) + "\n")
-        emit(
-            "Latency is measured by each caller from its own call; values are minus the "
-            "loader's 50 ms (negative: the caller arrived after the load had started). "
-            f"Worst of {cfg.trials} trial(s) per column.\n"
+        emit(COLD_NOTE.format(trials=cfg.thread_trials, loader=LOADER_S * 1e3) + "\n")
+        targets += cold_targets(
+            _find(threads, STAMPEDE_THREADS), _find(threads, FLOOR_THREADS), callers
         )
-        targets += cold_targets(_find(threads, STAMPEDE_THREADS), callers)
 
         callers = f"{cfg.tasks:,} tasks"
         tasks = bench_cold_tasks(cfg)
         emit(f"## 4. Cold key, {callers}, {LOADER_S * 1e3:g} ms `asyncio.sleep` loader\n")
         emit(report_cold(tasks, callers) + "\n")
-        emit(f"Each variant's trials are capped at {cfg.cap_s:g} s in all.\n")
-        targets += cold_targets(_find(tasks, STAMPEDE_TASKS), callers)
+        emit(
+            COLD_NOTE.format(trials=cfg.task_trials, loader=LOADER_S * 1e3)
+            + f" The trials of one variant are capped at {cfg.cap_s:g} s in all.\n"
+        )
+        targets += cold_targets(_find(tasks, STAMPEDE_TASKS), _find(tasks, FLOOR_TASKS), callers)
 
     emit("## Targets (DESIGN.md section 4)\n")
     emit(table(["what", "target", "measured", "verdict"], [t.row() for t in targets]) + "\n")

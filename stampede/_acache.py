@@ -66,11 +66,18 @@ class AsyncCoalescingCache(CacheCore[V]):
         if decision is Decision.NEGATIVE:
             assert entry is not None
             raise self._negative(entry)
-        self._counters.misses += 1
+        self._count("misses")
         call, leader = self._flight._join(k, functools.partial(self._load, k, loader, entry))
-        if not leader:
-            self._counters.coalesced += 1
-        return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        if leader:
+            return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        self._counters.coalesced += 1  # before waiting: tests poll it to see waiters
+        if self._metrics is None:
+            return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        started = self._clock()
+        try:
+            return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        finally:
+            self._emit("coalesced", self._clock() - started)
 
     async def _load(
         self,
@@ -78,17 +85,19 @@ class AsyncCoalescingCache(CacheCore[V]):
         loader: Callable[[], Awaitable[V] | V],
         previous: Entry[V] | None,
         call: _AsyncCall,
+        force: bool = False,
     ) -> V:
-        found = self._recheck(k, previous)
-        if found is not None:
-            return self._answer(found)
+        if not force:
+            found = self._recheck(k, previous)
+            if found is not None:
+                return self._answer(found)
         started = self._clock()
         try:
             value = loader()
             if inspect.isawaitable(value):
                 value = await value
         except BaseException as exc:
-            instead = self._failed(k, call, exc, previous)
+            instead = self._failed(k, call, exc, previous, started)
             if instead is MISSING:
                 raise
             return instead
@@ -103,7 +112,7 @@ class AsyncCoalescingCache(CacheCore[V]):
     ) -> None:
         run = functools.partial(self._run_refresh, k, loader, entry)
         if self._flight._reserve(k, run) is not None and early:
-            self._counters.early_refreshes += 1
+            self._count("early_refreshes")
 
     async def _run_refresh(
         self,
@@ -129,3 +138,16 @@ class AsyncCoalescingCache(CacheCore[V]):
     async def invalidate(self, key: Hashable) -> None:
         """Drop ``key``'s entry and fence any in-flight load of it."""
         self._invalidate(self._key(key))
+
+    async def refresh(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
+        """Load ``key`` now and store the result; see ``CoalescingCache.refresh``."""
+        k = self._key(key)
+        load = functools.partial(self._load, k, loader, self._read(k), force=True)
+        call, leader = self._flight._join(k, load)
+        if not leader:
+            self._counters.coalesced += 1
+        return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+
+    async def clear(self) -> None:
+        """Drop every entry of the backend and fence every in-flight load."""
+        self._clear()

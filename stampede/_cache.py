@@ -95,24 +95,36 @@ class CoalescingCache(CacheCore[V]):
         if decision is Decision.NEGATIVE:
             assert entry is not None
             raise self._negative(entry)
-        self._counters.misses += 1
+        self._count("misses")
         call, leader = self._flight._join(k)
         if leader:
             return self._flight._lead(k, call, functools.partial(self._load, k, loader, entry))
-        self._counters.coalesced += 1
-        return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        self._counters.coalesced += 1  # before waiting: tests poll it to see waiters
+        if self._metrics is None:
+            return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        started = self._clock()
+        try:
+            return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        finally:
+            self._emit("coalesced", self._clock() - started)
 
     def _load(
-        self, k: Hashable, loader: Callable[[], V], previous: Entry[V] | None, call: _Call
+        self,
+        k: Hashable,
+        loader: Callable[[], V],
+        previous: Entry[V] | None,
+        call: _Call,
+        force: bool = False,
     ) -> V:
-        found = self._recheck(k, previous)
-        if found is not None:
-            return self._answer(found)
+        if not force:
+            found = self._recheck(k, previous)
+            if found is not None:
+                return self._answer(found)
         started = self._clock()
         try:
             value = loader()
         except BaseException as exc:
-            instead = self._failed(k, call, exc, previous)
+            instead = self._failed(k, call, exc, previous, started)
             if instead is MISSING:
                 raise
             return instead
@@ -123,7 +135,7 @@ class CoalescingCache(CacheCore[V]):
         if call is None:
             return  # a load or refresh of this key is already running
         if early:
-            self._counters.early_refreshes += 1
+            self._count("early_refreshes")
         run = functools.partial(self._run_refresh, k, loader, entry, call)
         try:
             # In the reader's context, as asyncio tasks would be.
@@ -156,6 +168,25 @@ class CoalescingCache(CacheCore[V]):
     def invalidate(self, key: Hashable) -> None:
         """Drop ``key``'s entry and fence any in-flight load of it (its result is not stored)."""
         self._invalidate(self._key(key))
+
+    def refresh(self, key: Hashable, loader: Callable[[], V]) -> V:
+        """Load ``key`` now, whatever is cached, and store the result.
+
+        Joins a load of ``key`` already in flight rather than starting another.
+        If the load fails while a servable value is cached, that value is kept
+        and returned (stale-if-error), as for background refreshes.
+        """
+        k = self._key(key)
+        call, leader = self._flight._join(k)
+        if leader:
+            load = functools.partial(self._load, k, loader, self._read(k), force=True)
+            return self._flight._lead(k, call, load)
+        self._counters.coalesced += 1
+        return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        """Drop every entry of the backend and fence every in-flight load."""
+        self._clear()
 
 
 def _not_started(_call: _Call) -> Any:

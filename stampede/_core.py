@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import _policy
 from ._entry import MISSING, Entry, Missing, error_entry, value_entry
 from ._policy import Decision, ErrorFilter
-from ._stats import Counters, Stats
+from ._stats import Counters, MetricsHook, Stats
 from .backends import MemoryBackend, resolve
 
 V = TypeVar("V")
@@ -38,6 +38,8 @@ _NS = object()  # first item of a namespaced key: no user key can contain it
 
 class _Flight(Protocol):
     def forget(self, key: Hashable) -> None: ...
+
+    def _forget_all(self) -> None: ...
 
 
 class _CallRecord(Protocol):
@@ -75,6 +77,8 @@ class CacheCore(Generic[V]):
         distributed: bool = False,
         lease_ttl: float = 10.0,
         maxsize: int | None = None,
+        name: str | None = None,
+        metrics: MetricsHook | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -101,6 +105,8 @@ class CacheCore(Generic[V]):
         self._random = random
         self._get = self._backend.get
         self._counters = Counters()
+        self._metrics = metrics
+        self._name = name or namespace or "default"
         self._lock = threading.Lock()  # fencing: see the module docstring
 
     # -- introspection -------------------------------------------------------
@@ -133,6 +139,11 @@ class CacheCore(Generic[V]):
     def backend(self) -> MemoryBackend:
         return self._backend
 
+    @property
+    def name(self) -> str:
+        """The name given to the metrics hook (``name=``, else the namespace)."""
+        return self._name
+
     def stats(self) -> Stats:
         """A frozen snapshot of the counters."""
         return self._counters.snapshot()
@@ -145,6 +156,20 @@ class CacheCore(Generic[V]):
 
     # -- shared steps ----------------------------------------------------------
 
+    def _count(self, event: str, duration: float | None = None) -> None:
+        """Bump the counter ``event`` and tell the metrics hook (slow paths only)."""
+        counters = self._counters
+        setattr(counters, event, getattr(counters, event) + 1)
+        if self._metrics is not None:
+            self._emit(event, duration)
+
+    def _emit(self, event: str, duration: float | None = None) -> None:
+        assert self._metrics is not None
+        try:
+            self._metrics.record(self._name, event, duration)
+        except Exception:
+            log.warning("metrics hook failed", exc_info=True)
+
     def _key(self, key: Hashable) -> Hashable:
         return (_NS, self._namespace, key) if self._namespace else key
 
@@ -154,7 +179,7 @@ class CacheCore(Generic[V]):
             return entry
         if not count_foreign:
             return None
-        self._counters.serialization_errors += 1
+        self._count("serialization_errors")
         log.warning("ignoring a foreign object of type %s in the store", type(entry).__name__)
         return None
 
@@ -162,7 +187,7 @@ class CacheCore(Generic[V]):
         try:
             entry = self._get(k)
         except Exception:
-            self._counters.backend_errors += 1
+            self._count("backend_errors")
             log.warning("backend read failed; treating it as a miss", exc_info=True)
             return None
         return self._valid(entry, count_foreign)
@@ -172,19 +197,15 @@ class CacheCore(Generic[V]):
 
     def _served(self, decision: Decision) -> bool:
         """Count a read answered from the store; should it start a refresh?"""
-        counters = self._counters
-        if decision is Decision.HIT:
-            counters.hits += 1
-            return False
-        if decision is Decision.REFRESH:
-            counters.hits += 1
-            return True
-        counters.stale_served += 1
+        if decision is Decision.HIT or decision is Decision.REFRESH:
+            self._counters.hits += 1
+            return decision is Decision.REFRESH
+        self._count("stale_served")
         return decision is Decision.STALE
 
     def _negative(self, entry: Entry[V]) -> Exception:
         """The exception to raise for a negative entry: a new instance every time."""
-        self._counters.negative_hits += 1
+        self._count("negative_hits")
         assert entry.error is not None
         exc = entry.error.rebuild()
         if hasattr(exc, "add_note"):
@@ -209,12 +230,12 @@ class CacheCore(Generic[V]):
         """Store ``entry`` unless the call was fenced; a failing store is logged, not raised."""
         with self._lock:
             if call.forgotten:
-                self._counters.fenced += 1
+                self._count("fenced")
                 return False
             try:
                 self._backend.set(k, entry)
             except Exception:
-                self._counters.backend_errors += 1
+                self._count("backend_errors")
                 log.warning(
                     "backend write failed; the value is returned, not cached", exc_info=True
                 )
@@ -224,25 +245,31 @@ class CacheCore(Generic[V]):
     def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
         now = self._clock()
         delta = max(0.0, now - started)
-        counters = self._counters
-        counters.loads += 1
-        counters.load_time += delta
+        self._counters.load_time += delta
+        self._count("loads", delta)
         self._commit(
             k, call, value_entry(value, now, self._ttl, self._stale_ttl, delta, self._beta)
         )
         return value
 
     def _failed(
-        self, k: Hashable, call: _CallRecord, exc: BaseException, previous: Entry[V] | None
+        self,
+        k: Hashable,
+        call: _CallRecord,
+        exc: BaseException,
+        previous: Entry[V] | None,
+        started: float,
     ) -> V | Missing:
         """Handle a loader's exception: the value to serve instead, or ``MISSING`` to raise."""
         now = self._clock()
-        self._counters.load_errors += 1
+        spent = max(0.0, now - started)
+        self._counters.load_time += spent
+        self._count("load_errors", spent)
         outcome = _policy.on_load_error(exc, previous, now, self._cacheable)
         if outcome is _policy.Outcome.SERVE_STALE:
             assert previous is not None
             self._commit(k, call, previous.with_retry_at(now + self._error_ttl))
-            self._counters.stale_served += 1
+            self._count("stale_served")
             log.warning(
                 "load of %r failed; serving the previous value, next try in %s s",
                 k,
@@ -270,11 +297,16 @@ class CacheCore(Generic[V]):
             self._flight.forget(k)
             self._backend.delete(k)
 
+    def _clear(self) -> None:
+        with self._lock:
+            self._flight._forget_all()
+            self._backend.clear()
+
     def _lookup(self, k: Hashable, default: Any) -> Any:
         entry = self._read(k)
         decision = _policy.decide(entry, self._clock(), 0.0, 1.0)
         if entry is None or decision in (Decision.MISS, Decision.NEGATIVE):
-            self._counters.misses += 1
+            self._count("misses")
             return default
         self._served(decision)
         return entry.value

@@ -125,6 +125,13 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._calls)
 
+    def _forget_all(self) -> None:
+        with self._lock:
+            calls = list(self._calls.values())
+            self._calls.clear()
+        for call in calls:
+            call.forgotten = True
+
     # The cache uses the pieces below: it needs the call record (for fencing)
     # and needs to start background refreshes without waiting.
 
@@ -218,6 +225,12 @@ class AsyncSingleFlight:
 
     def __len__(self) -> int:
         return sum(len(calls) for calls in list(self._maps.values()))
+
+    def _forget_all(self) -> None:
+        for calls in list(self._maps.values()):
+            for call in list(calls.values()):
+                call.forgotten = True
+            calls.clear()
 
     def _calls(self) -> tuple[asyncio.AbstractEventLoop, dict[Hashable, _AsyncCall]]:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,8 @@ cannot afford a lock. Treat the numbers as monitoring data, not accounting.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Protocol
 
 _FIELDS = (
     "hits",  # served a fresh value
@@ -83,3 +85,36 @@ class Counters:
 
     def snapshot(self) -> Stats:
         return Stats(**{name: getattr(self, name) for name in self.__slots__})
+
+
+class MetricsHook(Protocol):
+    """Receives the slow-path events of a cache, for Prometheus, OpenTelemetry, logs.
+
+    ``event`` is the name of the ``Stats`` counter it bumps (``"misses"``,
+    ``"loads"``, ``"load_errors"``, ``"coalesced"``, ``"early_refreshes"``,
+    ``"stale_served"``, ``"negative_hits"``, ``"fenced"``, ``"backend_errors"``,
+    ``"serialization_errors"``, ...). ``duration`` is set for ``"loads"`` and
+    ``"load_errors"`` (time in the loader) and ``"coalesced"`` (time spent
+    waiting for another caller's load). Hits are not sent, to keep the hit
+    path free of calls: read them from ``stats()`` at scrape time.
+
+    ``record`` runs on the caller's thread: keep it quick and never raise.
+    """
+
+    def record(self, cache: str, event: str, duration: float | None = None) -> None: ...
+
+
+class LoggingMetrics:
+    """A ``MetricsHook`` that writes each event to a logger (``stampede.metrics``)."""
+
+    def __init__(self, logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
+        self.logger = logger or logging.getLogger("stampede.metrics")
+        self.level = level
+
+    def record(self, cache: str, event: str, duration: float | None = None) -> None:
+        if not self.logger.isEnabledFor(self.level):
+            return
+        if duration is None:
+            self.logger.log(self.level, "%s %s", cache, event)
+        else:
+            self.logger.log(self.level, "%s %s %.3f ms", cache, event, duration * 1000)

@@ -1,0 +1,215 @@
+"""Keys: from a call to a cache key, and from a cache key to text for shared stores.
+
+Call keys (``CallKey``) come from the function's signature, so ``f(1)``,
+``f(x=1)`` and ``f()`` with ``x=1`` as the default are one key. The common
+case, a call with every parameter given by position and no keyword, costs
+nothing: the ``args`` tuple *is* the key. Other calls are normalised into
+the same tuple (parameter order, defaults filled in); signatures with
+``*args``/``**kwargs``/keyword-only parameters go through ``Signature.bind``.
+
+A key is the tuple of the argument values, ``self``/``cls`` included for
+methods: an instance is part of the key through its own ``__hash__``/``__eq__``
+(identity by default), and an entry keeps its instance alive until evicted.
+
+``encode_key`` turns a key into text for byte-oriented stores (disk, Redis):
+each value is written with a type tag and a length where needed, so the
+encoding is injective (``("a:b", "c")`` and ``("a", "b:c")`` differ, and so
+do ``1``, ``1.0``, ``True`` and ``"1"``: encoded keys are always typed). It is
+prefixed by the namespace and ``KEY_VERSION``, and hashed when long. The same
+call gives the same text in every process: nothing depends on ``hash()``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import hashlib
+import inspect
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Any
+
+KEY_VERSION = 1
+MAX_KEY_LENGTH = 200  # longer encodings are replaced by their SHA-256
+
+_SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class CallKey:
+    """Builds the key of a call of ``fn`` from its bound arguments."""
+
+    __slots__ = ("_defaults", "_names", "_signature", "arity", "fn_name", "typed")
+
+    def __init__(self, fn: Callable[..., Any], *, typed: bool = False) -> None:
+        self._signature = inspect.signature(fn)
+        params = list(self._signature.parameters.values())
+        self.typed = typed
+        self.fn_name = getattr(fn, "__qualname__", repr(fn))
+        if all(p.kind in _SIMPLE_KINDS for p in params):
+            # Positional-only calls with every parameter given need no work.
+            self.arity = len(params)
+            self._names: tuple[str, ...] | None = tuple(p.name for p in params)
+            self._defaults = tuple(p.default for p in params)
+        else:
+            self.arity = -1  # never equal to len(args): always normalise
+            self._names = None
+            self._defaults = ()
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The key of ``fn(*args, **kwargs)``."""
+        if not kwargs and len(args) == self.arity:
+            key = args
+        else:
+            key = self._normalise(args, kwargs)
+        if self.typed:
+            return (*key, *_types(key))
+        return key
+
+    def _normalise(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        names = self._names
+        if names is not None and len(args) <= len(names):
+            values = list(args)
+            used = 0
+            for name, default in zip(names[len(args) :], self._defaults[len(args) :], strict=True):
+                if name in kwargs:
+                    values.append(kwargs[name])
+                    used += 1
+                elif default is not inspect.Parameter.empty:
+                    values.append(default)
+                else:
+                    break
+            else:
+                if used == len(kwargs):
+                    return tuple(values)
+        # Anything unusual (a missing or unknown argument, a positional-only
+        # parameter passed by keyword, *args/**kwargs): let the signature
+        # decide, and raise the same TypeError the call itself would.
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out: list[Any] = []
+        for param in self._signature.parameters.values():
+            value = bound.arguments[param.name]
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                value = _VarKeyword(sorted(value.items()))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                value = _VarPositional(value)
+            out.append(value)
+        return tuple(out)
+
+    def unhashable(self, key: tuple[Any, ...]) -> TypeError | None:
+        """A ``TypeError`` naming the first argument of ``key`` that cannot be hashed."""
+        names = list(self._signature.parameters)
+        for i, value in enumerate(key):
+            try:
+                hash(value)
+            except TypeError:
+                name = names[i] if i < len(names) else f"#{i}"
+                return TypeError(
+                    f"argument {name!r} of {self.fn_name}() is a {type(value).__name__}, which "
+                    f"cannot be part of a cache key (it is unhashable); pass key= to "
+                    f"@cached to build keys yourself"
+                )
+        return None
+
+
+class _VarPositional(tuple):  # type: ignore[type-arg]
+    """The ``*args`` part of a key: a tuple that never equals a plain argument tuple."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _VarPositional and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(("*args", tuple(self)))
+
+
+class _VarKeyword(tuple):  # type: ignore[type-arg]
+    """The ``**kwargs`` part of a key: sorted ``(name, value)`` pairs."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _VarKeyword and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(("**kwargs", tuple(self)))
+
+
+def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for v in values:
+        if type(v) in (_VarPositional, _VarKeyword):
+            out.append(tuple(_types(tuple(v))))
+        else:
+            out.append(type(v))
+    return tuple(out)
+
+
+# -- text keys for shared stores ---------------------------------------------------
+
+
+def encode_key(namespace: str, key: Hashable) -> str:
+    """The text key of ``key`` in ``namespace`` for a byte-oriented store.
+
+    Raises ``TypeError`` for a value it cannot encode faithfully.
+    """
+    body = _encode(key)
+    if len(body) > MAX_KEY_LENGTH:
+        body = "#" + hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"stampede:{len(namespace)}:{namespace}:v{KEY_VERSION}:{body}"
+
+
+def _encode(value: Any) -> str:
+    t = type(value)
+    if value is None:
+        return "N"
+    if t is bool:
+        return "T" if value else "F"
+    if t is int:
+        return f"i{value};"
+    if t is float:
+        return f"f{value.hex()};"
+    if t is str:
+        return f"s{len(value)}:{value}"
+    if t is bytes:
+        return f"b{len(value)}:{value.hex()}"
+    if t is tuple or t is _VarPositional or t is _VarKeyword:
+        tag = {tuple: "t", _VarPositional: "a", _VarKeyword: "k"}[t]
+        return f"{tag}{len(value)}(" + "".join(_encode(v) for v in value) + ")"
+    if t is frozenset:
+        items = sorted(_encode(v) for v in value)
+        return f"z{len(items)}(" + "".join(items) + ")"
+    if t is type:
+        return _text("c", f"{value.__module__}.{value.__qualname__}")
+    if isinstance(value, enum.Enum):
+        cls = type(value)
+        return _text("e", f"{cls.__module__}.{cls.__qualname__}") + _encode(value.value)
+    if t is datetime.datetime:
+        return _text("d", value.isoformat())
+    if t is datetime.date:
+        return _text("D", value.isoformat())
+    if t is datetime.time:
+        return _text("h", value.isoformat())
+    if t is datetime.timedelta:
+        return f"l{value.days},{value.seconds},{value.microseconds};"
+    if t is decimal.Decimal:
+        return _text("m", str(value))
+    if t is uuid.UUID:
+        return f"u{value.hex};"
+    raise TypeError(
+        f"cannot build a shared-store key from a {t.__name__}: supported are None, bool, "
+        f"int, float, str, bytes, tuple, frozenset, enums, dates, Decimal and UUID; pass "
+        f"key= to build keys yourself"
+    )
+
+
+def _text(tag: str, text: str) -> str:
+    return f"{tag}{len(text)}:{text}"
