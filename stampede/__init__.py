@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._acache import AsyncCoalescingCache
 from ._cache import CoalescingCache
+from ._decorator import AsyncCachedFunction, CachedFunction, CacheInfo, cached
 from ._entry import MISSING
 from ._errors import (
     BackendUnavailable,
@@ -19,22 +20,28 @@ from ._errors import (
     StampedeError,
 )
 from ._singleflight import AsyncSingleFlight, SingleFlight
-from ._stats import Stats
+from ._stats import LoggingMetrics, MetricsHook, Stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MISSING",
+    "AsyncCachedFunction",
     "AsyncCoalescingCache",
     "AsyncSingleFlight",
     "BackendUnavailable",
     "BlockingWaitInLoop",
+    "CacheInfo",
+    "CachedFunction",
     "CoalescingCache",
     "LoadAbandoned",
     "LoadTimeout",
+    "LoggingMetrics",
+    "MetricsHook",
     "RecursiveLoad",
     "SingleFlight",
     "StampedeError",
     "Stats",
     "__version__",
+    "cached",
 ]

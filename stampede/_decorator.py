@@ -1,0 +1,381 @@
+"""``@cached``: a function's results in a ``CoalescingCache``, keyed by its arguments.
+
+The wrapper is chosen once, when decorating (sync or async), and carries its
+own copy of the hit path: build the key (for the usual call, the ``args``
+tuple itself), one store read, one clock read, one comparison. Anything else
+goes to the cache's slow path, so every decision stays in one place.
+
+A function gets a bounded in-process cache of its own unless ``cache=`` names
+one (a backend, a URL, or a ready cache shared by several functions; in a
+shared cache each function's keys carry its qualified name).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+
+from ._acache import AsyncCoalescingCache
+from ._cache import CoalescingCache
+from ._core import _NS, CacheCore
+from ._keys import CallKey
+from ._policy import ErrorFilter
+from ._stats import MetricsHook, Stats
+from .backends.memory import DEFAULT_MAXSIZE
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_FN = object()  # marks a function's keys in a shared cache: no user key can contain it
+
+
+class CacheInfo(NamedTuple):
+    """``functools``-style summary of a cached function, plus stampede's counters."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+    stats: Stats
+
+
+class CachedFunction(Protocol[P, R]):
+    """What ``@cached`` returns for a plain function (the signature is kept)."""
+
+    __wrapped__: Callable[P, R]
+    cache: CoalescingCache[R]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable:
+        """The key ``self.cache`` uses for this call."""
+        ...
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop this call's cached result (and fence a load of it in flight)."""
+        ...
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function now for this call, store and return the result."""
+        ...
+
+    def cache_info(self) -> CacheInfo: ...
+
+    def cache_clear(self) -> None: ...
+
+
+class AsyncCachedFunction(Protocol[P, T]):
+    """What ``@cached`` returns for an ``async def`` function."""
+
+    __wrapped__: Callable[P, Awaitable[T]]
+    cache: AsyncCoalescingCache[T]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable: ...
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    def cache_info(self) -> CacheInfo: ...
+
+    async def cache_clear(self) -> None: ...
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /
+    ) -> AsyncCachedFunction[P, T]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(  # type: ignore[overload-overlap]
+    fn: Callable[P, Coroutine[Any, Any, T]], /
+) -> AsyncCachedFunction[P, T]: ...
+
+
+@overload
+def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(
+    *,
+    ttl: float | None = None,
+    cache: Any = None,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    maxsize: int | None = None,
+    beta: float | None = None,
+    stale_ttl: float | None = None,
+    cache_errors: tuple[type[BaseException], ...] | ErrorFilter | None = None,
+    error_ttl: float | None = None,
+    wait_timeout: float | None = None,
+    namespace: str | None = None,
+    serializer: Any = None,
+    distributed: bool | None = None,
+    lease_ttl: float | None = None,
+    name: str | None = None,
+    metrics: MetricsHook | None = None,
+    clock: Callable[[], float] | None = None,
+    random: Callable[[], float] | None = None,
+) -> _Decorator: ...
+
+
+def cached(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    ttl: float | None = None,
+    cache: Any = None,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    maxsize: int | None = None,
+    **options: Any,
+) -> Any:
+    """Cache a function's results, loading each missing key once for all callers.
+
+    Args:
+        ttl: seconds a result is fresh (default 60).
+        cache: where results go: ``None`` for a bounded in-process cache of
+            this function's own (``maxsize`` entries), a backend or URL (a new
+            cache on it), or a ready ``CoalescingCache``/``AsyncCoalescingCache``
+            (shared: this function's keys carry its qualified name).
+        key: ``key(*args, **kwargs) -> Hashable`` instead of the signature's key.
+        typed: arguments of different types are different keys (``1``, ``1.0``, ``True``).
+        maxsize: size of the function's own cache (default 4096).
+        options: any other ``CoalescingCache`` parameter (``beta``,
+            ``stale_ttl``, ``cache_errors``, ``error_ttl``, ``wait_timeout``, ...).
+
+    Raises ``TypeError`` at decoration for a sync cache on an ``async def``
+    function (or the reverse), or options given next to a ready cache; at
+    call time for an argument that cannot be part of a key.
+    """
+    options = {name: value for name, value in options.items() if value is not None}
+    if ttl is not None:
+        options["ttl"] = ttl
+
+    def decorate(fn: Any) -> Any:
+        if isinstance(fn, (staticmethod, classmethod)):
+            return type(fn)(decorate(fn.__func__))
+        if not callable(fn):
+            raise TypeError(f"@cached needs a function, got {type(fn).__name__}")
+        is_async = inspect.iscoroutinefunction(fn)
+        store, shared = _cache_for(fn, is_async, cache, maxsize, options)
+        if isinstance(store, AsyncCoalescingCache):
+            return _wrap_async(fn, store, shared, key, typed)
+        assert isinstance(store, CoalescingCache)
+        return _wrap_sync(fn, store, shared, key, typed)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate
+
+
+def _cache_for(
+    fn: Callable[..., Any],
+    is_async: bool,
+    cache: Any,
+    maxsize: int | None,
+    options: dict[str, Any],
+) -> tuple[CacheCore[Any], bool]:
+    """The cache ``fn`` uses, and whether other functions may share it."""
+    kind: type[CacheCore[Any]] = AsyncCoalescingCache if is_async else CoalescingCache
+    if isinstance(cache, CacheCore):
+        if not isinstance(cache, kind):
+            raise TypeError(
+                f"{fn.__qualname__} is {'an async' if is_async else 'a sync'} function: "
+                f"it needs {'an AsyncCoalescingCache' if is_async else 'a CoalescingCache'}, "
+                f"not a {type(cache).__name__}"
+            )
+        if options or maxsize is not None:
+            raise TypeError(
+                "options go to the cache when it is made: "
+                f"{', '.join(sorted(options))} cannot be set on a ready {type(cache).__name__}"
+            )
+        return cache, True
+    options.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
+    own = cache is None
+    made = kind(cache, maxsize=maxsize or DEFAULT_MAXSIZE, **options)
+    return made, not own
+
+
+class _Keys:
+    """Turns a call into the user-level key and the store key of the cache."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        cache: CacheCore[Any],
+        shared: bool,
+        key: Callable[..., Hashable] | None,
+        typed: bool,
+    ) -> None:
+        self.call_key = CallKey(fn, typed=typed)
+        self.custom = key
+        self.fn_id = f"{fn.__module__}.{fn.__qualname__}" if shared else None
+        self.namespace = cache.namespace
+        # Only the plainest setup may use the args tuple as the store key as is.
+        plain = key is None and not shared and not typed and not self.namespace
+        self.arity = self.call_key.arity if plain else -1
+
+    def user(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        k: Hashable = self.custom(*args, **kwargs) if self.custom else self.call_key(args, kwargs)
+        return k if self.fn_id is None else (_FN, self.fn_id, k)
+
+    def store(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        k = self.user(args, kwargs)
+        return (_NS, self.namespace, k) if self.namespace else k
+
+    def unhashable(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TypeError:
+        if self.custom is None:
+            found = self.call_key.unhashable(self.call_key(args, kwargs))
+            if found is not None:
+                return found
+        return TypeError(f"the key of this call of {self.call_key.fn_name}() is unhashable")
+
+    def owns(self, store_key: Any) -> bool:
+        """Is ``store_key`` one of this function's keys (in a shared cache)?"""
+        k = store_key
+        if self.namespace:
+            if not (type(k) is tuple and len(k) == 3 and k[0] is _NS and k[1] == self.namespace):
+                return False
+            k = k[2]
+        return type(k) is tuple and len(k) == 3 and k[0] is _FN and k[1] == self.fn_id
+
+
+def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
+    stats = cache.stats()
+    backend = cache.backend
+    if shared:
+        currsize = sum(1 for k in list(backend.mapping.keys()) if keys.owns(k))
+        maxsize = None
+    else:
+        currsize = len(backend)
+        maxsize = getattr(backend.mapping, "maxsize", None)
+    return CacheInfo(stats.hits, stats.misses, maxsize, currsize, stats)
+
+
+def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> None:
+    backend = cache.backend
+    for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
+        cache._invalidate(k)
+
+
+def _wrap_sync(
+    fn: Callable[..., Any],
+    cache: CoalescingCache[Any],
+    shared: bool,
+    key: Callable[..., Hashable] | None,
+    typed: bool,
+) -> Any:
+    keys: _Keys = _Keys(fn, cache, shared, key, typed)
+    arity, store_key = keys.arity, keys.store
+    get, clock, counters, slow = cache._get, cache._clock, cache._counters, cache._slow
+    partial = functools.partial
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
+        try:
+            entry = get(k)
+        except TypeError:
+            raise keys.unhashable(args, kwargs) from None
+        if entry is not None:
+            try:
+                if clock() < entry.check_at:
+                    counters.hits += 1
+                    return entry.value
+            except AttributeError:  # not an Entry: the slow path counts and drops it
+                pass
+        return slow(k, partial(fn, *args, **kwargs), entry)
+
+    def cache_key(*args: Any, **kwargs: Any) -> Hashable:
+        return keys.user(args, kwargs)
+
+    def invalidate(*args: Any, **kwargs: Any) -> None:
+        cache.invalidate(keys.user(args, kwargs))
+
+    def refresh(*args: Any, **kwargs: Any) -> Any:
+        return cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
+
+    def cache_clear() -> None:
+        if shared:
+            _drop_own_keys(cache, keys)
+        else:
+            cache.clear()
+
+    return _finish(wrapper, fn, cache, keys, shared, cache_key, invalidate, refresh, cache_clear)
+
+
+def _wrap_async(
+    fn: Callable[..., Any],
+    cache: AsyncCoalescingCache[Any],
+    shared: bool,
+    key: Callable[..., Hashable] | None,
+    typed: bool,
+) -> Any:
+    keys: _Keys = _Keys(fn, cache, shared, key, typed)
+    arity, store_key = keys.arity, keys.store
+    get, clock, counters, slow = cache._get, cache._clock, cache._counters, cache._slow
+    partial = functools.partial
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
+        try:
+            entry = get(k)
+        except TypeError:
+            raise keys.unhashable(args, kwargs) from None
+        if entry is not None:
+            try:
+                if clock() < entry.check_at:
+                    counters.hits += 1
+                    return entry.value
+            except AttributeError:
+                pass
+        return await slow(k, partial(fn, *args, **kwargs), entry)
+
+    def cache_key(*args: Any, **kwargs: Any) -> Hashable:
+        return keys.user(args, kwargs)
+
+    async def invalidate(*args: Any, **kwargs: Any) -> None:
+        await cache.invalidate(keys.user(args, kwargs))
+
+    async def refresh(*args: Any, **kwargs: Any) -> Any:
+        return await cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
+
+    async def cache_clear() -> None:
+        if shared:
+            _drop_own_keys(cache, keys)
+        else:
+            await cache.clear()
+
+    return _finish(wrapper, fn, cache, keys, shared, cache_key, invalidate, refresh, cache_clear)
+
+
+def _finish(
+    wrapper: Any,
+    fn: Callable[..., Any],
+    cache: CacheCore[Any],
+    keys: _Keys,
+    shared: bool,
+    cache_key: Callable[..., Hashable],
+    invalidate: Callable[..., Any],
+    refresh: Callable[..., Any],
+    cache_clear: Callable[[], Any],
+) -> Any:
+    functools.update_wrapper(wrapper, fn)
+    wrapper.cache = cache
+    wrapper.cache_key = cache_key
+    wrapper.invalidate = invalidate
+    wrapper.refresh = refresh
+    wrapper.cache_clear = cache_clear
+    wrapper.cache_info = functools.partial(_info, cache, keys, shared)
+    return wrapper
