@@ -1,0 +1,180 @@
+"""Keys: call normalisation, injective text encoding, stability across processes."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.binary(),
+    st.dates(),
+    st.datetimes(timezones=st.one_of(st.none(), st.timezones())),
+    st.times(),
+    st.timedeltas(),
+    st.decimals(allow_nan=False),
+    st.uuids(),
+)
+keys = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(tuple), st.frozensets(inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def typed_equal(a: Any, b: Any) -> bool:
+    """Equal values of equal types, all the way down (what a typed key means)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(typed_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, frozenset):
+        return len(a) == len(b) and all(any(typed_equal(x, y) for y in b) for x in a)
+    if isinstance(a, float):
+        return a.hex() == b.hex()  # 0.0 and -0.0 are different keys
+    if isinstance(a, datetime.datetime | datetime.time):
+        return a == b and a.isoformat() == b.isoformat()
+    if isinstance(a, decimal.Decimal):
+        return str(a) == str(b)
+    return bool(a == b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(keys, keys)
+def test_encoding_is_injective(a: Any, b: Any) -> None:
+    if typed_equal(a, b):
+        assert encode_key("ns", a) == encode_key("ns", b)
+    else:
+        assert encode_key("ns", a) != encode_key("ns", b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=8), st.text(max_size=8), keys)
+def test_namespaces_never_collide(ns1: str, ns2: str, key: Any) -> None:
+    if ns1 != ns2:
+        assert encode_key(ns1, key) != encode_key(ns2, key)
+
+
+def test_separator_and_type_lookalikes() -> None:
+    assert encode_key("", ("a:b", "c")) != encode_key("", ("a", "b:c"))
+    assert len({encode_key("", v) for v in (1, 1.0, True, "1", b"1", (1,))}) == 6
+    assert encode_key("a:b", "c") != encode_key("a", "b:c")
+
+
+def test_long_keys_are_hashed_and_short_ones_readable() -> None:
+    short = encode_key("users", ("alice", 42))
+    assert "alice" in short and short.startswith("stampede:5:users:v1:")
+    long = encode_key("users", "x" * 1000)
+    assert len(long) < 120 and "#" in long
+    assert encode_key("users", "x" * 1000) == long
+    assert encode_key("users", "x" * 1000 + "y") != long
+    assert len(encode_key("", "x" * (MAX_KEY_LENGTH - 10))) < MAX_KEY_LENGTH + 40
+
+
+def test_unsupported_values_are_a_clear_type_error() -> None:
+    class Thing:
+        pass
+
+    with pytest.raises(TypeError, match="Thing.*key="):
+        encode_key("", (1, Thing()))
+
+
+_SAMPLES: list[Any] = [
+    None,
+    True,
+    -(2**70),
+    1.5,
+    -0.0,
+    "héllo:wörld",
+    b"\x00\xff",
+    ("nested", (1, 2.0), frozenset({"b", "a", "c"})),
+    datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+    datetime.date(2026, 11, 23),
+    datetime.timedelta(days=-1, seconds=5),
+    decimal.Decimal("1.10"),
+    uuid.UUID(int=12345),
+    frozenset(range(50)),
+]
+
+
+def test_same_call_same_key_in_another_process() -> None:
+    here = [encode_key("ns", k) for k in _SAMPLES]
+    script = (
+        "import json, sys; sys.path.insert(0, 'tests'); "
+        "from test_keys import _SAMPLES; from stampede._keys import encode_key; "
+        "print(json.dumps([encode_key('ns', k) for k in _SAMPLES]))"
+    )
+    for seed in ("1", "2"):  # different string hashing: the encoding must not care
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(__file__)),
+        )
+        assert json.loads(out.stdout) == here
+
+
+# -- call keys ------------------------------------------------------------------------
+
+
+def f(a: int, b: int = 2, c: int = 3) -> None:
+    pass
+
+
+def g(a: int, /, b: int, *rest: int, c: int, d: int = 4, **kw: int) -> None:
+    pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(), st.integers(), st.integers(), st.integers(0, 3))
+def test_every_spelling_of_a_call_gives_one_key(a: int, b: int, c: int, split: int) -> None:
+    key = CallKey(f)
+    canonical = key((a, b, c), {})
+    names = ("a", "b", "c")
+    values = (a, b, c)
+    args = values[:split]
+    kwargs = dict(zip(names[split:], values[split:], strict=True))
+    assert key(args, kwargs) == canonical
+    assert key(args, dict(reversed(list(kwargs.items())))) == canonical
+
+
+def test_defaults_are_filled_in() -> None:
+    key = CallKey(f)
+    assert key((1,), {}) == key((1, 2, 3), {}) == key((), {"a": 1, "c": 3})
+
+
+def test_complex_signatures_bind() -> None:
+    key = CallKey(g)
+    assert key((1, 2), {"c": 3}) == key((1,), {"b": 2, "c": 3, "d": 4})
+    assert key((1, 2, 9), {"c": 3}) != key((1, 2), {"c": 3, "x": 9})
+    assert key((1, 2), {"c": 3, "x": 1, "y": 2}) == key((1, 2), {"y": 2, "c": 3, "x": 1})
+    with pytest.raises(TypeError):
+        key((), {"a": 1, "b": 2, "c": 3})  # a is positional-only
+
+
+def test_typed_call_keys() -> None:
+    key = CallKey(f, typed=True)
+    assert len({key((v, 0, 0), {}) for v in (1, 1.0, True)}) == 3
+    assert key((1,), {}) == key((1, 2, 3), {})
