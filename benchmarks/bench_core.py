@@ -52,6 +52,9 @@ SYNC_REFERENCE = "cachetools `cached(TTLCache)`, condition"
 ASYNC_REFERENCES = ("aiocache `cached` (memory)", "cashews `@cache` (mem://)")
 SYNC_DECORATOR = "stampede `@cached`"
 ASYNC_DECORATOR = "stampede `@cached` (async)"
+# What the targets use while `stampede.cached` does not exist:
+SYNC_GET_OR_LOAD = "stampede `CoalescingCache().get_or_load` (bound method, default store)"
+ASYNC_GET_OR_LOAD = "stampede `AsyncCoalescingCache().get_or_load` (bound method)"
 
 
 class Unavailable(Exception):
@@ -90,7 +93,7 @@ def reason(exc: BaseException) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -168,9 +171,7 @@ def _stampede_get_or_load(src: Callable[[Any], Any], backend: Any = None) -> Bui
     return cache.get_or_load, (KEY, functools.partial(src, KEY))
 
 
-def _stampede_get_or_load_dict(
-    src: Callable[[Any], Any],
-) -> Built:
+def _stampede_get_or_load_dict(src: Callable[[Any], Any]) -> Built:
     return _stampede_get_or_load(src, {})
 
 
@@ -206,9 +207,7 @@ def _dogpile_region() -> Any:
     return make_region().configure("dogpile.cache.memory", expiration_time=60)
 
 
-def _dogpile_get_or_create(
-    src: Callable[[Any], Any],
-) -> Built:
+def _dogpile_get_or_create(src: Callable[[Any], Any]) -> Built:
     return _dogpile_region().get_or_create, (KEY, functools.partial(src, KEY))
 
 
@@ -225,11 +224,7 @@ SYNC_CASES: list[tuple[str, SyncBuild, bool]] = [
     ("plain function call", _plain, False),
     ("`functools.lru_cache`", _lru_cache, True),
     (SYNC_DECORATOR, _stampede_cached, True),
-    (
-        "stampede `CoalescingCache().get_or_load` (bound method, default store)",
-        _stampede_get_or_load,
-        True,
-    ),
+    (SYNC_GET_OR_LOAD, _stampede_get_or_load, True),
     ("stampede `CoalescingCache({}).get_or_load` (dict store)", _stampede_get_or_load_dict, True),
     (
         "stampede `get_or_load` behind a one-line `def f(x)` (decorator floor)",
@@ -331,18 +326,14 @@ def _async_plain(src: Callable[[Any], Awaitable[Any]]) -> Built:
     return f, (KEY,)
 
 
-def _async_stampede_cached(
-    src: Callable[[Any], Awaitable[Any]],
-) -> Built:
+def _async_stampede_cached(src: Callable[[Any], Awaitable[Any]]) -> Built:
     cached = getattr(stampede, "cached", None)
     if cached is None:
         raise Unavailable("`stampede.cached` does not exist yet")
     return cached(ttl=60)(src), (KEY,)
 
 
-def _async_stampede_get_or_load(
-    src: Callable[[Any], Awaitable[Any]],
-) -> Built:
+def _async_stampede_get_or_load(src: Callable[[Any], Awaitable[Any]]) -> Built:
     cache: stampede.AsyncCoalescingCache[Any] = stampede.AsyncCoalescingCache(ttl=60)
     return cache.get_or_load, (KEY, functools.partial(src, KEY))
 
@@ -367,11 +358,7 @@ def _cashews(**kwargs: Any) -> AsyncBuild:
 ASYNC_CASES: list[tuple[str, AsyncBuild, bool]] = [
     ("plain `async def` await", _async_plain, False),
     (ASYNC_DECORATOR, _async_stampede_cached, True),
-    (
-        "stampede `AsyncCoalescingCache().get_or_load` (bound method)",
-        _async_stampede_get_or_load,
-        True,
-    ),
+    (ASYNC_GET_OR_LOAD, _async_stampede_get_or_load, True),
     (ASYNC_REFERENCES[0], _aiocache, True),
     (ASYNC_REFERENCES[1], _cashews(), True),
     ("cashews `@cache(protected=False)` (mem://)", _cashews(protected=False), True),
@@ -495,6 +482,18 @@ def _cold_stampede(loader: Callable[[], Any]) -> Callable[[], Any]:
     return functools.partial(stampede.CoalescingCache(ttl=60).get_or_load, KEY, loader)
 
 
+def _cold_stampede_cached(loader: Callable[[], Any]) -> Callable[[], Any]:
+    cached = getattr(stampede, "cached", None)
+    if cached is None:
+        raise Unavailable("`stampede.cached` does not exist yet")
+
+    @cached(ttl=60)
+    def f(key: str) -> Any:
+        return loader()
+
+    return functools.partial(f, KEY)
+
+
 def _cold_cachetools(**kwargs: Any) -> ThreadBuild:
     def build(loader: Callable[[], Any]) -> Callable[[], Any]:
         import cachetools
@@ -546,6 +545,7 @@ def _cold_floor_threads(loader: Callable[[], Any]) -> Callable[[], Any]:
 
 THREAD_CASES: list[tuple[str, ThreadBuild]] = [
     ("stampede `CoalescingCache.get_or_load`", _cold_stampede),
+    (SYNC_DECORATOR, _cold_stampede_cached),
     ("cachetools `cached`, condition", _cold_cachetools(condition=threading.Condition())),
     ("cachetools `cached`, lock", _cold_cachetools(lock=threading.Lock())),
     ("cachebox `cached(LRUCache)`", _cold_cachebox),
@@ -655,6 +655,18 @@ def _cold_astampede(loader: Callable[[], Awaitable[Any]]) -> Callable[[], Awaita
     return functools.partial(stampede.AsyncCoalescingCache(ttl=60).get_or_load, KEY, loader)
 
 
+def _cold_astampede_cached(loader: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    cached = getattr(stampede, "cached", None)
+    if cached is None:
+        raise Unavailable("`stampede.cached` does not exist yet")
+
+    @cached(ttl=60)
+    async def f(key: str) -> Any:
+        return await loader()
+
+    return functools.partial(f, KEY)
+
+
 def _cold_aiocache(stampede_lease: float | None) -> TaskBuild:
     def build(loader: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
         import aiocache
@@ -704,6 +716,7 @@ def _cold_floor_tasks(loader: Callable[[], Awaitable[Any]]) -> Callable[[], Awai
 
 TASK_CASES: list[tuple[str, TaskBuild]] = [
     ("stampede `AsyncCoalescingCache.get_or_load`", _cold_astampede),
+    (ASYNC_DECORATOR, _cold_astampede_cached),
     ("aiocache `cached` (memory)", _cold_aiocache(None)),
     ("aiocache `cached_stampede` (memory, lease 2 s)", _cold_aiocache(2)),
     ("cashews `@cache` (mem://)", _cold_cashews),
@@ -826,7 +839,7 @@ def hit_targets(sync: list[HitResult], asyn: list[HitResult]) -> list[Target]:
     ours = _find(sync, SYNC_DECORATOR)
     via = "`@cached`"
     if ours.seconds is None:  # no decorator yet: the bound get_or_load stands in
-        ours, via = _find(sync, SYNC_CASES[3][0]), "`get_or_load` (no `@cached` yet)"
+        ours, via = _find(sync, SYNC_GET_OR_LOAD), "`get_or_load` (no `@cached` yet)"
     value = None if ours.seconds is None or not ref else ours.seconds / ref
     targets.append(
         Target(
@@ -839,7 +852,7 @@ def hit_targets(sync: list[HitResult], asyn: list[HitResult]) -> list[Target]:
     ours = _find(asyn, ASYNC_DECORATOR)
     via = "`@cached`"
     if ours.seconds is None:
-        ours, via = _find(asyn, ASYNC_CASES[2][0]), "`get_or_load` (no `@cached` yet)"
+        ours, via = _find(asyn, ASYNC_GET_OR_LOAD), "`get_or_load` (no `@cached` yet)"
     for peer, label in zip(("aiocache", "cashews"), ASYNC_REFERENCES, strict=True):
         ref = _find(asyn, label).seconds
         value = None if ours.seconds is None or not ref else ours.seconds / ref

@@ -91,7 +91,7 @@ def test_unhashable_argument_names_the_parameter() -> None:
     def f(x: int, items: list[int]) -> int:
         return x + len(items)
 
-    with pytest.raises(TypeError, match="'items'.*key="):
+    with pytest.raises(TypeError, match=r"'items'.*key="):
         f(1, [1, 2])
 
 

@@ -93,7 +93,7 @@ def test_unsupported_values_are_a_clear_type_error() -> None:
     class Thing:
         pass
 
-    with pytest.raises(TypeError, match="Thing.*key="):
+    with pytest.raises(TypeError, match=r"Thing.*key="):
         encode_key("", (1, Thing()))
 
 
