@@ -435,11 +435,22 @@ def report_hit_async(results: list[HitResult]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class RawTrial:
+    """What one cold-key trial saw, before any statistics."""
+
+    load_ends: list[float]  # perf_counter() at the end of each loader call
+    spans: list[tuple[float, float]]  # each caller's call: (start, end); empty if it broke
+    errors: int
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Trial:
     loads: int
     p50: float  # caller latency percentiles, seconds beyond the loader's duration
     p99: float
     max: float
+    overlapped: int  # callers whose call began before the first load had finished
     errors: int
     seconds: float  # wall-clock time the trial took
 
@@ -450,10 +461,14 @@ class ColdResult:
     trials: list[Trial] = dataclasses.field(default_factory=list)
     note: str = ""
 
-    def add(self, loads: int, latencies: list[float], errors: int, seconds: float) -> None:
-        ordered = sorted(t - LOADER_S for t in latencies)
+    def add(self, raw: RawTrial, seconds: float) -> None:
+        ordered = sorted(end - start - LOADER_S for start, end in raw.spans)
         p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
-        self.trials.append(Trial(loads, p50, p99, ordered[-1], errors, seconds))
+        first_done = min(raw.load_ends, default=math.inf)
+        overlapped = sum(start < first_done for start, _ in raw.spans)
+        self.trials.append(
+            Trial(len(raw.load_ends), p50, p99, ordered[-1], overlapped, raw.errors, seconds)
+        )
 
     @property
     def loads(self) -> int | None:
@@ -555,18 +570,18 @@ STAMPEDE_THREADS = THREAD_CASES[0][0]
 FLOOR_THREADS = THREAD_CASES[-1][0]
 
 
-def _thread_trial(build: ThreadBuild, cfg: Config) -> tuple[int, list[float], int, str]:
-    loads: list[int] = []
+def _thread_trial(build: ThreadBuild, cfg: Config) -> RawTrial:
+    load_ends: list[float] = []
 
     def loader() -> str:
-        loads.append(1)  # list.append is atomic
         time.sleep(LOADER_S)
+        load_ends.append(time.perf_counter())  # list.append is atomic
         return "value"
 
     call = build(loader)
     n = cfg.threads
     barrier = threading.Barrier(n)
-    latencies = [0.0] * n
+    spans = [(0.0, 0.0)] * n
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
@@ -579,7 +594,7 @@ def _thread_trial(build: ThreadBuild, cfg: Config) -> tuple[int, list[float], in
             call()
         except BaseException as exc:
             errors.append(exc)
-        latencies[i] = time.perf_counter() - start
+        spans[i] = (start, time.perf_counter())
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
     for thread in threads:
@@ -591,9 +606,9 @@ def _thread_trial(build: ThreadBuild, cfg: Config) -> tuple[int, list[float], in
     if hung:
         barrier.abort()
         note = f"hung: {hung} threads still waiting after {cfg.join_s:g} s"
-        return len(loads), [], len(errors), note
+        return RawTrial(load_ends, [], len(errors), note)
     note = f"first error: {reason(errors[0])}" if errors else ""
-    return len(loads), latencies, len(errors), note
+    return RawTrial(load_ends, spans, len(errors), note)
 
 
 def bench_cold_threads(cfg: Config) -> list[ColdResult]:
@@ -604,15 +619,18 @@ def bench_cold_threads(cfg: Config) -> list[ColdResult]:
         for _ in range(cfg.thread_trials):
             began = time.perf_counter()
             try:
-                loads, latencies, errors, note = _thread_trial(build, cfg)
+                raw = _thread_trial(build, cfg)
             except Exception as exc:
                 result.note = reason(exc)
                 break
-            if not latencies:  # hung: later trials would pile up on it
-                result.note = f"{note} ({loads} loader calls); trials kept: {len(result.trials)}"
+            if not raw.spans:  # hung: later trials would pile up on it
+                result.note = (
+                    f"{raw.note} ({len(raw.load_ends)} loader calls done); "
+                    f"trials kept: {len(result.trials)}"
+                )
                 break
-            result.add(loads, latencies, errors, time.perf_counter() - began)
-            result.note = result.note or note
+            result.add(raw, time.perf_counter() - began)
+            result.note = result.note or raw.note
         results.append(result)
     return results
 
@@ -625,6 +643,7 @@ def report_cold(results: list[ColdResult], callers: str) -> str:
             [
                 r.label,
                 "n/a" if r.loads is None else str(r.loads),
+                "n/a" if t is None else f"{t.overlapped:,}",
                 *(["n/a"] * 3 if t is None else [ms(t.p50), ms(t.p99), ms(t.max)]),
                 r.p99_range(),
                 str(sum(t.errors for t in r.trials)),
@@ -635,6 +654,7 @@ def report_cold(results: list[ColdResult], callers: str) -> str:
     headers = [
         f"variant ({callers})",
         "loader calls (worst)",
+        "overlapped the load",
         "p50 (ms)",
         "p99 (ms)",
         "max (ms)",
@@ -726,20 +746,18 @@ STAMPEDE_TASKS = TASK_CASES[0][0]
 FLOOR_TASKS = TASK_CASES[-1][0]
 
 
-async def _task_trial(
-    build: TaskBuild, cfg: Config, budget: float
-) -> tuple[int, list[float], int, str]:
-    loads: list[int] = []
+async def _task_trial(build: TaskBuild, cfg: Config, budget: float) -> RawTrial:
+    load_ends: list[float] = []
 
     async def loader() -> str:
-        loads.append(1)
         await asyncio.sleep(LOADER_S)
+        load_ends.append(time.perf_counter())
         return "value"
 
     call = build(loader)
     n = cfg.tasks
     gate = asyncio.Event()
-    latencies = [0.0] * n
+    spans = [(0.0, 0.0)] * n
     errors: list[BaseException] = []
 
     async def one(i: int) -> None:
@@ -749,7 +767,7 @@ async def _task_trial(
             await call()
         except Exception as exc:
             errors.append(exc)
-        latencies[i] = time.perf_counter() - start
+        spans[i] = (start, time.perf_counter())
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
     await asyncio.sleep(0)  # every task reaches the gate
@@ -759,9 +777,9 @@ async def _task_trial(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        return len(loads), [], len(errors), f"ran into the {cfg.cap_s:g} s cap"
+        return RawTrial(load_ends, [], len(errors), f"ran into the {cfg.cap_s:g} s cap")
     note = f"first error: {reason(errors[0])}" if errors else ""
-    return len(loads), latencies, len(errors), note
+    return RawTrial(load_ends, spans, len(errors), note)
 
 
 async def _bench_cold_tasks(cfg: Config) -> list[ColdResult]:
@@ -777,15 +795,18 @@ async def _bench_cold_tasks(cfg: Config) -> list[ColdResult]:
                 break
             began = time.perf_counter()
             try:
-                loads, latencies, errors, note = await _task_trial(build, cfg, left)
+                raw = await _task_trial(build, cfg, left)
             except Exception as exc:
                 result.note = reason(exc)
                 break
-            if not latencies:
-                result.note = f"trial {i + 1} {note} ({loads} loader calls so far)"
+            if not raw.spans:
+                result.note = (
+                    f"trial {i + 1} {raw.note} ({len(raw.load_ends)} loader calls done); "
+                    f"trials kept: {len(result.trials)}"
+                )
                 break
-            result.add(loads, latencies, errors, time.perf_counter() - began)
-            result.note = result.note or note
+            result.add(raw, time.perf_counter() - began)
+            result.note = result.note or raw.note
         results.append(result)
     return results
 
@@ -890,10 +911,12 @@ def cold_targets(result: ColdResult, floor: ColdResult, callers: str) -> list[Ta
 
 
 COLD_NOTE = (
-    "Latency: each caller's own call to return, minus the loader's {loader:g} ms (negative: "
-    "the caller arrived after the load had started or finished). p50/p99/max are from the "
-    "median trial by p99 of {trials}; loader calls are the worst trial's. The floor row is "
-    "the least any single-flight can cost here: waking the callers."
+    "Latency: from each caller's own call to its return, minus the loader's {loader:g} ms "
+    "(negative: the caller arrived after the load had started or finished). "
+    '"Overlapped the load": callers whose call began before the first load finished; the '
+    "rest were plain hits. Those columns and p50/p99/max come from the median trial by p99 "
+    "of {trials}; loader calls from the worst trial. The floor row is the least any "
+    "single-flight can cost here: waking the callers."
 )
 
 

@@ -69,6 +69,16 @@ class _AsyncCall:
         self.forgotten = False
 
 
+def _wake(waiter: asyncio.Future[bool], _task: object) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 _FINISHED = threading.Event()  # shared "done" of calls that ended before anyone waited
 _FINISHED.set()
 
@@ -297,10 +307,23 @@ class AsyncSingleFlight:
     async def _wait(call: _AsyncCall, timeout: float | None) -> Any:
         task = call.task
         if not task.done():
-            # asyncio.wait never cancels what it waits for: a caller that is
-            # cancelled or times out leaves the load task running.
-            done, _ = await asyncio.wait((task,), timeout=timeout)
-            if not done:
+            # Each caller waits on a future of its own, woken by the task's
+            # done callback: cancelling the caller cancels that future only,
+            # never the load task (awaiting the task itself would cancel it).
+            # Cheaper than asyncio.wait or shield for thousands of waiters.
+            loop = task.get_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            wake = functools.partial(_wake, waiter)
+            task.add_done_callback(wake)
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+            try:
+                finished = await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if not task.done():
+                    task.remove_done_callback(wake)
+            if not finished:
                 raise LoadTimeout(f"no result after waiting {timeout} s for another load")
         if task.cancelled():
             raise LoadAbandoned("the load task was cancelled")
