@@ -69,7 +69,7 @@ class CacheCore(Generic[V]):
         ttl: float = 60.0,
         beta: float = 1.0,
         stale_ttl: float = 0.0,
-        cache_errors: tuple[type[BaseException], ...] | ErrorFilter = (),
+        cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter = (),
         error_ttl: float = 5.0,
         wait_timeout: float | None = None,
         namespace: str = "",

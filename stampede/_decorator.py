@@ -116,7 +116,7 @@ def cached(
     maxsize: int | None = None,
     beta: float | None = None,
     stale_ttl: float | None = None,
-    cache_errors: tuple[type[BaseException], ...] | ErrorFilter | None = None,
+    cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter | None = None,
     error_ttl: float | None = None,
     wait_timeout: float | None = None,
     namespace: str | None = None,

@@ -55,11 +55,15 @@ class ErrorData:
         """A new instance of the cached type (a fresh object for every raise)."""
         try:
             exc = self.type(*self.args)
+            if exc.args == self.args:
+                return exc
         except Exception:
-            # The type's __init__ wants other arguments than its args: build it
-            # bare so `except ThatType:` still works for the caller.
-            exc = self.type.__new__(self.type)
-            exc.args = self.args
+            pass
+        # The type's __init__ wants other arguments than its args, or reshapes
+        # them: build it bare, so `except ThatType:` still works and the
+        # message is the original one (attributes set by __init__ are lost).
+        exc = self.type.__new__(self.type)
+        exc.args = self.args
         return exc
 
     def __repr__(self) -> str:

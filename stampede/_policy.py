@@ -67,17 +67,21 @@ def usable(entry: Entry[Any] | None, now: float) -> bool:
 ErrorFilter = Callable[[BaseException], bool]
 
 
-def error_filter(cache_errors: tuple[type[BaseException], ...] | ErrorFilter) -> ErrorFilter:
+def error_filter(
+    cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter,
+) -> ErrorFilter:
     """Turn ``cache_errors`` (types or a predicate) into one predicate.
 
     Never true for what must not be negative-cached whatever the user lists:
     ``BaseException``s that are not ``Exception``s (cancellation, exit,
     interrupts), timeouts, and stampede's own errors (backend failures, waits).
     """
-    if callable(cache_errors) and not isinstance(cache_errors, tuple):
+    predicate: ErrorFilter
+    if callable(cache_errors) and not isinstance(cache_errors, (type, tuple)):
         predicate = cache_errors
     else:
-        types = tuple(cache_errors)
+        # A lone type is callable too, but it is no predicate.
+        types = (cache_errors,) if isinstance(cache_errors, type) else tuple(cache_errors)
         for t in types:
             if not (isinstance(t, type) and issubclass(t, BaseException)):
                 raise TypeError(f"cache_errors must hold exception types, got {t!r}")

@@ -358,11 +358,6 @@ def test_cache_errors_must_hold_exception_types() -> None:
     assert not error_filter(())(KeyError("k"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a bare exception type (not in a tuple) is callable, so "
-    "error_filter takes it for a predicate and negative-caches every Exception",
-)
 def test_a_bare_exception_type_is_not_taken_for_a_predicate() -> None:
     try:
         cacheable = error_filter(KeyError)  # type: ignore[arg-type]
@@ -444,11 +439,6 @@ def test_error_data_rebuilds_a_new_instance_of_the_same_type_and_args(exc: Excep
         raise data.rebuild()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: ErrorData.rebuild() calls type(*args); an __init__ that accepts "
-    "its own message but reformats it returns different args ('404: x' -> '404: x: x')",
-)
 @given(st.builds(Reshaping, st.integers()))
 def test_error_data_keeps_args_when_init_reshapes_them(exc: Exception) -> None:
     assert ErrorData.of(exc).rebuild().args == exc.args
