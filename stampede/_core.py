@@ -193,7 +193,7 @@ class CacheCore(Generic[V]):
         return self._valid(entry, count_foreign)
 
     def _decide(self, entry: Entry[V] | None) -> Decision:
-        return _policy.decide(entry, self._clock(), self._beta, 1.0 - self._random())
+        return _policy.decide(entry, self._clock())
 
     def _served(self, decision: Decision) -> bool:
         """Count a read answered from the store; should it start a refresh?"""
@@ -217,7 +217,7 @@ class CacheCore(Generic[V]):
         current = self._read(k, count_foreign=False)  # the first read counted it
         if current is None or current is previous:
             return None
-        decision = _policy.decide(current, self._clock(), 0.0, 1.0)
+        decision = _policy.decide(current, self._clock())
         return current if decision in (Decision.HIT, Decision.NEGATIVE) else None
 
     def _answer(self, entry: Entry[V]) -> V:
@@ -242,14 +242,17 @@ class CacheCore(Generic[V]):
                 return False
         return True
 
+    def _entry(self, value: V, now: float, ttl: float, delta: float) -> Entry[V]:
+        """A value entry, with this cache's stale window and its XFetch draw."""
+        u = 1.0 - self._random()  # random() is in [0, 1): u in (0, 1]
+        return value_entry(value, now, ttl, self._stale_ttl, delta, self._beta, u)
+
     def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
         now = self._clock()
         delta = max(0.0, now - started)
         self._counters.load_time += delta
         self._count("loads", delta)
-        self._commit(
-            k, call, value_entry(value, now, self._ttl, self._stale_ttl, delta, self._beta)
-        )
+        self._commit(k, call, self._entry(value, now, self._ttl, delta))
         return value
 
     def _failed(
@@ -287,7 +290,7 @@ class CacheCore(Generic[V]):
         previous = self._read(k)
         # Keep the measured load time so XFetch still refreshes a set value early.
         delta = previous.delta if previous is not None and previous.error is None else 0.0
-        entry = value_entry(value, self._clock(), ttl, self._stale_ttl, delta, self._beta)
+        entry = self._entry(value, self._clock(), ttl, delta)
         with self._lock:
             self._flight.forget(k)
             self._backend.set(k, entry)
@@ -304,7 +307,7 @@ class CacheCore(Generic[V]):
 
     def _lookup(self, k: Hashable, default: Any) -> Any:
         entry = self._read(k)
-        decision = _policy.decide(entry, self._clock(), 0.0, 1.0)
+        decision = _policy.decide(entry, self._clock())
         if entry is None or decision in (Decision.MISS, Decision.NEGATIVE):
             self._count("misses")
             return default

@@ -4,24 +4,19 @@ Nothing here does I/O, reads a clock or draws a random number: the callers
 pass ``now`` and the draw ``u`` in, so the sync and async caches share every
 decision and the tests can pin each one.
 
-XFetch (Vattani, Chierichetti, Lowenstein, VLDB 2015): a read at ``now`` of
-an entry expiring at ``expiry`` whose last load took ``delta`` seconds
-refreshes early when ``now - delta * beta * ln(u) >= expiry``, ``u`` uniform
-in (0, 1]. ``-ln(u)`` is clamped at ``XFETCH_CAP`` so a draw of 0 cannot
-overflow and reads far from expiry can skip the draw.
+Early refresh (XFetch) is decided when a value is stored: the entry's
+``check_at`` is its refresh point (``_entry.refresh_point``), so a read only
+compares ``now`` with it and never draws.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from typing import Any
 
-from ._entry import XFETCH_CAP, Entry
+from ._entry import Entry
 from ._errors import StampedeError
-
-_MIN_U = math.exp(-XFETCH_CAP)
 
 
 class Decision(enum.IntEnum):
@@ -33,27 +28,16 @@ class Decision(enum.IntEnum):
     MISS = 5  # load in the foreground
 
 
-def xfetch(now: float, expiry: float, delta: float, beta: float, u: float) -> bool:
-    """The XFetch rule: refresh early now? ``u`` outside (0, 1] is clamped."""
-    if u < _MIN_U:
-        u = _MIN_U
-    elif u > 1.0:
-        u = 1.0
-    return now - delta * beta * math.log(u) >= expiry
-
-
-def decide(entry: Entry[Any] | None, now: float, beta: float, u: float) -> Decision:
-    """Classify a read of ``entry`` at ``now`` with the random draw ``u``."""
+def decide(entry: Entry[Any] | None, now: float) -> Decision:
+    """Classify a read of ``entry`` at ``now``."""
     if entry is None:
         return Decision.MISS
     if entry.error is not None:
         return Decision.NEGATIVE if now < entry.fresh_until else Decision.MISS
     if now < entry.fresh_until:
-        if now < entry.check_at or now < entry.retry_at or beta <= 0.0:
+        if now < entry.check_at or now < entry.retry_at:
             return Decision.HIT
-        if xfetch(now, entry.fresh_until, entry.delta, beta, u):
-            return Decision.REFRESH
-        return Decision.HIT
+        return Decision.REFRESH
     if now < entry.stale_until:
         return Decision.STALE_QUIET if now < entry.retry_at else Decision.STALE
     return Decision.MISS

@@ -137,18 +137,37 @@ def test_expires_after_ttl(make: Callable[..., Driver]) -> None:
     assert d.get_or_load("k", origin) == "v2"
 
 
-def test_xfetch_skips_the_draw_far_from_expiry(make: Callable[..., Driver]) -> None:
+def test_reads_never_draw_and_refresh_waits_for_its_point(make: Callable[..., Driver]) -> None:
     clock = FakeClock()
-    draws = Draws(then=1.0)  # u = 0: the strongest possible early refresh
+    draws = Draws(then=1.0)  # u = 0, clamped: the earliest refresh point there is
     d = make(ttl=10, beta=1.0, clock=clock, random=draws)
     origin = Origin(clock, duration=0.1)
     d.get_or_load("k", origin)
-    draws.count = 0
-    clock.advance(10 - 0.1 * 20 - 0.01)  # just before delta * beta * XFETCH_CAP
+    assert draws.count == 1  # one draw, when the value was stored
+    clock.advance(10 - 0.1 * (1 + 20) - 0.01)  # just before delta * (1 + beta * XFETCH_CAP)
     for _ in range(100):
         assert d.get_or_load("k", origin) == "v1"
-    assert draws.count == 0
+    assert draws.count == 1
     assert origin.calls == 1 and d.cache.stats().early_refreshes == 0
+    clock.advance(0.01)
+    assert d.get_or_load("k", origin) == "v1"
+    d.settle()
+    assert origin.calls == 2 and d.cache.stats().early_refreshes == 1
+
+
+def test_refresh_point_never_before_half_the_ttl(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, beta=1.0, clock=clock, random=Draws(then=1.0))
+    origin = Origin(clock, duration=8)  # a load far slower than the ttl allows for
+    d.get_or_load("k", origin)
+    clock.advance(4.99)
+    assert d.get_or_load("k", origin) == "v1"
+    d.settle()
+    assert origin.calls == 1
+    clock.advance(0.01)
+    assert d.get_or_load("k", origin) == "v1"
+    d.settle()
+    assert origin.calls == 2
 
 
 def test_xfetch_refreshes_near_expiry_in_background(make: Callable[..., Driver]) -> None:
@@ -172,7 +191,7 @@ def test_extreme_draws_do_not_crash(
     d = make(ttl=10, beta=1.0, clock=clock, random=Draws(then=draw))
     origin = Origin(clock, duration=0.1)
     d.get_or_load("k", origin)
-    clock.advance(9.9)
+    clock.advance(9.85)  # u = 1 refreshes from 0.1 s (delta) before expiry
     assert d.get_or_load("k", origin) == "v1"
     d.settle()
     assert d.cache.stats().early_refreshes == refreshes

@@ -13,6 +13,7 @@ anything, until the refresh has ended before it checks the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 from collections import Counter
@@ -40,8 +41,25 @@ class Boom(RuntimeError):
 ERRORS: dict[str, type[Exception]] = {"listed": NotFound, "unlisted": Boom, "timeout": TimeoutError}
 CACHE_ERRORS = (NotFound, TimeoutError)
 
+# What a loader does. The last three change the key while they run (item 13): the
+# callers still get the load's result, but the cache must not store it ("fenced").
+RESULTS = {
+    "value": "value",
+    "listed": "listed",
+    "unlisted": "unlisted",
+    "timeout": "timeout",
+    "invalidates": "value",  # invalidate(key) during the load
+    "overwritten": "value",  # set(key, ...) during the load
+    "invalidates-then-fails": "listed",
+}
+SIDE_EFFECTS = {
+    "invalidates": "invalidate",
+    "overwritten": "set",
+    "invalidates-then-fails": "invalidate",
+}
+
 KEYS = st.sampled_from(["a", "b"])
-OUTCOMES = st.sampled_from(["value", "value", "value", "listed", "unlisted", "timeout"])
+OUTCOMES = st.sampled_from(["value", "value", "value", *list(RESULTS)[1:]])
 LOAD_TIMES = st.sampled_from([0.0, 0.25, 1.0])  # seconds a loader moves the fake clock
 STEPS = st.sampled_from([0.0, 0.125, 0.5, 1.0, 2.5, 7.0, 30.0])
 # What random() returns; the cache draws u = 1 - r: r=0 -> u=1 (never early),
@@ -57,6 +75,7 @@ class Value:
     fresh_until: float
     stale_until: float
     delta: float  # measured duration of the load that produced it
+    check_at: float  # the early refresh is due from here (XFetch, drawn when stored)
     retry_at: float = -math.inf  # no refresh before this (after a failed refresh)
 
 
@@ -81,67 +100,95 @@ class Model:
         self.loader_calls = 0
         self.loaded = 0  # successful loader calls: the n in the values they return
         self.draws = 0
+        self.r = 0.5  # what the cache's random() returns now
         self.decisions: Counter[str] = Counter()
+        self.sets = 0  # values written by set(): the n in ("set", key, n)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds  # the same float operation as FakeClock.advance
 
     def value_at(self, value: object, ttl: float, delta: float) -> Value:
+        """A stored value; storing it takes one draw, u = 1 - r, for its refresh point."""
+        self.draws += 1
         fresh_until = self.now + ttl
-        return Value(value, fresh_until, fresh_until + self.stale_ttl, delta)
+        check_at = fresh_until
+        if self.beta > 0:
+            # XFetch with one draw per stored value, a head start of delta (the
+            # refresh should be done by expiry), never before half the ttl.
+            u = min(max(1.0 - self.r, math.exp(-XFETCH_CAP)), 1.0)
+            lead = delta * (1.0 + self.beta * -math.log(u))
+            check_at = max(fresh_until - lead, self.now + ttl * 0.5)
+        return Value(value, fresh_until, fresh_until + self.stale_ttl, delta, check_at)
 
     def check_at(self, entry: Value) -> float:
-        """Before this a read cannot refresh early, so the hit path skips the draw."""
-        if self.beta <= 0:
-            return entry.fresh_until
-        return entry.fresh_until - entry.delta * self.beta * XFETCH_CAP
+        return entry.check_at
 
-    def read(self, key: Hashable, r: float) -> str:
-        """get_or_load's decision: hit, refresh, stale, quiet, negative or miss."""
+    def read(self, key: Hashable) -> str:
+        """get_or_load's decision: hit, refresh, stale, quiet, negative or miss (no draw)."""
         entry, now = self.entries.get(key), self.now
-        if isinstance(entry, Value) and now < self.check_at(entry):
-            return "hit"  # far from expiry: no draw
-        self.draws += 1
         if entry is None:
             return "miss"
         if isinstance(entry, Negative):
             return "negative" if now < entry.until else "miss"
         if now < entry.fresh_until:
-            if now < entry.retry_at or self.beta <= 0:
-                return "hit"
-            u = min(max(1.0 - r, math.exp(-XFETCH_CAP)), 1.0)
-            early = now - entry.delta * self.beta * math.log(u) >= entry.fresh_until  # XFetch
-            return "refresh" if early else "hit"
+            return "hit" if now < entry.check_at or now < entry.retry_at else "refresh"
         if now < entry.stale_until:
             return "quiet" if now < entry.retry_at else "stale"
         return "miss"
 
+    def set(self, key: Hashable, ttl: float | None) -> tuple[str, Hashable, int]:
+        self.sets += 1
+        value = ("set", key, self.sets)
+        previous = self.entries.get(key)
+        delta = previous.delta if isinstance(previous, Value) else 0.0  # keeps the load time
+        self.entries[key] = self.value_at(value, self.ttl if ttl is None else ttl, delta)
+        return value
+
     def load(
         self, key: Hashable, outcome: str, duration: float, previous: Value | Negative | None
     ) -> tuple[str, Any]:
-        """One loader call (foreground or background): ("value", v) or ("raise", (type, args))."""
+        """One loader call (foreground or background): ("value", v) or ("raise", (type, args)).
+
+        ``previous`` is the entry the load was started from (read before it ran).
+        """
         self.loader_calls += 1
         started = self.now
         self.advance(duration)
+        side_effect = SIDE_EFFECTS.get(outcome)
+        if side_effect == "invalidate":
+            self.entries.pop(key, None)
+        elif side_effect == "set":
+            self.set(key, None)
+        fenced = side_effect is not None
         delta = max(0.0, self.now - started)
         self.load_time += delta  # time in the loader, whatever it ended with
-        if outcome == "value":
+        result = RESULTS[outcome]
+        if result == "value":
             self.loaded += 1
             value = ("load", key, self.loaded)
             self.stats["loads"] += 1
-            self.entries[key] = self.value_at(value, self.ttl, delta)
+            self.store(key, self.value_at(value, self.ttl, delta), fenced)
             return "value", value
         self.stats["load_errors"] += 1
         if isinstance(previous, Value) and self.now < previous.stale_until:
             # A usable old value beats any error (items 9, 12); no retry for error_ttl.
             # (The cache counts this as stale_served even for a background refresh.)
-            self.entries[key] = dataclasses.replace(previous, retry_at=self.now + self.error_ttl)
+            # Even when the key was invalidated during the load: the caller of refresh()
+            # then gets the value it invalidated (what the cache does today).
+            retry = dataclasses.replace(previous, retry_at=self.now + self.error_ttl)
+            self.store(key, retry, fenced)
             self.stats["stale_served"] += 1
             return "value", previous.value
-        kind = ERRORS[outcome]
+        kind = ERRORS[result]
         if kind is NotFound:
-            self.entries[key] = Negative(kind, (key,), self.now + self.error_ttl)
+            self.store(key, Negative(kind, (key,), self.now + self.error_ttl), fenced)
         return "raise", (kind, (key,))
+
+    def store(self, key: Hashable, entry: Value | Negative, fenced: bool) -> None:
+        if fenced:
+            self.stats["fenced"] += 1  # invalidated or overwritten meanwhile: not stored
+        else:
+            self.entries[key] = entry
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -171,30 +218,65 @@ class CacheMachine(RuleBasedStateMachine):
         self, key: Hashable, outcome: str, duration: float, asynchronous: bool
     ) -> Callable[[], Any]:
         def loader() -> Any:
-            self.calls += 1
-            self.clock.advance(duration)
-            if outcome == "value":
-                self.loaded += 1
-                return ("load", key, self.loaded)
-            raise ERRORS[outcome](key)
+            side_effect = self.begin_load(key, outcome, duration)
+            if side_effect is not None:
+                side_effect()
+            return self.end_load(key, outcome)
 
         return loader
 
+    def begin_load(self, key: Hashable, outcome: str, duration: float) -> Callable[[], Any] | None:
+        """A loader's first half: count, take its time, and say what it does to the key."""
+        self.calls += 1
+        self.clock.advance(duration)
+        side_effect = SIDE_EFFECTS.get(outcome)
+        if side_effect == "invalidate":
+            return lambda: self.cache.invalidate(key)
+        if side_effect == "set":
+            self.sets += 1
+            value = ("set", key, self.sets)
+            return lambda: self.cache.set(key, value)
+        return None
+
+    def end_load(self, key: Hashable, outcome: str) -> Any:
+        if RESULTS[outcome] == "value":
+            self.loaded += 1
+            return ("load", key, self.loaded)
+        raise ERRORS[RESULTS[outcome]](key)
+
     def in_flight(self) -> int:
-        # No public way to await a background refresh: the stats counters move
-        # *before* the refresh stores its entry, so also wait for the flight map
-        # entry to go, which happens after the store (SingleFlight._lead's finally).
         return len(self.cache._flight)
 
-    def settle(self) -> None:
+    def quiet(self) -> bool:
+        """Has the cache done all the model expects (the background refresh ended)?"""
         m = self._model()
-        wait_until(
-            lambda: self.calls == m.loader_calls
-            and self.cache.stats().loads + self.cache.stats().load_errors
-            == m.stats["loads"] + m.stats["load_errors"]
-            and not self.in_flight(),
-            what="the background refresh to end",
+        stats = self.cache.stats()
+        return (
+            self.calls == m.loader_calls
+            and stats.loads + stats.load_errors == m.stats["loads"] + m.stats["load_errors"]
+            and not self.in_flight()
         )
+
+    def matches(self) -> bool:
+        stats = self.cache.stats()
+        return all(getattr(stats, name) == self._model().stats[name] for name in STAT_FIELDS)
+
+    def settle(self, background: bool) -> None:
+        """Reach a quiet point: the background refresh the model expects has ended.
+
+        There is no public way to await a background refresh, and its counters move
+        before it stores its entry (loads, then fenced or stale_served). So wait for
+        its loader call, its loads/load_errors count and the end of its flight, then
+        give the last counters a short grace; the invariant then compares everything.
+        """
+        if not background:
+            return  # a foreground load ends before get_or_load returns; the invariant checks it
+        # The refresh is reserved before get_or_load returns: fail now, not at the deadline.
+        m = self._model()
+        assert self.in_flight() or self.calls == m.loader_calls, "no background refresh started"
+        wait_until(self.quiet, what="the background refresh to end")
+        with contextlib.suppress(AssertionError):  # agrees_with_the_model says what differs
+            wait_until(self.matches, deadline=1.0)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -206,20 +288,19 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.model is not None
         return self.model
 
-    def boundaries(self) -> list[float]:
-        """Future instants where some entry changes state."""
+    def boundaries(self) -> list[tuple[float, Hashable]]:
+        """Future instants where an entry changes state, with the entry's key."""
         m = self.model
         if m is None:
             return []
-        marks: set[float] = set()
-        for entry in m.entries.values():
+        marks: set[tuple[float, Hashable]] = set()
+        for key, entry in m.entries.items():
             if isinstance(entry, Negative):
-                marks.add(entry.until)
+                times = [entry.until]
             else:
-                marks.update(
-                    (m.check_at(entry), entry.fresh_until, entry.stale_until, entry.retry_at)
-                )
-        return sorted(t for t in marks if math.isfinite(t) and t > m.now)
+                times = [m.check_at(entry), entry.fresh_until, entry.stale_until, entry.retry_at]
+            marks.update((t, key) for t in times if math.isfinite(t) and t > m.now)
+        return sorted(marks, key=repr)
 
     # -- rules -----------------------------------------------------------------------
 
@@ -248,9 +329,9 @@ class CacheMachine(RuleBasedStateMachine):
         self, key: str, outcome: str, duration: float, r: float, asynchronous: bool
     ) -> None:
         m = self._model()
-        self.r = r  # what random() returns if the cache draws
+        self.r = m.r = r  # what random() returns if the cache stores a value
         previous = m.entries.get(key)
-        decision = m.read(key, self.r)
+        decision = m.read(key)
         m.decisions[decision] += 1
         if decision in ("hit", "refresh", "stale", "quiet"):
             assert isinstance(previous, Value)
@@ -277,9 +358,10 @@ class CacheMachine(RuleBasedStateMachine):
             self.raised[key] = exc
         assert got == expected, f"{decision}: got {got}, expected {expected}"
 
-        if decision in ("refresh", "stale"):
+        background = decision in ("refresh", "stale")
+        if background:
             m.load(key, outcome, duration, previous)  # the one background refresh
-        self.settle()
+        self.settle(background)
 
     @rule(key=KEYS, r=DRAWS, asynchronous=st.booleans())
     def read_hot_key(self, key: str, r: float, asynchronous: bool) -> None:
@@ -297,7 +379,7 @@ class CacheMachine(RuleBasedStateMachine):
         except Exception as exc:
             got = ("raise", (type(exc), exc.args))
         assert got == expected
-        self.settle()
+        self.settle(False)
 
     @rule(key=KEYS)
     def get(self, key: str) -> None:
@@ -313,12 +395,9 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(key=KEYS, ttl=st.sampled_from([None, 0.5, 1.0, 4.0]))
     def set(self, key: str, ttl: float | None) -> None:
-        m = self._model()
         self.sets += 1
-        value = ("set", key, self.sets)
-        previous = m.entries.get(key)
-        delta = previous.delta if isinstance(previous, Value) else 0.0  # keeps the load time
-        m.entries[key] = m.value_at(value, m.ttl if ttl is None else ttl, delta)
+        value = self._model().set(key, ttl)
+        assert value == ("set", key, self.sets)
         self.call(self.cache.set, key, value, ttl)
 
     @rule(key=KEYS)
@@ -336,16 +415,35 @@ class CacheMachine(RuleBasedStateMachine):
         self.clock.advance(seconds)
         self._model().advance(seconds)
 
-    @precondition(lambda self: bool(self.boundaries()))
-    @rule(data=st.data(), just_before=st.booleans())
-    def advance_to_boundary(self, data: st.DataObject, just_before: bool) -> None:
+    def _jump(self, target: float, just_before: bool) -> None:
         m = self._model()
-        target = data.draw(st.sampled_from(self.boundaries()), label="boundary")
         if just_before:
             target = math.nextafter(target, -math.inf)
         if target > m.now:
             self.clock.set(target)
             m.now = target
+
+    @precondition(lambda self: bool(self.boundaries()))
+    @rule(data=st.data(), just_before=st.booleans())
+    def advance_to_boundary(self, data: st.DataObject, just_before: bool) -> None:
+        target, _ = data.draw(st.sampled_from(self.boundaries()), label="boundary")
+        self._jump(target, just_before)
+
+    @precondition(lambda self: bool(self.boundaries()))
+    @rule(
+        data=st.data(),
+        just_before=st.booleans(),
+        outcome=OUTCOMES,
+        r=DRAWS,
+        asynchronous=st.booleans(),
+    )
+    def read_at_boundary(
+        self, data: st.DataObject, just_before: bool, outcome: str, r: float, asynchronous: bool
+    ) -> None:
+        """Jump to where an entry changes state (or one ulp before) and read it there."""
+        target, key = data.draw(st.sampled_from(self.boundaries()), label="boundary")
+        self._jump(target, just_before)
+        self.get_or_load(str(key), outcome, 0.25, r, asynchronous)
 
     # -- invariants -------------------------------------------------------------------
 
@@ -358,7 +456,7 @@ class CacheMachine(RuleBasedStateMachine):
         }
         assert stats.load_time == m.load_time
         assert self.calls == m.loader_calls, "a fresh hit must never call the loader"
-        assert self.draws == m.draws, "the hit path must skip the draw far from expiry"
+        assert self.draws == m.draws, "one draw per stored value, none per read"
         assert self.clock() == m.now
         assert self.in_flight() == 0
 
@@ -382,24 +480,28 @@ class AsyncCacheMachine(CacheMachine):
     def make_loader(
         self, key: Hashable, outcome: str, duration: float, asynchronous: bool
     ) -> Callable[[], Any]:
-        plain = super().make_loader(key, outcome, duration, asynchronous)
-        if not asynchronous:
-            return plain  # a plain function runs on the loop's thread
+        if not asynchronous and outcome not in SIDE_EFFECTS:
+            # A plain function runs on the loop's thread.
+            return super().make_loader(key, outcome, duration, asynchronous)
 
         async def loader() -> Any:
             await asyncio.sleep(0)  # a real suspension point inside the load
-            return plain()
+            side_effect = self.begin_load(key, outcome, duration)
+            if side_effect is not None:
+                await side_effect()  # the cache's async invalidate / set
+            return self.end_load(key, outcome)
 
         return loader
 
-    def settle(self) -> None:
+    def settle(self, background: bool) -> None:
+        if not background:
+            return  # the load task's done callback left the flight map before we resumed
         m = self._model()
-        # A refresh is a task on this loop: run the loop until it is done.
+        assert self.in_flight() or self.calls == m.loader_calls, "no background refresh started"
+        # The refresh is a task on this loop: run the loop until it is done. Everything
+        # after its loader returns happens in one step of that task.
         self.loop.run_until_complete(
-            async_wait_until(
-                lambda: self.calls == m.loader_calls and not self.in_flight(),
-                what="the background refresh task to end",
-            )
+            async_wait_until(self.quiet, what="the background refresh task to end")
         )
 
 
@@ -445,6 +547,13 @@ def _scripted(machine: CacheMachine) -> Model:
         ("refresh", ("b", "value", 0.0, False)),
         ("invalidate", ("a",)),
         ("get", ("a",)),
+        # Item 13: a load overlapped by invalidate / set answers its caller, is not stored.
+        ("get_or_load", ("c", "invalidates", 0.0, 0.0, True)),
+        ("get", ("c",)),
+        ("get_or_load", ("c", "overwritten", 0.5, 0.0, False)),
+        ("get", ("c",)),  # the value set during the load, not the load's
+        ("get_or_load", ("d", "invalidates-then-fails", 0.0, 0.0, False)),  # raise, no negative
+        ("get_or_load", ("d", "value", 0.0, 0.0, True)),
         ("clear", ()),
         ("get", ("b",)),
     ]
@@ -461,6 +570,7 @@ def test_scripted_sync_run_reaches_every_decision() -> None:
     finally:
         machine.teardown()
     assert set(m.decisions) == {"hit", "refresh", "stale", "quiet", "negative", "miss"}
+    assert m.stats["fenced"] == 3
     assert m.stats["early_refreshes"] == 1 and m.stats["negative_hits"] == 1
 
 
@@ -471,3 +581,4 @@ def test_scripted_async_run_reaches_every_decision() -> None:
     finally:
         machine.teardown()
     assert set(m.decisions) == {"hit", "refresh", "stale", "quiet", "negative", "miss"}
+    assert m.stats["fenced"] == 3
