@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import cachetools
 
@@ -176,15 +176,19 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: str, duration: float) -> None:
+def _pyplot() -> Any:
     try:
         matplotlib = importlib.import_module("matplotlib")
         matplotlib.use("Agg")
-        plt = importlib.import_module("matplotlib.pyplot")
+        return importlib.import_module("matplotlib.pyplot")
     except ImportError:
         raise SystemExit(
             "--plot needs matplotlib: pip install 'stampede[plot]' (or matplotlib)"
         ) from None
+
+
+def plot(results: list[Result], path: str, duration: float) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
         times = sorted(r.call_times)
@@ -225,6 +229,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     latency = args.origin_ms / 1000
     if min(callers, workers) < 1 or duration <= 0 or args.ttl <= 0 or latency < 0:
         parser.error("counts, --duration and --ttl must be positive")
+
+    if args.plot:
+        _pyplot()  # fail before the runs, not after them
 
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -158,6 +158,8 @@ def refresh_point(now: float, ttl: float, delta: float, beta: float, u: float) -
     elif u > 1.0:
         u = 1.0
     lead = delta * (1.0 + beta * -math.log(u))
+    if lead != lead:  # 0 * inf: no load time, so no head start
+        lead = 0.0
     return max(expiry - lead, now + ttl * MIN_FRESH_SHARE)
 
 

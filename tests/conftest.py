@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 
 @pytest.fixture
@@ -15,3 +17,10 @@ def fast_switching() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+# CI replays the same examples every run (a red CI must mean a change broke
+# something, not that the search got lucky); local runs keep exploring.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")

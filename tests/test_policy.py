@@ -109,6 +109,7 @@ def reads_of(entry: Entry[object]) -> st.SearchStrategy[float]:
 )
 @example(now=0.0, ttl=1.0, delta=1e308, beta=1e308, u=1.0)
 @example(now=0.0, ttl=1.0, delta=1e308, beta=1e308, u=0.0)
+@example(now=0.0, ttl=1.0, delta=0.0, beta=8.98846567431158e306, u=math.nan)  # 0 * inf
 def test_refresh_point_is_always_within_the_fresh_window(
     now: float, ttl: float, delta: float, beta: float, u: float
 ) -> None:

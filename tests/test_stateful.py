@@ -368,6 +368,11 @@ class CacheMachine(RuleBasedStateMachine):
         """get_or_load with a working 1 s loader: the common case, so make it frequent."""
         self.get_or_load(key, "value", 1.0, r, asynchronous)
 
+    @rule(key=KEYS, r=DRAWS, asynchronous=st.booleans())
+    def read_during_outage(self, key: str, r: float, asynchronous: bool) -> None:
+        """get_or_load while the origin fails: stale-if-error, then the retry backoff."""
+        self.get_or_load(key, "unlisted", 0.0, r, asynchronous)
+
     @rule(key=KEYS, outcome=OUTCOMES, duration=LOAD_TIMES, asynchronous=st.booleans())
     def refresh(self, key: str, outcome: str, duration: float, asynchronous: bool) -> None:
         """Load now whatever is cached; a failure keeps a servable value (stale-if-error)."""
