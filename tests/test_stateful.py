@@ -62,8 +62,8 @@ KEYS = st.sampled_from(["a", "b"])
 OUTCOMES = st.sampled_from(["value", "value", "value", *list(RESULTS)[1:]])
 LOAD_TIMES = st.sampled_from([0.0, 0.25, 1.0])  # seconds a loader moves the fake clock
 STEPS = st.sampled_from([0.0, 0.125, 0.5, 1.0, 2.5, 7.0, 30.0])
-# What random() returns; the cache draws u = 1 - r: r=0 -> u=1 (never early),
-# r=1 -> u=0 (clamped to the cap: the earliest refresh there is).
+# What random() returns. The cache draws once per stored value, u = 1 - r: r=0 -> u=1
+# (a head start of delta only), r=1 -> u=0 (clamped to the cap: the earliest point).
 DRAWS = st.sampled_from([0.0, 0.5, 0.9, 0.999999, 1.0])
 DEFAULT = object()
 STAT_FIELDS = [f.name for f in dataclasses.fields(stampede.Stats) if f.name != "load_time"]
@@ -531,12 +531,13 @@ def _scripted(machine: CacheMachine) -> Model:
     machine.configure(ttl=10.0, beta=1.0, stale_ttl=4.0, error_ttl=3.0)
     m = machine._model()
     steps: list[tuple[str, tuple[Any, ...]]] = [
-        # (key, outcome, load time, r, async loader); the cache draws u = 1 - r
-        ("get_or_load", ("a", "value", 1.0, 0.5, True)),  # miss: load, delta = 1 s
-        ("get_or_load", ("a", "value", 0.0, 0.5, False)),  # u = 0.5: head start 0.69 s: hit
+        # (key, outcome, load time, r, async loader); a stored value draws u = 1 - r
+        ("get_or_load", ("a", "value", 1.0, 0.5, True)),  # miss: load, delta = 1 s, u = 0.5:
+        # refresh due 1 * (1 + ln 2) = 1.69 s before expiry (1011), at 1009.31
+        ("get_or_load", ("a", "value", 0.0, 0.5, False)),  # hit
         ("get", ("a",)),
-        ("advance", (9.5,)),  # 0.5 s before expiry
-        ("get_or_load", ("a", "value", 0.25, 0.9, True)),  # u = 0.1: 2.3 s: refresh early
+        ("advance", (9.5,)),  # 1010.5: past the refresh point, 0.5 s before expiry
+        ("get_or_load", ("a", "value", 0.25, 0.9, True)),  # refresh early, in the background
         ("advance", (10.25,)),  # the refreshed entry expired: stale window
         ("get_or_load", ("a", "unlisted", 0.0, 0.0, False)),  # stale; refresh fails: kept
         ("get_or_load", ("a", "value", 0.0, 0.0, False)),  # quiet: backing off
