@@ -440,4 +440,3 @@ COLD_NOTE = (
     "of {trials}; loader calls from the worst trial. The floor row is the least any "
     "single-flight can cost here: waking the callers."
 )
-

@@ -43,7 +43,7 @@ class Config:
     @classmethod
     def make(cls, quick: bool, think_s: float = 0.001) -> Config:
         if quick:
-            return cls(True, 3, 0.01, 200, 2_000, 1, 1, 5.0, 10.0, 1.5, 10, think_s)
+            return cls(True, 3, 0.01, 200, 2_000, 1, 1, 5.0, 10.0, 1.2, 10, think_s)
         return cls(False, 7, 0.1, 1_000, 10_000, 5, 3, 10.0, 30.0, 5.0, 20, think_s)
 
 

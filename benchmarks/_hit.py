@@ -394,5 +394,3 @@ def hit_targets(sync: list[HitResult], asyn: list[HitResult]) -> list[Target]:
             )
         )
     return targets
-
-

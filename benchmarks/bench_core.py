@@ -33,8 +33,8 @@ from pathlib import Path
 
 # Measure the checkout this script lives in, not another installed copy; the
 # section modules live next to this file.
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cold import (
     COLD_NOTE,

@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     print(f"\n## Hot key: {workers} workers, TTL {args.ttl:g} s, {duration:g} s\n", file=out)
     print(table(hot), file=out)
     expiries = int(duration / args.ttl)
+    times = "once" if expiries == 1 else f"{expiries} times"
     print(
-        f"\nThe key expires about {expiries} times during the hot-key run. 'waited for origin' "
+        f"\nThe key expires about {times} during the hot-key run. 'waited for origin' "
         f"counts requests that took at least half the origin latency: stampede refreshes the "
         f"key in the background before it expires (XFetch), so nobody waits.",
         file=out,

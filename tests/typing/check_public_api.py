@@ -1,0 +1,69 @@
+"""Type-checked, never run: CI runs `mypy --strict tests/typing`.
+
+It pins what users' type checkers see: @cached keeps the signature
+(ParamSpec) and the return type, sync and async alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from typing_extensions import assert_type
+
+import stampede
+
+
+@stampede.cached(ttl=5)
+def price(symbol: str, scale: int = 1) -> float:
+    return 1.0 * scale
+
+
+@stampede.cached
+async def profile(user_id: int) -> dict[str, int]:
+    return {"id": user_id}
+
+
+class Repo:
+    @stampede.cached(ttl=1)
+    def get(self, key: str) -> bytes:
+        return key.encode()
+
+
+def sync_uses() -> None:
+    assert_type(price("BTC"), float)
+    assert_type(price("BTC", scale=2), float)
+    assert_type(price.refresh("BTC"), float)
+    assert_type(price.cache_key("BTC"), Hashable)
+    price.invalidate("BTC")
+    info: stampede.CacheInfo = price.cache_info()
+    assert_type(info.stats, stampede.Stats)
+    price.cache_clear()
+    assert_type(price.cache, stampede.CoalescingCache[float])
+    price(1)  # type: ignore[arg-type]
+    price("BTC", nope=1)  # type: ignore[call-arg]
+
+
+async def async_uses() -> None:
+    assert_type(await profile(1), dict[str, int])
+    assert_type(await profile.refresh(1), dict[str, int])
+    await profile.invalidate(1)
+    await profile.cache_clear()
+    await profile("x")  # type: ignore[arg-type]
+
+
+def cache_uses() -> None:
+    cache: stampede.CoalescingCache[int] = stampede.CoalescingCache(ttl=3)
+    assert_type(cache.get_or_load("k", lambda: 1), int)
+    flight = stampede.SingleFlight()
+    assert_type(flight.do("k", lambda: "v"), tuple[str, bool])
+
+
+async def async_cache_uses() -> None:
+    cache: stampede.AsyncCoalescingCache[str] = stampede.AsyncCoalescingCache()
+
+    async def load() -> str:
+        return "v"
+
+    assert_type(await cache.get_or_load("k", load), str)
+    flight = stampede.AsyncSingleFlight()
+    assert_type(await flight.do("k", load), tuple[str, bool])
