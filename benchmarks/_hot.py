@@ -17,6 +17,7 @@ cache, no loads) shows how many slow reads the machine alone produces.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -203,7 +204,7 @@ class HotResult:
     def waited(self) -> int | None:
         if self.loads is None:
             return None
-        return sum(1 for t in reversed(self.latencies) if t >= WAITED_S) if self.latencies else 0
+        return len(self.latencies) - bisect.bisect_left(self.latencies, WAITED_S)
 
     def row(self) -> list[str]:
         if self.loads is None or not self.latencies:

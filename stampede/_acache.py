@@ -25,7 +25,6 @@ from typing import Any
 
 from ._core import _NS, CacheCore, V, log
 from ._entry import MISSING, Entry
-from ._policy import Decision
 from ._singleflight import AsyncSingleFlight, _AsyncCall
 
 
@@ -56,18 +55,12 @@ class AsyncCoalescingCache(CacheCore[V]):
         return await self._slow(k, loader, entry)
 
     async def _slow(self, k: Hashable, loader: Callable[[], Awaitable[V] | V], entry: Any) -> V:
-        entry = self._valid(entry)
-        decision = self._decide(entry)
-        if decision <= Decision.STALE_QUIET:
-            assert entry is not None
-            if self._served(decision):
-                self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
-            return entry.value  # type: ignore[no-any-return]
-        if decision is Decision.NEGATIVE:
-            assert entry is not None
-            raise self._negative(entry)
-        self._count("misses")
-        call, leader = self._flight._join(k, functools.partial(self._load, k, loader, entry))
+        found = self._from_store(k, loader, entry)
+        if found is not MISSING:
+            return found
+        previous = self._valid(entry, count_foreign=False)
+        load = functools.partial(self._load, k, loader, previous)
+        call, leader = self._flight._join(k, load)
         if leader:
             return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
         self._counters.coalesced += 1  # before waiting: tests poll it to see waiters

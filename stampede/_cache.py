@@ -18,7 +18,6 @@ from typing import Any
 
 from ._core import _NS, CacheCore, V, log
 from ._entry import MISSING, Entry
-from ._policy import Decision
 from ._singleflight import SingleFlight, _Call
 
 REFRESH_WORKERS = 8
@@ -85,20 +84,14 @@ class CoalescingCache(CacheCore[V]):
         return self._slow(k, loader, entry)
 
     def _slow(self, k: Hashable, loader: Callable[[], V], entry: Any) -> V:
-        entry = self._valid(entry)
-        decision = self._decide(entry)
-        if decision <= Decision.STALE_QUIET:
-            assert entry is not None
-            if self._served(decision):
-                self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
-            return entry.value  # type: ignore[no-any-return]
-        if decision is Decision.NEGATIVE:
-            assert entry is not None
-            raise self._negative(entry)
-        self._count("misses")
+        found = self._from_store(k, loader, entry)
+        if found is not MISSING:
+            return found
         call, leader = self._flight._join(k)
         if leader:
-            return self._flight._lead(k, call, functools.partial(self._load, k, loader, entry))
+            previous = self._valid(entry, count_foreign=False)
+            load = functools.partial(self._load, k, loader, previous)
+            return self._flight._lead(k, call, load)
         self._counters.coalesced += 1  # before waiting: tests poll it to see waiters
         if self._metrics is None:
             return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]

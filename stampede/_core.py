@@ -203,6 +203,28 @@ class CacheCore(Generic[V]):
         self._count("stale_served")
         return decision is Decision.STALE
 
+    def _from_store(self, k: Hashable, loader: Any, entry: object) -> V | Missing:
+        """The slow path's answer from the entry read, or ``MISSING``: load it.
+
+        Starts the background refresh the entry calls for (``_refresh`` of the
+        shell), raises a negative-cached error, counts a miss.
+        """
+        valid = self._valid(entry)
+        decision = self._decide(valid)
+        if decision <= Decision.STALE_QUIET:
+            assert valid is not None
+            if self._served(decision):
+                self._refresh(k, loader, valid, early=decision is Decision.REFRESH)
+            return valid.value
+        if decision is Decision.NEGATIVE:
+            assert valid is not None
+            raise self._negative(valid)
+        self._count("misses")
+        return MISSING
+
+    def _refresh(self, k: Hashable, loader: Any, entry: Entry[V], early: bool) -> None:
+        raise NotImplementedError  # each shell starts refreshes its own way
+
     def _negative(self, entry: Entry[V]) -> Exception:
         """The exception to raise for a negative entry: a new instance every time."""
         self._count("negative_hits")
@@ -250,9 +272,10 @@ class CacheCore(Generic[V]):
     def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
         now = self._clock()
         delta = max(0.0, now - started)
+        self._commit(k, call, self._entry(value, now, self._ttl, delta))
+        # Counted once the entry is written: whoever sees the count sees the entry.
         self._counters.load_time += delta
         self._count("loads", delta)
-        self._commit(k, call, self._entry(value, now, self._ttl, delta))
         return value
 
     def _failed(
@@ -266,24 +289,27 @@ class CacheCore(Generic[V]):
         """Handle a loader's exception: the value to serve instead, or ``MISSING`` to raise."""
         now = self._clock()
         spent = max(0.0, now - started)
-        self._counters.load_time += spent
-        self._count("load_errors", spent)
-        outcome = _policy.on_load_error(exc, previous, now, self._cacheable)
+        # A fenced load (the key was invalidated or set meanwhile) must not hand
+        # out the value it was refreshing: that value is gone from the cache.
+        usable = None if call.forgotten else previous
+        outcome = _policy.on_load_error(exc, usable, now, self._cacheable)
+        instead: V | Missing = MISSING
         if outcome is _policy.Outcome.SERVE_STALE:
             assert previous is not None
             self._commit(k, call, previous.with_retry_at(now + self._error_ttl))
-            self._count("stale_served")
             log.warning(
                 "load of %r failed; serving the previous value, next try in %s s",
                 k,
                 self._error_ttl,
                 exc_info=exc,
             )
-            return previous.value
-        if outcome is _policy.Outcome.NEGATIVE:
+            instead = previous.value
+        elif outcome is _policy.Outcome.NEGATIVE:
             assert isinstance(exc, Exception)
             self._commit(k, call, error_entry(exc, now, self._error_ttl))
-        return MISSING
+        self._counters.load_time += spent
+        self._count("load_errors", spent)
+        return instead
 
     def _set_entry(self, k: Hashable, value: V, ttl: float | None) -> None:
         ttl = self._ttl if ttl is None else _seconds("ttl", ttl, positive=True)

@@ -170,14 +170,12 @@ class Model:
             self.store(key, self.value_at(value, self.ttl, delta), fenced)
             return "value", value
         self.stats["load_errors"] += 1
-        if isinstance(previous, Value) and self.now < previous.stale_until:
+        if isinstance(previous, Value) and self.now < previous.stale_until and not fenced:
             # A usable old value beats any error (items 9, 12); no retry for error_ttl.
-            # (The cache counts this as stale_served even for a background refresh.)
-            # Even when the key was invalidated during the load: the caller of refresh()
-            # then gets the value it invalidated (what the cache does today).
+            # Not when the key was invalidated or set during the load: that old value
+            # is no longer the cache's to hand out, so the error is raised (item 13).
             retry = dataclasses.replace(previous, retry_at=self.now + self.error_ttl)
             self.store(key, retry, fenced)
-            self.stats["stale_served"] += 1
             return "value", previous.value
         kind = ERRORS[result]
         if kind is NotFound:
