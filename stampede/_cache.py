@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable, Hashable
@@ -116,6 +117,12 @@ class CoalescingCache(CacheCore[V]):
         started = self._clock()
         try:
             value = loader()
+            if inspect.isawaitable(value):
+                _discard(value)
+                raise TypeError(
+                    "the loader returned an awaitable, which a sync cache would store "
+                    "unawaited: use AsyncCoalescingCache (or @cached on the async def)"
+                )
         except BaseException as exc:
             instead = self._failed(k, call, exc, previous, started)
             if instead is MISSING:
@@ -180,6 +187,12 @@ class CoalescingCache(CacheCore[V]):
     def clear(self) -> None:
         """Drop every entry of the backend and fence every in-flight load."""
         self._clear()
+
+
+def _discard(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine: no "never awaited" warning
+    if close is not None:
+        close()
 
 
 def _not_started(_call: _Call) -> Any:

@@ -295,3 +295,14 @@ def test_invalid_parameters_are_rejected() -> None:
         CoalescingCache(backend="ftp://x")
     with pytest.raises(ValueError, match="distributed"):
         CoalescingCache(distributed=True)
+
+
+def test_async_loader_in_sync_cache_is_a_clear_error() -> None:
+    cache: CoalescingCache[Any] = CoalescingCache(ttl=60)
+
+    async def fetch() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="AsyncCoalescingCache"):
+        cache.get_or_load("k", fetch)
+    assert cache.get("k") is None  # nothing cached
