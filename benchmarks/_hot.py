@@ -196,6 +196,7 @@ TASK_CASES: list[tuple[str, TaskBuild]] = [
 class HotResult:
     label: str
     loads: int | None = None  # loader calls started in the window
+    in_reader: int = 0  # those of them that a reader ran itself (not a background refresh)
     latencies: list[float] = dataclasses.field(default_factory=list)  # every read's, sorted
     errors: int = 0
     note: str = ""
@@ -208,7 +209,7 @@ class HotResult:
 
     def row(self) -> list[str]:
         if self.loads is None or not self.latencies:
-            return [self.label, *["n/a"] * 7, self.note]
+            return [self.label, *["n/a"] * 8, self.note]
         lat = self.latencies
 
         def cell(seconds: float) -> str:
@@ -217,6 +218,7 @@ class HotResult:
         return [
             self.label,
             str(self.loads),
+            str(self.in_reader),
             f"{self.waited:,}",
             f"{len(lat):,}",
             cell(percentile(lat, 0.5)),
@@ -231,33 +233,36 @@ class _Loads:
     """The loader's bookkeeping: when each call started, how many still run."""
 
     def __init__(self) -> None:
-        self.starts: list[float] = []  # list.append is atomic
+        self.starts: list[tuple[float, bool]] = []  # (when, called by a reader itself?)
         self.running = 0
         self.lock = threading.Lock()
 
-    def begin(self) -> None:
+    def begin(self, in_reader: bool) -> None:
         with self.lock:
-            self.starts.append(time.perf_counter())
+            self.starts.append((time.perf_counter(), in_reader))
             self.running += 1
 
     def end(self) -> None:
         with self.lock:
             self.running -= 1
 
-    def between(self, start: float, end: float) -> int:
-        return sum(start <= t < end for t in self.starts)
+    def between(self, start: float, end: float) -> tuple[int, int]:
+        """Loader calls started in ``[start, end)``: all, and those a reader made itself."""
+        calls = [in_reader for t, in_reader in self.starts if start <= t < end]
+        return len(calls), sum(calls)
 
 
 def _finish(result: HotResult, loads: _Loads, start: float, end: float) -> None:
-    result.loads = loads.between(start, end)
+    result.loads, result.in_reader = loads.between(start, end)
     result.latencies.sort()
 
 
 def _thread_trial(build: ThreadBuild, cfg: Config, result: HotResult) -> None:
     loads = _Loads()
+    readers: set[int] = set()  # the workers' thread idents
 
     def loader() -> str:
-        loads.begin()
+        loads.begin(threading.get_ident() in readers)
         try:
             time.sleep(HOT_LOADER_S)
             return VALUE
@@ -275,6 +280,7 @@ def _thread_trial(build: ThreadBuild, cfg: Config, result: HotResult) -> None:
 
         def worker(out: list[float]) -> None:
             clock, sleep, think = time.perf_counter, time.sleep, cfg.think_s
+            readers.add(threading.get_ident())
             barrier.wait()
             end = window[1]
             while (start := clock()) < end:
@@ -314,9 +320,10 @@ def _wait_loads(loads: _Loads, timeout: float = 5.0) -> None:
 
 async def _task_trial(build: TaskBuild, cfg: Config, result: HotResult) -> None:
     loads = _Loads()
+    readers: set[asyncio.Task[Any] | None] = set()  # the worker tasks
 
     async def loader() -> str:
-        loads.begin()
+        loads.begin(asyncio.current_task() in readers)
         try:
             await asyncio.sleep(HOT_LOADER_S)
             return VALUE
@@ -340,9 +347,9 @@ async def _task_trial(build: TaskBuild, cfg: Config, result: HotResult) -> None:
                 out.append(clock() - began)
                 await asyncio.sleep(think)
 
-        await asyncio.wait_for(
-            asyncio.gather(*(worker() for _ in range(cfg.hot_workers))), cfg.hot_s + 30
-        )
+        workers = [asyncio.ensure_future(worker()) for _ in range(cfg.hot_workers)]
+        readers.update(workers)
+        await asyncio.wait_for(asyncio.gather(*workers), cfg.hot_s + 30)
         deadline = time.monotonic() + 5
         while loads.running and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -381,6 +388,7 @@ def report_hot(results: list[HotResult]) -> str:
     headers = [
         "variant",
         "loader calls",
+        "of which run by a reader",
         f"waited for a load (read >= {WAITED_S * 1e3:g} ms)",
         "requests served",
         "p50 (ms)",
@@ -398,7 +406,8 @@ def hot_note(cfg: Config) -> str:
         f"{cfg.hot_workers} threads read the key in a loop for {cfg.hot_s:g} s with {think} "
         f"between reads (the task rows: {cfg.hot_workers} tasks, `asyncio.sleep`). The key is "
         "loaded once before the window (not counted); loader calls are those started in the "
-        "window. A caller waited for a load when its read took at least "
+        'window, and "run by a reader" those a reader\'s own thread (task) ran, not a '
+        "background refresh. A caller waited for a load when its read took at least "
         f"{WAITED_S * 1e3:g} ms, half the loader's {HOT_LOADER_S * 1e3:g} ms: a hit takes "
         "microseconds, so only a read that blocked on a load (its own or another caller's) is "
         "that slow; the floor row counts the slow reads the machine makes on its own. "
