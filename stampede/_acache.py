@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
-from ._core import _NS, CacheCore, V, log
+from ._core import CacheCore, V, log
 from ._entry import MISSING, Entry
 from ._singleflight import AsyncSingleFlight, _AsyncCall
 
@@ -43,7 +43,8 @@ class AsyncCoalescingCache(CacheCore[V]):
         See ``CoalescingCache.get_or_load``; a cancelled caller leaves the load
         running for the others.
         """
-        k = (_NS, self._namespace, key) if self._namespace else key
+        make_key = self._make_key
+        k = key if make_key is None else make_key(key)
         entry = self._get(k)
         if entry is not None:
             try:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from ._core import _NS, CacheCore, V, log
+from ._core import CacheCore, V, log
 from ._entry import MISSING, Entry
 from ._singleflight import SingleFlight, _Call
 
@@ -73,7 +73,8 @@ class CoalescingCache(CacheCore[V]):
         ``key``, ``BlockingWaitInLoop`` when waiting would block a running
         event loop.
         """
-        k = (_NS, self._namespace, key) if self._namespace else key
+        make_key = self._make_key
+        k = key if make_key is None else make_key(key)
         entry = self._get(k)
         if entry is not None:
             try:

@@ -33,8 +33,6 @@ V = TypeVar("V")
 
 log = logging.getLogger("stampede")
 
-_NS = object()  # first item of a namespaced key: no user key can contain it
-
 
 class _Flight(Protocol):
     def forget(self, key: Hashable) -> None: ...
@@ -104,6 +102,8 @@ class CacheCore(Generic[V]):
         self._clock = clock
         self._random = random
         self._get = self._backend.get
+        # How keys become store keys; None: used as they are (the hit path's fast case).
+        self._make_key = self._backend.key_maker(namespace)
         self._counters = Counters()
         self._metrics = metrics
         self._name = name or namespace or "default"
@@ -171,7 +171,7 @@ class CacheCore(Generic[V]):
             log.warning("metrics hook failed", exc_info=True)
 
     def _key(self, key: Hashable) -> Hashable:
-        return (_NS, self._namespace, key) if self._namespace else key
+        return key if self._make_key is None else self._make_key(key)
 
     def _valid(self, entry: object, count_foreign: bool = True) -> Entry[V] | None:
         """``entry`` if it is ours; anything else in the store is a counted miss."""

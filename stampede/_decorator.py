@@ -19,17 +19,15 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._cache import CoalescingCache
-from ._core import _NS, CacheCore
-from ._keys import CallKey
+from ._core import CacheCore
+from ._keys import FN_MARK, CallKey
 from ._policy import ErrorFilter
 from ._stats import MetricsHook, Stats
-from .backends.memory import DEFAULT_MAXSIZE
+from .backends.memory import DEFAULT_MAXSIZE, NS_MARK
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-_FN = object()  # marks a function's keys in a shared cache: no user key can contain it
 
 
 class CacheInfo(NamedTuple):
@@ -223,17 +221,18 @@ class _Keys:
         self.custom = key
         self.fn_id = f"{fn.__module__}.{fn.__qualname__}" if shared else None
         self.namespace = cache.namespace
+        self.make_key = cache._make_key
         # Only the plainest setup may use the args tuple as the store key as is.
-        plain = key is None and not shared and not typed and not self.namespace
+        plain = key is None and not shared and not typed and self.make_key is None
         self.arity = self.call_key.arity if plain else -1
 
     def user(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         k: Hashable = self.custom(*args, **kwargs) if self.custom else self.call_key(args, kwargs)
-        return k if self.fn_id is None else (_FN, self.fn_id, k)
+        return k if self.fn_id is None else (FN_MARK, self.fn_id, k)
 
     def store(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         k = self.user(args, kwargs)
-        return (_NS, self.namespace, k) if self.namespace else k
+        return k if self.make_key is None else self.make_key(k)
 
     def unhashable(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TypeError:
         if self.custom is None:
@@ -246,10 +245,12 @@ class _Keys:
         """Is ``store_key`` one of this function's keys (in a shared cache)?"""
         k = store_key
         if self.namespace:
-            if not (type(k) is tuple and len(k) == 3 and k[0] is _NS and k[1] == self.namespace):
+            if not (
+                type(k) is tuple and len(k) == 3 and k[0] is NS_MARK and k[1] == self.namespace
+            ):
                 return False
             k = k[2]
-        return type(k) is tuple and len(k) == 3 and k[0] is _FN and k[1] == self.fn_id
+        return type(k) is tuple and len(k) == 3 and k[0] is FN_MARK and k[1] == self.fn_id
 
 
 def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:

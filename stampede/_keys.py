@@ -31,6 +31,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 KEY_VERSION = 1
+
+FN_MARK = object()  # marks a function's keys in a shared cache: no user key can contain it
 MAX_KEY_LENGTH = 200  # longer encodings are replaced by their SHA-256
 
 _SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -171,6 +173,8 @@ def _encode(value: Any) -> str:
     t = type(value)
     if value is None:
         return "N"
+    if value is FN_MARK:
+        return "@"
     if t is bool:
         return "T" if value else "F"
     if t is int:

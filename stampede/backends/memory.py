@@ -22,6 +22,8 @@ from .._entry import Entry
 
 DEFAULT_MAXSIZE = 4096
 
+NS_MARK = object()  # first item of a namespaced key: no user key can contain it
+
 
 def _default_store(maxsize: int) -> tuple[Any, bool]:
     """The default bounded store and whether it needs our lock."""
@@ -110,6 +112,17 @@ class MemoryBackend:
 
     def delete(self, key: Hashable) -> None:
         self._pop(key, None)
+
+    @staticmethod
+    def key_maker(namespace: str) -> Callable[[Hashable], Hashable] | None:
+        """How a cache in ``namespace`` turns a key into a store key (``None``: as it is)."""
+        if not namespace:
+            return None
+
+        def make(key: Hashable) -> Hashable:
+            return (NS_MARK, namespace, key)
+
+        return make
 
     def clear(self) -> None:
         if self._guard is None:
