@@ -17,6 +17,7 @@ from ._errors import (
     LoadAbandoned,
     LoadTimeout,
     RecursiveLoad,
+    SerializationError,
     StampedeError,
 )
 from ._singleflight import AsyncSingleFlight, SingleFlight
@@ -39,6 +40,7 @@ __all__ = [
     "LoggingMetrics",
     "MetricsHook",
     "RecursiveLoad",
+    "SerializationError",
     "SingleFlight",
     "StampedeError",
     "Stats",

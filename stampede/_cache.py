@@ -75,7 +75,10 @@ class CoalescingCache(CacheCore[V]):
         """
         make_key = self._make_key
         k = key if make_key is None else make_key(key)
-        entry = self._get(k)
+        try:
+            entry = self._get(k)
+        except Exception as exc:
+            entry = self._read_failed(exc)
         if entry is not None:
             try:
                 if self._clock() < entry.check_at:

@@ -25,9 +25,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from . import _policy
 from ._entry import MISSING, Entry, Missing, error_entry, value_entry
+from ._envelope import CorruptEntry
+from ._errors import BackendUnavailable, SerializationError
 from ._policy import Decision, ErrorFilter
 from ._stats import Counters, MetricsHook, Stats
-from .backends import MemoryBackend, resolve
+from .backends import SharedStore, Store, resolve
+from .backends._shared import CircuitOpen, Codec, ValueTooLarge
 
 V = TypeVar("V")
 
@@ -42,6 +45,15 @@ class _Flight(Protocol):
 
 class _CallRecord(Protocol):
     forgotten: bool
+
+
+def _error_types(cache_errors: object) -> tuple[type[BaseException], ...]:
+    """The exception types a negative entry read from a shared store may be rebuilt as."""
+    if isinstance(cache_errors, type):
+        return (cache_errors,)
+    if isinstance(cache_errors, tuple):
+        return cache_errors
+    return ()  # a predicate names no types: negative entries stay in this process's reads
 
 
 def _seconds(name: str, value: float, *, positive: bool = False) -> float:
@@ -77,6 +89,7 @@ class CacheCore(Generic[V]):
         maxsize: int | None = None,
         name: str | None = None,
         metrics: MetricsHook | None = None,
+        on_backend_error: str = "fail-open",
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -92,13 +105,33 @@ class CacheCore(Generic[V]):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         self._namespace = namespace
         self._cacheable = _policy.error_filter(cache_errors)
-        self._backend: MemoryBackend = resolve(backend, maxsize=maxsize)
-        if distributed:
+        if on_backend_error not in ("fail-open", "raise"):
             raise ValueError(
-                "distributed=True needs a backend shared between processes (Redis, "
-                f"diskcache); {self._backend!r} lives in this process only"
+                f"on_backend_error must be 'fail-open' or 'raise', got {on_backend_error!r}"
             )
-        self._serializer = serializer  # unused by the in-memory backend: it keeps objects
+        self._raise_backend_errors = on_backend_error == "raise"
+        store = resolve(backend, maxsize=maxsize)
+        if distributed:
+            if store.local:
+                raise ValueError(
+                    "distributed=True needs a backend shared between processes (Redis, "
+                    f"diskcache); {store!r} lives in this process only"
+                )
+            raise NotImplementedError("distributed single-flight is not implemented yet")
+        if isinstance(store, SharedStore):
+            if serializer is None:
+                from .serializers import DataSerializer
+
+                serializer = DataSerializer()
+            for attr in ("name", "dumps", "loads"):
+                if not hasattr(serializer, attr):
+                    raise TypeError(f"serializer {serializer!r} has no {attr!r}")
+            codec = Codec(
+                serializer, clock=clock, beta=self._beta, error_types=_error_types(cache_errors)
+            )
+            store = store.bind(codec, namespace)
+        self._backend: Store = store
+        self._serializer = serializer  # the in-memory backend keeps objects: no serializer
         self._clock = clock
         self._random = random
         self._get = self._backend.get
@@ -136,7 +169,7 @@ class CacheCore(Generic[V]):
         return self._namespace
 
     @property
-    def backend(self) -> MemoryBackend:
+    def backend(self) -> Store:
         return self._backend
 
     @property
@@ -186,11 +219,32 @@ class CacheCore(Generic[V]):
     def _read(self, k: Hashable, count_foreign: bool = True) -> Entry[V] | None:
         try:
             entry = self._get(k)
-        except Exception:
-            self._count("backend_errors")
-            log.warning("backend read failed; treating it as a miss", exc_info=True)
-            return None
+        except Exception as exc:
+            return self._read_failed(exc, count_foreign)
         return self._valid(entry, count_foreign)
+
+    def _read_failed(self, exc: Exception, count: bool = True) -> Entry[V] | None:
+        """A failed store read is a miss (counted, logged), or raises when configured to."""
+        if isinstance(exc, CorruptEntry):
+            if count:
+                self._count("serialization_errors")
+                log.warning("unreadable entry in the store, treated as a miss: %s", exc)
+            return None
+        if isinstance(exc, BackendUnavailable):
+            self._count("backend_errors")
+            if self._raise_backend_errors:
+                raise exc
+            if isinstance(exc, CircuitOpen):
+                log.debug("%s", exc)
+            else:
+                log.warning("store read failed, loading without it: %s", exc)
+            return None
+        if self._backend.local and not isinstance(exc, TypeError):
+            # A user's mapping failing on read (a TypeError is an unhashable key).
+            self._count("backend_errors")
+            log.warning("store read failed; treating it as a miss", exc_info=True)
+            return None
+        raise exc
 
     def _decide(self, entry: Entry[V] | None) -> Decision:
         return _policy.decide(entry, self._clock())
@@ -256,13 +310,29 @@ class CacheCore(Generic[V]):
                 return False
             try:
                 self._backend.set(k, entry)
-            except Exception:
-                self._count("backend_errors")
-                log.warning(
-                    "backend write failed; the value is returned, not cached", exc_info=True
-                )
+            except Exception as exc:
+                self._write_failed(exc)
                 return False
         return True
+
+    def _write_failed(self, exc: Exception) -> None:
+        """A value that could not be stored is still returned: count and log why."""
+        if isinstance(exc, (SerializationError, ValueTooLarge)):
+            self._count("serialization_errors")
+            log.warning(
+                "%s; the value is returned to its callers but not cached (choose another "
+                "serializer= for such values, e.g. PickleSerializer(secret=...))",
+                exc,
+            )
+            return
+        self._count("backend_errors")
+        if isinstance(exc, BackendUnavailable):
+            if self._raise_backend_errors:
+                raise exc
+            if not isinstance(exc, CircuitOpen):
+                log.warning("store write failed; the value is returned, not cached: %s", exc)
+            return
+        log.warning("store write failed; the value is returned, not cached", exc_info=exc)
 
     def _entry(self, value: V, now: float, ttl: float, delta: float) -> Entry[V]:
         """A value entry, with this cache's stale window and its XFetch draw."""

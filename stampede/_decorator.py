@@ -20,10 +20,10 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 from ._acache import AsyncCoalescingCache
 from ._cache import CoalescingCache
 from ._core import CacheCore
-from ._keys import FN_MARK, CallKey
+from ._keys import FN_MARK, CallKey, function_prefix
 from ._policy import ErrorFilter
 from ._stats import MetricsHook, Stats
-from .backends.memory import DEFAULT_MAXSIZE, NS_MARK
+from .backends.memory import DEFAULT_MAXSIZE, NS_MARK, MemoryBackend
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -256,7 +256,10 @@ class _Keys:
 def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
     stats = cache.stats()
     backend = cache.backend
-    if shared:
+    if not isinstance(backend, MemoryBackend):
+        currsize = -1  # a shared store is not counted (it would mean scanning it)
+        maxsize = None
+    elif shared:
         currsize = sum(1 for k in list(backend.mapping.keys()) if keys.owns(k))
         maxsize = None
     else:
@@ -267,6 +270,10 @@ def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
 
 def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> None:
     backend = cache.backend
+    if not isinstance(backend, MemoryBackend):
+        assert keys.fn_id is not None
+        backend.clear(function_prefix(cache.namespace, keys.fn_id))
+        return
     for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
         cache._invalidate(k)
 

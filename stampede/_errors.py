@@ -5,7 +5,9 @@
      ├── RecursiveLoad          (also RuntimeError)  a loader asked for its own key
      ├── LoadAbandoned                              the leader died (BaseException, cancellation)
      ├── BlockingWaitInLoop     (also RuntimeError)  a sync wait would freeze a running event loop
-     └── BackendUnavailable                         the backend failed and the cache is set to raise
+     ├── BackendUnavailable                         the backend failed (its error is __cause__)
+     └── SerializationError     (also ValueError)    a value that cannot be stored, or bytes
+                                                    that cannot be trusted or decoded
 
 Errors raised by a loader are never wrapped: callers see the loader's own
 exception (or, for negative-cached errors, a new instance of the same type).
@@ -44,3 +46,7 @@ class BlockingWaitInLoop(StampedeError, RuntimeError):
 
 class BackendUnavailable(StampedeError):
     """The backend failed and the cache is configured to raise; see ``__cause__``."""
+
+
+class SerializationError(StampedeError, ValueError):
+    """A value that cannot be serialized, or bytes that cannot be trusted or decoded."""

@@ -33,7 +33,8 @@ from typing import Any
 KEY_VERSION = 1
 
 FN_MARK = object()  # marks a function's keys in a shared cache: no user key can contain it
-MAX_KEY_LENGTH = 200  # longer encodings are replaced by their SHA-256
+MAX_KEY_LENGTH = 200  # longer encodings keep a head and add the SHA-256 of the whole
+_KEPT_HEAD = 120
 
 _SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -165,8 +166,23 @@ def encode_key(namespace: str, key: Hashable) -> str:
     """
     body = _encode(key)
     if len(body) > MAX_KEY_LENGTH:
-        body = "#" + hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"stampede:{len(namespace)}:{namespace}:v{KEY_VERSION}:{body}"
+        # Keep the head readable (and a function's keys sharing their prefix, so
+        # they can be found by it); the digest of the whole keeps keys distinct.
+        digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+        body = f"{body[:_KEPT_HEAD]}#{digest}"
+    return f"{namespace_prefix(namespace)}{body}"
+
+
+def namespace_prefix(namespace: str) -> str:
+    """What every text key of ``namespace`` starts with."""
+    return f"stampede:{len(namespace)}:{namespace}:v{KEY_VERSION}:"
+
+
+def function_prefix(namespace: str, fn_id: str) -> str:
+    """What every text key of the function ``fn_id`` in a shared cache starts with."""
+    whole = encode_key(namespace, (FN_MARK, fn_id, None))
+    assert whole.endswith("N)") and len(whole) < MAX_KEY_LENGTH + 80, "fn_id too long"
+    return whole[: -len("N)")]
 
 
 def _encode(value: Any) -> str:

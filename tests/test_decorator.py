@@ -387,6 +387,7 @@ def test_public_api_is_pinned() -> None:
             "LoggingMetrics",
             "MetricsHook",
             "RecursiveLoad",
+            "SerializationError",
             "SingleFlight",
             "StampedeError",
             "Stats",

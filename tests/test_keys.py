@@ -83,10 +83,20 @@ def test_long_keys_are_hashed_and_short_ones_readable() -> None:
     short = encode_key("users", ("alice", 42))
     assert "alice" in short and short.startswith("stampede:5:users:v1:")
     long = encode_key("users", "x" * 1000)
-    assert len(long) < 120 and "#" in long
+    assert len(long) < MAX_KEY_LENGTH + 40 and "#" in long
+    assert long.startswith(encode_key("users", "x" * 1000)[:100])  # the head stays readable
     assert encode_key("users", "x" * 1000) == long
     assert encode_key("users", "x" * 1000 + "y") != long
     assert len(encode_key("", "x" * (MAX_KEY_LENGTH - 10))) < MAX_KEY_LENGTH + 40
+
+
+def test_a_functions_keys_share_a_prefix_even_when_hashed() -> None:
+    from stampede._keys import FN_MARK, function_prefix
+
+    prefix = function_prefix("ns", "mod.f")
+    for args in [(1,), ("x" * 500,), (None, b"y" * 300)]:
+        assert encode_key("ns", (FN_MARK, "mod.f", args)).startswith(prefix)
+    assert not encode_key("ns", (FN_MARK, "mod.fg", (1,))).startswith(prefix)
 
 
 def test_unsupported_values_are_a_clear_type_error() -> None:

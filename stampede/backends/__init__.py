@@ -1,8 +1,13 @@
 """Backends: where a cache keeps its entries.
 
-``resolve`` turns what a user passes as ``backend`` (a mapping, a backend
-object, a URL) into a backend object. Only the in-process memory backend
-exists so far; disk and Redis come with their own modules.
+``resolve`` turns what a user passes as ``backend`` into a store object:
+
+- ``None``, ``"memory://"``, a ``dict``, a cachetools or cachebox cache, any
+  mutable mapping: ``MemoryBackend`` (entries are objects of this process);
+- a ``diskcache.Cache``/``FanoutCache`` or ``"disk:///path"``: ``DiskBackend``;
+- a ``redis.Redis``/``RedisCluster`` or ``"redis://"``, ``"rediss://"``,
+  ``"unix://"``: ``RedisBackend``;
+- a store object already made (to set ``max_value_size`` and friends).
 """
 
 from __future__ import annotations
@@ -10,20 +15,30 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ._shared import SharedStore
 from .memory import DEFAULT_MAXSIZE, MemoryBackend, is_mapping
 
-__all__ = ["MemoryBackend", "resolve"]
+__all__ = ["DiskBackend", "MemoryBackend", "RedisBackend", "SharedStore", "resolve"]
 
-_SCHEMES = ("memory://",)
+_SCHEMES = ("memory://", "disk:///path", "redis://", "rediss://", "unix://")
+
+Store = MemoryBackend | SharedStore
 
 
-def _from_url(url: str, maxsize: int | None) -> MemoryBackend:
-    parts = urlsplit(url)
-    if parts.scheme != "memory":
-        raise ValueError(
-            f"unsupported backend URL {url!r}: supported schemes are {', '.join(_SCHEMES)}"
-        )
-    query = parse_qs(parts.query)
+def __getattr__(name: str) -> Any:  # the disk and Redis modules load their library lazily
+    if name == "DiskBackend":
+        from .disk import DiskBackend
+
+        return DiskBackend
+    if name == "RedisBackend":
+        from .redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(name)
+
+
+def _memory_from_url(url: str, maxsize: int | None) -> MemoryBackend:
+    query = parse_qs(urlsplit(url).query)
     if "maxsize" in query:
         try:
             maxsize = int(query["maxsize"][-1])
@@ -32,18 +47,49 @@ def _from_url(url: str, maxsize: int | None) -> MemoryBackend:
     return MemoryBackend(maxsize=maxsize or DEFAULT_MAXSIZE)
 
 
-def resolve(backend: Any, *, maxsize: int | None = None) -> MemoryBackend:
-    """The backend object for ``backend`` (None, a URL, a mapping or a backend)."""
+def _from_url(url: str, maxsize: int | None) -> Store:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return _memory_from_url(url, maxsize)
+    if scheme == "disk":
+        from .disk import DiskBackend
+
+        return DiskBackend.from_url(url)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisBackend
+
+        return RedisBackend.from_url(url)
+    raise ValueError(f"unsupported backend URL {url!r}: supported are {', '.join(_SCHEMES)}")
+
+
+def resolve(backend: Any, *, maxsize: int | None = None) -> Store:
+    """The store object for ``backend`` (None, a URL, a mapping, a client or a store)."""
     if backend is None:
         return MemoryBackend(maxsize=maxsize or DEFAULT_MAXSIZE)
-    if isinstance(backend, MemoryBackend):
+    if isinstance(backend, (MemoryBackend, SharedStore)):
         return backend
     if isinstance(backend, str):
         return _from_url(backend, maxsize)
+    from .disk import is_disk_cache
+    from .redis import is_redis_client
+
+    if is_disk_cache(backend):
+        from .disk import DiskBackend
+
+        return DiskBackend(backend)
+    if is_redis_client(backend):
+        from .redis import RedisBackend
+
+        return RedisBackend(backend)
+    if type(backend).__module__.startswith("redis") and "asyncio" in type(backend).__module__:
+        raise TypeError(
+            "a redis.asyncio client needs AsyncCoalescingCache (support for it is coming); "
+            "use a sync redis.Redis with CoalescingCache"
+        )
     if is_mapping(backend):
         return MemoryBackend(backend)
     raise TypeError(
         f"cannot use {type(backend).__name__} as a cache backend: pass a mapping "
-        f"(dict, a cachetools or cachebox cache), a MemoryBackend, or a URL "
-        f"({', '.join(_SCHEMES)})"
+        f"(dict, a cachetools or cachebox cache), a diskcache Cache, a redis.Redis client, "
+        f"a backend object, or a URL ({', '.join(_SCHEMES)})"
     )

@@ -1,0 +1,223 @@
+"""Entries as bytes, for stores shared between processes (disk, Redis).
+
+Layout, version 1 (integers little-endian):
+
+    magic       4   b"\\xa5stp"
+    version     1   1
+    kind        1   0 = value, 1 = error
+    key check   8   BLAKE2b-64 of the store key: an entry copied to another key is a miss
+    clock id    8   the writer's clock domain (a process and its clock)
+    written     8   <d   the write, on the writer's clock
+    timing     32   <4d  fresh, stale, retry, delta: seconds after the write
+                         (retry is -inf when no refresh failed)
+    serializer  1+n length-prefixed ASCII name of the value serializer
+    value       ... the serializer's payload (its context is the store key)
+  or, for an error:
+    type        2+n length-prefixed "module.qualname" of the exception type
+    args        ... the serializer's payload of the exception's args
+    checksum    4   CRC-32 of all the above: a damaged entry is a miss, not a wrong value
+                    (against someone who may write the store, sign: PickleSerializer)
+
+Time: the store keeps an entry for ``stale`` seconds (Redis ``PX``, diskcache
+``expire``) and a read learns how long it has left (``PTTL``, the expiry
+diskcache keeps). A reader of another clock domain places the write on its
+own monotonic clock, ``written = now - (stale - remaining)``: no reader ever
+compares its wall clock with another host's. A reader of the writer's own
+domain (the same process and clock) uses ``written`` as it is: exact, and
+what makes an injected test clock work with shared stores too.
+
+The refresh point (XFetch) is not stored: each process draws its own ``u``
+for each stored value, derived from a per-process salt and the entry's
+bytes, so it is fixed for that value (reads do not draw) but differs between
+processes, and the earliest of them refreshes for all (``_entry.refresh_point``).
+
+Errors are rebuilt only as types already imported by the reader that are
+subclasses of its ``cache_errors`` types: nothing is imported, nothing runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import struct
+import sys
+import zlib
+from typing import Any
+
+from ._entry import ENVELOPE_VERSION, MISSING, Entry, ErrorData, refresh_point
+
+MAGIC = b"\xa5stp"
+_HEAD = struct.Struct("<4sBB8s8sd4d")
+_TYPE_LEN = struct.Struct("<H")
+_CRC = struct.Struct("<I")
+
+VALUE, ERROR = 0, 1
+
+
+class CorruptEntry(Exception):
+    """Bytes in the store that are not a readable entry of this cache (a counted miss)."""
+
+
+_salt = os.urandom(16)
+
+
+def _reseed() -> None:
+    global _salt
+    _salt = os.urandom(16)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)  # a child draws apart from its parent
+
+
+def clock_domain(clock: object) -> bytes:
+    """An id shared by the readers whose clock readings can be compared as they are."""
+    import time
+
+    tag = b"monotonic" if clock is time.monotonic else id(clock).to_bytes(8, "little")
+    return hashlib.blake2b(tag, digest_size=8, key=_salt).digest()
+
+
+def key_check(key: str) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def encode(key: str, entry: Entry[Any], now: float, serializer: Any, domain: bytes) -> bytes:
+    """The bytes of ``entry`` written at ``now``; ``SerializationError`` if it cannot be."""
+    name = serializer.name.encode("ascii")
+    context = key.encode("utf-8", "surrogatepass")
+    kind = VALUE if entry.error is None else ERROR
+    head = _HEAD.pack(
+        MAGIC,
+        ENVELOPE_VERSION,
+        kind,
+        key_check(key),
+        domain,
+        now,
+        entry.fresh_until - now,
+        entry.stale_until - now,
+        entry.retry_at - now if math.isfinite(entry.retry_at) else -math.inf,
+        entry.delta,
+    )
+    parts = [head, bytes([len(name)]), name]
+    if entry.error is None:
+        parts.append(serializer.dumps(entry.value, context=context))
+    else:
+        cls = entry.error.type
+        type_name = f"{cls.__module__}.{cls.__qualname__}".encode()
+        parts += [_TYPE_LEN.pack(len(type_name)), type_name]
+        parts.append(serializer.dumps(tuple(entry.error.args), context=context))
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def lifetime(entry: Entry[Any], now: float) -> float:
+    """Seconds the store should keep ``entry`` written at ``now``."""
+    return entry.stale_until - now
+
+
+def decode(
+    data: bytes,
+    key: str,
+    serializer: Any,
+    *,
+    now: float,
+    remaining: float,
+    beta: float,
+    error_types: tuple[type[BaseException], ...],
+    domain: bytes,
+) -> Entry[Any]:
+    """The entry in ``data`` on the reader's clock; ``CorruptEntry`` if it is not one.
+
+    ``remaining`` is how long the store will still keep it, in seconds.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    if len(data) < _HEAD.size + 1 + _CRC.size:
+        raise CorruptEntry("truncated header")
+    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+    data = data[: -_CRC.size]
+    if zlib.crc32(data) != crc:
+        if data[:4] != MAGIC:
+            raise CorruptEntry("not a stampede entry")
+        raise CorruptEntry("checksum mismatch: the entry is damaged")
+    magic, version, kind, check, writer, at, fresh, stale, retry, delta = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptEntry("not a stampede entry")
+    if version != ENVELOPE_VERSION:
+        raise CorruptEntry(f"entry format {version}, this stampede reads {ENVELOPE_VERSION}")
+    if check != key_check(key):
+        raise CorruptEntry("the entry belongs to another key")
+    timing = (fresh, stale, delta)
+    if not all(math.isfinite(t) and t >= 0 for t in timing) or fresh > stale or retry != retry:
+        raise CorruptEntry("impossible timing")
+    offset = _HEAD.size
+    name_len = data[offset]
+    offset += 1
+    name = data[offset : offset + name_len]
+    offset += name_len
+    if name != serializer.name.encode("ascii"):
+        raise CorruptEntry(f"written by serializer {name!r}, reading with {serializer.name!r}")
+    context = key.encode("utf-8", "surrogatepass")
+    if writer == domain and math.isfinite(at) and at <= now:
+        written = at
+    else:
+        written = now - max(0.0, stale - remaining)
+    fresh_until = written + fresh
+    stale_until = written + stale
+    retry_at = written + retry
+    if kind == VALUE:
+        value = _loads(serializer, data[offset:], context)
+        u = _draw(data)
+        check_at = refresh_point(written, fresh, delta, beta, u)
+        return Entry(value, None, fresh_until, stale_until, delta, check_at, retry_at)
+    if kind != ERROR:
+        raise CorruptEntry(f"unknown entry kind {kind}")
+    if len(data) < offset + _TYPE_LEN.size:
+        raise CorruptEntry("truncated error type")
+    (type_len,) = _TYPE_LEN.unpack_from(data, offset)
+    offset += _TYPE_LEN.size
+    type_name = data[offset : offset + type_len].decode("utf-8", "replace")
+    offset += type_len
+    exc_type = _resolve(type_name, error_types)
+    args = _loads(serializer, data[offset:], context)
+    if type(args) is not tuple:
+        raise CorruptEntry("error args are not a tuple")
+    return Entry(MISSING, ErrorData(exc_type, args), fresh_until, fresh_until, 0.0, -math.inf)
+
+
+def _loads(serializer: Any, payload: bytes, context: bytes) -> Any:
+    try:
+        return serializer.loads(payload, context=context)
+    except Exception as exc:  # SerializationError, or a serializer's own failure
+        raise CorruptEntry(f"payload: {exc}") from exc
+
+
+def _draw(data: bytes) -> float:
+    """This process's XFetch draw for this stored value, in (0, 1]."""
+    digest = hashlib.blake2b(data[: _HEAD.size], digest_size=8, key=_salt).digest()
+    return 1.0 - int.from_bytes(digest, "little") / 2.0**64
+
+
+def _resolve(name: str, error_types: tuple[type[BaseException], ...]) -> type[Exception]:
+    """The exception type called ``name``, if imported already and one of ``error_types``."""
+    # Nested classes: "pkg.mod.Outer.Inner" -- try each split, longest module first.
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, Exception)
+            and error_types
+            and issubclass(obj, error_types)
+        ):
+            return obj
+    raise CorruptEntry(f"negative entry of {name}, which is not among this cache's cache_errors")

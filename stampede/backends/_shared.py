@@ -1,0 +1,178 @@
+"""What the stores shared between processes (disk, Redis) have in common.
+
+A ``SharedStore`` keeps entries as bytes (``_envelope``) under text keys
+(``_keys.encode_key``), lets the store itself expire them, and turns every
+failure of the store's library into ``BackendUnavailable`` (the original as
+``__cause__``) behind a circuit breaker, so a dead store costs one fast
+exception per call instead of a timeout. Subclasses supply four raw
+operations; the cache decides what a failure means (fail open, or raise).
+
+A ``Codec`` is the cache's side of the bargain: its serializer, its clock,
+its ``beta`` and ``cache_errors`` types, bound to the store when the cache
+is made (``bind``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from .. import _envelope
+from .._breaker import Breaker
+from .._entry import Entry
+from .._errors import BackendUnavailable
+from .._keys import encode_key, namespace_prefix
+
+log = logging.getLogger("stampede")
+
+DEFAULT_MAX_VALUE_SIZE = 1 << 20  # bytes; a larger entry is returned to callers, not stored
+
+
+class CircuitOpen(BackendUnavailable):
+    """The store failed repeatedly; calls fail at once until a probe succeeds."""
+
+
+class ValueTooLarge(ValueError):
+    """An encoded entry larger than the store's ``max_value_size``."""
+
+
+class Codec:
+    """Entry <-> bytes with the reading cache's serializer, clock, beta and error types."""
+
+    def __init__(
+        self,
+        serializer: Any,
+        *,
+        clock: Callable[[], float],
+        beta: float,
+        error_types: tuple[type[BaseException], ...],
+    ) -> None:
+        self.serializer = serializer
+        self.clock = clock
+        self.beta = beta
+        self.error_types = error_types
+        self.domain = _envelope.clock_domain(clock)
+
+    def dumps(self, key: str, entry: Entry[Any], now: float) -> bytes:
+        return _envelope.encode(key, entry, now, self.serializer, self.domain)
+
+    def loads(self, key: str, data: bytes, remaining: float) -> Entry[Any]:
+        return _envelope.decode(
+            data,
+            key,
+            self.serializer,
+            now=self.clock(),
+            remaining=remaining,
+            beta=self.beta,
+            error_types=self.error_types,
+            domain=self.domain,
+        )
+
+
+class SharedStore:
+    """Base of the disk and Redis stores; see the module docstring."""
+
+    local = False
+    errors: tuple[type[BaseException], ...] = ()  # the library's exceptions to wrap
+    name = "store"
+
+    def __init__(
+        self,
+        *,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        failure_threshold: int = 3,
+        cooldown: float = 5.0,
+    ) -> None:
+        if max_value_size < 1:
+            raise ValueError("max_value_size must be positive")
+        self.max_value_size = max_value_size
+        self.breaker = Breaker(failure_threshold, cooldown)
+        self.codec: Codec | None = None
+        self.namespace = ""
+
+    # -- binding to a cache ------------------------------------------------------
+
+    def bind(self, codec: Codec, namespace: str) -> SharedStore:
+        """A view of this store for one cache: its codec and namespace (same client, breaker)."""
+        view = copy.copy(self)
+        view.codec = codec
+        view.namespace = namespace
+        return view
+
+    def key_maker(self, namespace: str) -> Callable[[Hashable], Hashable]:
+        def make(key: Hashable) -> Hashable:
+            return encode_key(namespace, key)
+
+        return make
+
+    # -- the cache's operations ----------------------------------------------------
+
+    def get(self, key: Hashable) -> Entry[Any] | None:
+        """The entry under ``key``, or None; ``CorruptEntry`` for unreadable bytes."""
+        assert self.codec is not None and isinstance(key, str)
+        data, remaining = self._call(self._get_raw, key)
+        if data is None:
+            return None
+        if remaining is None or remaining <= 0:
+            raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
+        return self.codec.loads(key, data, remaining)
+
+    def set(self, key: Hashable, entry: Entry[Any]) -> None:
+        """Store ``entry``; ``SerializationError`` or ``ValueTooLarge`` if it cannot be."""
+        assert self.codec is not None and isinstance(key, str)
+        now = self.codec.clock()
+        ttl = _envelope.lifetime(entry, now)
+        if not ttl > 0:
+            return  # already past serving: nothing to keep
+        data = self.codec.dumps(key, entry, now)
+        if len(data) > self.max_value_size:
+            raise ValueTooLarge(
+                f"the entry takes {len(data):,} bytes, more than max_value_size "
+                f"({self.max_value_size:,}): returned to callers, not stored"
+            )
+        self._call(self._set_raw, key, data, ttl)
+
+    def delete(self, key: Hashable) -> None:
+        assert isinstance(key, str)
+        self._call(self._delete_raw, key)
+
+    def clear(self, prefix: str | None = None) -> None:
+        """Drop every entry of the bound namespace (or under ``prefix``), nothing else."""
+        self._call(self._clear_raw, prefix or namespace_prefix(self.namespace))
+
+    def _call(self, op: Callable[..., Any], *args: Any) -> Any:
+        if not self.breaker.allow():
+            raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
+        try:
+            result = op(*args)
+        except self.errors as exc:
+            self.breaker.failure()
+            raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
+        except BaseException:
+            self.breaker.success()  # not the store's fault; do not leave a probe hanging
+            raise
+        self.breaker.success()
+        return result
+
+    # -- what a subclass supplies --------------------------------------------------
+
+    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
+        """The bytes under ``key`` and the seconds the store will keep them."""
+        raise NotImplementedError
+
+    def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
+        raise NotImplementedError
+
+    def _delete_raw(self, key: str) -> None:
+        raise NotImplementedError
+
+    def _clear_raw(self, prefix: str) -> None:
+        raise NotImplementedError
+
+
+def ttl_ms(seconds: float) -> int:
+    """A positive whole number of milliseconds, rounded up."""
+    return max(1, math.ceil(seconds * 1000))

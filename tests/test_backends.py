@@ -1,0 +1,400 @@
+"""The shared stores (diskcache, Redis) with the sync cache: behaviour, safety, failures.
+
+Redis tests use a private server (tests/redis_fixtures.py), never the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import redis
+
+from stampede import BackendUnavailable, CoalescingCache, cached
+from stampede.backends import DiskBackend, RedisBackend
+from stampede.testing import FakeClock, Gate, wait_until
+from stampede.testing.redis_server import RedisServer
+
+from .helpers import join_all, run_threads
+
+
+class NotFound(LookupError):
+    pass
+
+
+Make = Callable[..., CoalescingCache[Any]]
+
+
+@pytest.fixture(params=["disk", "redis"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
+    """A factory of caches on one shared store, of each kind."""
+    opened: list[Any] = []
+    if request.param == "disk":
+        folder = tmp_path / "cache"
+        store: Any = diskcache.Cache(str(folder))
+        os.chmod(folder, 0o700)
+    else:
+        url = request.getfixturevalue("redis_url")
+        store = redis.Redis.from_url(url, socket_timeout=2)
+    opened.append(store)
+
+    def factory(**options: Any) -> CoalescingCache[Any]:
+        return CoalescingCache(store, **options)
+
+    factory.store = store  # type: ignore[attr-defined]
+    yield factory
+    for s in opened:
+        s.close()
+
+
+def raw_keys(make: Make) -> list[str]:
+    store = make.store  # type: ignore[attr-defined]
+    if isinstance(store, diskcache.Cache):
+        return [k for k in store.iterkeys() if isinstance(k, str)]
+    return [k.decode() for k in store.keys("*")]
+
+
+def write_raw(make: Make, key: str, data: bytes, ttl: float = 60) -> None:
+    store = make.store  # type: ignore[attr-defined]
+    if isinstance(store, diskcache.Cache):
+        store.set(key, data, expire=ttl)
+    else:
+        store.set(key, data, px=int(ttl * 1000))
+
+
+def read_raw(make: Make, key: str) -> bytes:
+    store = make.store  # type: ignore[attr-defined]
+    data = store.get(key)
+    assert isinstance(data, bytes)
+    return data
+
+
+# -- the core scenarios, on shared stores -------------------------------------------------
+
+
+def test_miss_hit_and_types_survive(make: Make) -> None:
+    cache = make(ttl=60)
+    value = {"a": (1, 2.5), 3: {b"x", None}, "big": 2**100}
+    assert cache.get_or_load("k", lambda: value) == value
+    got = cache.get_or_load("k", lambda: "reloaded")
+    assert got == value and type(got["a"]) is tuple
+    s = cache.stats()
+    assert (s.hits, s.misses, s.loads) == (1, 1, 1)
+
+
+def test_expiry_follows_the_cache_clock(make: Make) -> None:
+    clock = FakeClock()
+    cache = make(ttl=10, beta=0, clock=clock)
+    calls = iter(range(100))
+    assert cache.get_or_load("k", lambda: next(calls)) == 0
+    clock.advance(9.9)
+    assert cache.get_or_load("k", lambda: next(calls)) == 0
+    clock.advance(0.1)
+    assert cache.get_or_load("k", lambda: next(calls)) == 1
+
+
+def test_store_expires_what_nobody_may_serve(make: Make) -> None:
+    cache = make(ttl=5, stale_ttl=7, namespace="n")
+    cache.set("k", 1)
+    (key,) = raw_keys(make)
+    store = make.store  # type: ignore[attr-defined]
+    if isinstance(store, diskcache.Cache):
+        _, expire_time = store.get(key, expire_time=True)
+        left = expire_time - time.time()
+    else:
+        left = store.pttl(key) / 1000
+    assert 11 < left <= 12  # ttl + stale_ttl
+
+
+def test_negative_entries_and_stale_values(make: Make) -> None:
+    clock = FakeClock()
+    cache = make(ttl=1, stale_ttl=30, beta=0, cache_errors=(LookupError,), clock=clock)
+
+    def missing() -> str:
+        raise NotFound("user 7")
+
+    with pytest.raises(NotFound) as first:
+        cache.get_or_load("gone", missing)
+    with pytest.raises(NotFound) as again:
+        cache.get_or_load("gone", lambda: "never")
+    assert type(again.value) is NotFound and again.value.args == ("user 7",)
+    assert again.value is not first.value
+    cache.get_or_load("k", lambda: "old")
+    clock.advance(2)
+    assert cache.get_or_load("k", lambda: "new") == "old"  # stale, refreshing
+    wait_until(lambda: cache.stats().loads == 2)
+    assert cache.get_or_load("k", lambda: "x") == "new"
+
+
+def test_invalidate_set_get_and_namespaces(make: Make) -> None:
+    a = make(ttl=60, namespace="a")
+    b = make(ttl=60, namespace="b")
+    a.set("k", "A")
+    b.set("k", "B")
+    assert (a.get("k"), b.get("k")) == ("A", "B")
+    a.invalidate("k")
+    assert (a.get("k"), b.get("k")) == (None, "B")
+    a.set("j", 1)
+    a.clear()  # only namespace "a"
+    assert a.get("j") is None and b.get("k") == "B"
+
+
+def test_invalidate_during_load_is_fenced(make: Make) -> None:
+    cache = make(ttl=60)
+    gate = Gate("stale-load")
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(cache.get_or_load("k", gate)))
+    t.start()
+    assert gate.entered.wait(5)
+    cache.invalidate("k")
+    gate.open()
+    join_all([t])
+    assert got == ["stale-load"] and cache.get("k") is None
+    assert cache.stats().fenced == 1
+
+
+def test_cold_key_threads_load_once(make: Make) -> None:
+    cache = make(ttl=60)
+    gate = Gate("v")
+    barrier = threading.Barrier(100)
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        barrier.wait()
+        v = cache.get_or_load("k", gate)
+        with lock:
+            got.append(v)
+
+    threads = run_threads(100, caller)
+    wait_until(lambda: cache.stats().coalesced + cache.stats().hits == 99)
+    gate.open()
+    join_all(threads)
+    assert gate.calls == 1 and got == ["v"] * 100
+
+
+def test_decorated_functions_on_one_store_keep_apart(make: Make) -> None:
+    store = make.store  # type: ignore[attr-defined]
+
+    @cached(cache=store, ttl=60)
+    def f(x: int) -> str:
+        return f"f{x}"
+
+    @cached(cache=store, ttl=60)
+    def g(x: int) -> str:
+        return f"g{x}"
+
+    assert (f(1), g(1), f(2)) == ("f1", "g1", "f2")
+    f.cache_clear()
+    assert len(raw_keys(make)) == 1  # g's entry stays
+    assert g(1) == "g1" and g.cache_info().hits == 1
+
+
+# -- what a store may hold: never trusted --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "truncated", "flipped", "other key", "other serializer", "empty"],
+)
+def test_damaged_entries_are_counted_misses(make: Make, damage: str) -> None:
+    cache = make(ttl=60)
+    cache.set("k", {"v": 1})
+    cache.set("other", {"v": 2})
+    key, other = sorted(raw_keys(make), key=lambda k: "other" in k)
+    good = read_raw(make, key)
+    bad = {
+        "garbage": b"\x80\x04K\x01.",  # a pickle: must never be unpickled
+        "truncated": good[: len(good) // 2],
+        "flipped": good[:-1] + bytes([good[-1] ^ 0xFF]),
+        "other key": read_raw(make, other),
+        "other serializer": good.replace(b"data1", b"data9"),
+        "empty": b"",
+    }[damage]
+    write_raw(make, key, bad)
+    assert cache.get_or_load("k", lambda: "reloaded") == "reloaded"
+    assert cache.stats().serialization_errors == 1
+    assert cache.get_or_load("k", lambda: "again") == "reloaded"  # rewritten, readable
+
+
+def test_unserializable_value_is_returned_not_cached(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = make(ttl=60)
+
+    class Opaque:
+        pass
+
+    thing = Opaque()
+    assert cache.get_or_load("k", lambda: thing) is thing
+    assert cache.get("k") is None
+    assert cache.stats().serialization_errors == 1
+    assert "serializer" in caplog.text
+
+
+def test_value_over_the_size_limit_is_returned_not_cached(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    store = DiskBackend(str(folder), max_value_size=1000)
+    cache: CoalescingCache[bytes] = CoalescingCache(store, ttl=60)
+    big = b"x" * 5000
+    assert cache.get_or_load("k", lambda: big) == big
+    assert cache.get("k") is None and cache.stats().serialization_errors == 1
+    assert cache.get_or_load("small", lambda: b"y") == b"y" and cache.get("small") == b"y"
+
+
+def test_negative_entry_of_an_unlisted_type_is_a_miss(make: Make) -> None:
+    writer = make(ttl=60, cache_errors=(NotFound,))
+    reader = make(ttl=60, cache_errors=(KeyError,))  # does not list NotFound
+
+    def fail() -> str:
+        raise NotFound("x")
+
+    with pytest.raises(NotFound):
+        writer.get_or_load("k", fail)
+    assert reader.get_or_load("k", lambda: "loaded") == "loaded"
+
+
+# -- other processes ---------------------------------------------------------------------
+
+_CHILD = """
+import sys
+import stampede
+from tests.test_backends import NotFound
+import redis, diskcache
+kind, where = sys.argv[1], sys.argv[2]
+store = redis.Redis.from_url(where) if kind == "redis" else diskcache.Cache(where)
+cache = stampede.CoalescingCache(store, ttl=60, cache_errors=(NotFound,))
+print(cache.get_or_load("shared", lambda: "from-child"))
+def fail():
+    raise NotFound("nope", 7)
+try:
+    cache.get_or_load("neg", fail)
+except NotFound:
+    print("raised")
+"""
+
+
+def test_another_process_reads_what_this_one_wrote(make: Make) -> None:
+    cache = make(ttl=60, cache_errors=(NotFound,))
+    cache.set("shared", "from-parent")
+    store = make.store  # type: ignore[attr-defined]
+    if isinstance(store, diskcache.Cache):
+        kind, where = "disk", store.directory
+    else:
+        kind = "redis"
+        kw = store.connection_pool.connection_kwargs
+        where = f"redis://{kw['host']}:{kw['port']}/0"
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, kind, where],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["from-parent", "raised"]
+    # The child's negative entry, read here: the same type, the same args, no load.
+    with pytest.raises(NotFound) as exc:
+        cache.get_or_load("neg", lambda: "should not load")
+    assert exc.value.args == ("nope", 7)
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def test_redis_down_fails_open_then_recovers(fresh_redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(
+        fresh_redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None
+    )
+    store = RedisBackend(client, failure_threshold=2, cooldown=0.2)
+    cache: CoalescingCache[str] = CoalescingCache(store, ttl=60)
+    assert cache.get_or_load("k", lambda: "v1") == "v1"
+    fresh_redis_server.kill()
+    loads = iter(range(100))
+    started = time.monotonic()
+    for _ in range(20):
+        assert cache.get_or_load("k", lambda: f"local{next(loads)}").startswith("local")
+    assert time.monotonic() - started < 5  # the breaker: no timeout paid per call
+    assert cache.stats().backend_errors >= 20
+    fresh_redis_server.restart()
+
+    def recovered() -> bool:
+        cache.get_or_load("probe", lambda: "p")
+        return cache.get("probe") == "p"
+
+    wait_until(recovered, deadline=10, what="the breaker to close again")
+    assert cache.get_or_load("k", lambda: "v2") == "v2"
+    assert cache.get("k") == "v2"
+
+
+def test_paused_redis_costs_timeouts_only_until_the_breaker_opens(
+    fresh_redis_server: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(fresh_redis_server.url, socket_timeout=0.2, retry=None)
+    cache: CoalescingCache[int] = CoalescingCache(
+        RedisBackend(client, failure_threshold=2, cooldown=30), ttl=60
+    )
+    with fresh_redis_server.paused():
+        times = []
+        for i in range(8):
+            t = time.monotonic()
+            assert cache.get_or_load(f"k{i}", lambda i=i: i) == i
+            times.append(time.monotonic() - t)
+    assert max(times[-4:]) < 0.1  # open: fail at once
+    assert sum(times) < 3
+
+
+def test_raise_mode_gives_backend_unavailable(fresh_redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(fresh_redis_server.url, socket_timeout=0.3, retry=None)
+    cache: CoalescingCache[int] = CoalescingCache(client, ttl=60, on_backend_error="raise")
+    fresh_redis_server.kill()
+    with pytest.raises(BackendUnavailable) as exc:
+        cache.get_or_load("k", lambda: 1)
+    assert isinstance(exc.value.__cause__, redis.RedisError | OSError)
+
+
+def test_decode_responses_client_is_refused(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        CoalescingCache(client)
+
+
+def test_redis_urls(redis_url: str) -> None:
+    cache: CoalescingCache[int] = CoalescingCache(redis_url, ttl=60)
+    assert cache.get_or_load("k", lambda: 5) == 5 and cache.get("k") == 5
+
+
+# -- disk folders ------------------------------------------------------------------------
+
+
+def test_disk_url_creates_an_owner_only_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "cache"
+    cache: CoalescingCache[int] = CoalescingCache(f"disk://{folder}", ttl=60)
+    assert cache.get_or_load("k", lambda: 1) == 1
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+
+
+def test_group_writable_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    with pytest.raises(PermissionError, match="writable by group or others"):
+        CoalescingCache(f"disk://{folder}")
+    with pytest.raises(PermissionError):
+        CoalescingCache(diskcache.Cache(str(folder)))
+
+
+def test_bad_urls() -> None:
+    with pytest.raises(ValueError, match="three slashes"):
+        CoalescingCache("disk://host/path")
+    with pytest.raises(ValueError, match="unsupported"):
+        CoalescingCache("memcached://x")
