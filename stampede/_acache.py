@@ -18,8 +18,10 @@ event loop's thread, so wrap blocking I/O in ``asyncio.to_thread`` yourself.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
@@ -31,11 +33,17 @@ from ._singleflight import AsyncSingleFlight, _AsyncCall
 class AsyncCoalescingCache(CacheCore[V]):
     """The asyncio twin of ``CoalescingCache``: same parameters, async methods."""
 
+    _asynchronous = True
     _flight: AsyncSingleFlight
 
     def __init__(self, backend: Any = None, **options: Any) -> None:
         super().__init__(backend, **options)
         self._flight = AsyncSingleFlight()
+        self._remote = not self._backend.local
+        # Fencing locks of remote stores, per event loop (asyncio locks bind to one).
+        self._alocks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[asyncio.Lock, ...]
+        ] = weakref.WeakKeyDictionary()
 
     async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
         """The cached value of ``key``, loading it with ``loader()`` when missing.
@@ -46,7 +54,7 @@ class AsyncCoalescingCache(CacheCore[V]):
         make_key = self._make_key
         k = key if make_key is None else make_key(key)
         try:
-            entry = self._get(k)
+            entry = await self._backend.aget(k) if self._remote else self._get(k)  # type: ignore[union-attr]
         except Exception as exc:
             entry = self._read_failed(exc)
         if entry is not None:
@@ -85,7 +93,7 @@ class AsyncCoalescingCache(CacheCore[V]):
         force: bool = False,
     ) -> V:
         if not force:
-            found = self._recheck(k, previous)
+            found = self._recheck_entry(await self._io_read(k, count_foreign=False), previous)
             if found is not None:
                 return self._answer(found)
         started = self._clock()
@@ -94,11 +102,17 @@ class AsyncCoalescingCache(CacheCore[V]):
             if inspect.isawaitable(value):
                 value = await value
         except BaseException as exc:
-            instead = self._failed(k, call, exc, previous, started)
+            entry, instead, spent = self._failure(k, call, exc, previous, started)
+            if entry is not None:
+                await self._io_commit(k, call, entry)
+            self._count_load("load_errors", spent)
             if instead is MISSING:
                 raise
             return instead
-        return self._stored(k, call, value, started)
+        stored, delta = self._loaded(value, started)
+        await self._io_commit(k, call, stored)
+        self._count_load("loads", delta)
+        return value
 
     def _refresh(
         self,
@@ -124,27 +138,81 @@ class AsyncCoalescingCache(CacheCore[V]):
             log.warning("background refresh of %r failed", k, exc_info=True)
             raise  # callers that joined the refresh share its error
 
+    # -- store I/O: in-memory stores are called directly, remote ones awaited --------
+
+    async def _io_read(self, k: Hashable, count_foreign: bool = True) -> Entry[V] | None:
+        if not self._remote:
+            return self._read(k, count_foreign)
+        try:
+            entry = await self._backend.aget(k)  # type: ignore[union-attr]
+        except Exception as exc:
+            return self._read_failed(exc, count_foreign)
+        return self._valid(entry, count_foreign)
+
+    def _alock_for(self, k: Hashable) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        locks = self._alocks.get(loop)
+        if locks is None:
+            locks = self._alocks.setdefault(loop, tuple(asyncio.Lock() for _ in range(16)))
+        return locks[hash(k) % len(locks)]
+
+    async def _io_commit(self, k: Hashable, call: _AsyncCall, entry: Entry[Any]) -> bool:
+        if not self._remote:
+            return self._commit(k, call, entry)
+        # The lock spans the write: an invalidate of this key either marks the call
+        # forgotten before the check, or deletes after the write has landed.
+        async with self._alock_for(k):
+            if call.forgotten:
+                self._count("fenced")
+                return False
+            try:
+                await self._backend.aset(k, entry)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._write_failed(exc)
+                return False
+        return True
+
+    # -- the public API ----------------------------------------------------------------
+
     async def get(self, key: Hashable, default: Any = None) -> V | Any:
         """The cached value of ``key`` (fresh or still servable stale), else ``default``."""
-        return self._lookup(self._key(key), default)
+        return self._looked_up(await self._io_read(self._key(key)), default)
 
     async def set(self, key: Hashable, value: V, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds; an in-flight load of ``key`` is not stored."""
-        self._set_entry(self._key(key), value, ttl)
+        k = self._key(key)
+        if not self._remote:
+            self._set_entry(k, value, ttl)
+            return
+        entry = self._new_entry(value, ttl, await self._io_read(k))
+        async with self._alock_for(k):
+            self._flight.forget(k)
+            await self._backend.aset(k, entry)  # type: ignore[union-attr]
 
     async def invalidate(self, key: Hashable) -> None:
         """Drop ``key``'s entry and fence any in-flight load of it."""
-        self._invalidate(self._key(key))
+        k = self._key(key)
+        if not self._remote:
+            self._invalidate(k)
+            return
+        async with self._alock_for(k):
+            self._flight.forget(k)
+            await self._backend.adelete(k)  # type: ignore[union-attr]
 
     async def refresh(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
         """Load ``key`` now and store the result; see ``CoalescingCache.refresh``."""
         k = self._key(key)
-        load = functools.partial(self._load, k, loader, self._read(k), force=True)
+        load = functools.partial(self._load, k, loader, await self._io_read(k), force=True)
         call, leader = self._flight._join(k, load)
         if not leader:
             self._counters.coalesced += 1
         return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
 
     async def clear(self) -> None:
-        """Drop every entry of the backend and fence every in-flight load."""
-        self._clear()
+        """Drop every entry of the backend (its namespace, for a shared store) and fence
+        every in-flight load."""
+        if not self._remote:
+            self._clear()
+            return
+        self._flight._forget_all()
+        await self._backend.aclear()  # type: ignore[union-attr]

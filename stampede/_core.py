@@ -8,7 +8,7 @@ two flavours cannot drift; ``tests/test_parity.py`` runs one scenario list
 through both.
 
 Fencing: ``invalidate`` and ``set`` forget the key's in-flight call and write
-the store under ``_lock``; a finished load writes under the same lock only if
+the store under the key's lock; a finished load writes under it only if
 its call was not forgotten. So a load that overlaps an invalidation still
 answers its callers but never writes its (possibly outdated) result.
 """
@@ -71,6 +71,7 @@ class CacheCore(Generic[V]):
     """Configuration and shared steps of ``CoalescingCache`` / ``AsyncCoalescingCache``."""
 
     _flight: _Flight
+    _asynchronous = False  # the flavour of store I/O the shell does
 
     def __init__(
         self,
@@ -105,12 +106,13 @@ class CacheCore(Generic[V]):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         self._namespace = namespace
         self._cacheable = _policy.error_filter(cache_errors)
+        self._error_types = _error_types(cache_errors)
         if on_backend_error not in ("fail-open", "raise"):
             raise ValueError(
                 f"on_backend_error must be 'fail-open' or 'raise', got {on_backend_error!r}"
             )
         self._raise_backend_errors = on_backend_error == "raise"
-        store = resolve(backend, maxsize=maxsize)
+        store = resolve(backend, maxsize=maxsize, asynchronous=self._asynchronous)
         if distributed:
             if store.local:
                 raise ValueError(
@@ -126,9 +128,7 @@ class CacheCore(Generic[V]):
             for attr in ("name", "dumps", "loads"):
                 if not hasattr(serializer, attr):
                     raise TypeError(f"serializer {serializer!r} has no {attr!r}")
-            codec = Codec(
-                serializer, clock=clock, beta=self._beta, error_types=_error_types(cache_errors)
-            )
+            codec = Codec(serializer, clock=clock, beta=self._beta, error_types=self._error_types)
             store = store.bind(codec, namespace)
         self._backend: Store = store
         self._serializer = serializer  # the in-memory backend keeps objects: no serializer
@@ -140,7 +140,9 @@ class CacheCore(Generic[V]):
         self._counters = Counters()
         self._metrics = metrics
         self._name = name or namespace or "default"
-        self._lock = threading.Lock()  # fencing: see the module docstring
+        # Fencing (see the module docstring), striped by key so that writes of
+        # different keys to a remote store do not queue behind each other.
+        self._locks = tuple(threading.Lock() for _ in range(16))
 
     # -- introspection -------------------------------------------------------
 
@@ -288,13 +290,20 @@ class CacheCore(Generic[V]):
             exc.add_note("stampede: negative-cached error, raised again until error_ttl passes")
         return exc
 
-    def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
+    # Each step below is split in two: what to do (pure, shared by both shells)
+    # and doing it on the store (here for sync stores; _acache.py awaits async ones).
+
+    def _recheck_entry(
+        self, current: Entry[V] | None, previous: Entry[V] | None
+    ) -> Entry[V] | None:
         """A leader's second look: an entry someone stored since ``previous`` was read."""
-        current = self._read(k, count_foreign=False)  # the first read counted it
         if current is None or current is previous:
             return None
         decision = _policy.decide(current, self._clock())
         return current if decision in (Decision.HIT, Decision.NEGATIVE) else None
+
+    def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
+        return self._recheck_entry(self._read(k, count_foreign=False), previous)
 
     def _answer(self, entry: Entry[V]) -> V:
         if entry.error is not None:
@@ -302,9 +311,12 @@ class CacheCore(Generic[V]):
         self._counters.hits += 1
         return entry.value  # type: ignore[return-value]
 
+    def _lock_for(self, k: Hashable) -> threading.Lock:
+        return self._locks[hash(k) % len(self._locks)]
+
     def _commit(self, k: Hashable, call: _CallRecord, entry: Entry[Any]) -> bool:
         """Store ``entry`` unless the call was fenced; a failing store is logged, not raised."""
-        with self._lock:
+        with self._lock_for(k):
             if call.forgotten:
                 self._count("fenced")
                 return False
@@ -339,14 +351,58 @@ class CacheCore(Generic[V]):
         u = 1.0 - self._random()  # random() is in [0, 1): u in (0, 1]
         return value_entry(value, now, ttl, self._stale_ttl, delta, self._beta, u)
 
-    def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
+    def _loaded(self, value: V, started: float) -> tuple[Entry[V], float]:
+        """The entry a successful load stores, and the load's duration."""
         now = self._clock()
         delta = max(0.0, now - started)
-        self._commit(k, call, self._entry(value, now, self._ttl, delta))
+        return self._entry(value, now, self._ttl, delta), delta
+
+    def _count_load(self, event: str, spent: float) -> None:
         # Counted once the entry is written: whoever sees the count sees the entry.
-        self._counters.load_time += delta
-        self._count("loads", delta)
+        self._counters.load_time += spent
+        self._count(event, spent)
+
+    def _stored(self, k: Hashable, call: _CallRecord, value: V, started: float) -> V:
+        entry, delta = self._loaded(value, started)
+        self._commit(k, call, entry)
+        self._count_load("loads", delta)
         return value
+
+    def _failure(
+        self,
+        k: Hashable,
+        call: _CallRecord,
+        exc: BaseException,
+        previous: Entry[V] | None,
+        started: float,
+    ) -> tuple[Entry[Any] | None, V | Missing, float]:
+        """What a loader's exception leaves: (entry to store, value to serve instead, time).
+
+        The value is ``MISSING`` when the exception is to be raised.
+        """
+        now = self._clock()
+        spent = max(0.0, now - started)
+        # A fenced load (the key was invalidated or set meanwhile) must not hand
+        # out the value it was refreshing: that value is gone from the cache.
+        usable = None if call.forgotten else previous
+        outcome = _policy.on_load_error(exc, usable, now, self._cacheable)
+        if outcome is _policy.Outcome.SERVE_STALE:
+            assert previous is not None
+            log.warning(
+                "load of %r failed; serving the previous value, next try in %s s",
+                k,
+                self._error_ttl,
+                exc_info=exc,
+            )
+            return previous.with_retry_at(now + self._error_ttl), previous.value, spent
+        if outcome is _policy.Outcome.NEGATIVE:
+            assert isinstance(exc, Exception)
+            if not self._backend.local and not isinstance(exc, self._error_types):
+                # A predicate chose it, but a reader of a shared store can only rebuild
+                # the types cache_errors names: do not store what no one can read.
+                return None, MISSING, spent
+            return error_entry(exc, now, self._error_ttl), MISSING, spent
+        return None, MISSING, spent
 
     def _failed(
         self,
@@ -357,55 +413,48 @@ class CacheCore(Generic[V]):
         started: float,
     ) -> V | Missing:
         """Handle a loader's exception: the value to serve instead, or ``MISSING`` to raise."""
-        now = self._clock()
-        spent = max(0.0, now - started)
-        # A fenced load (the key was invalidated or set meanwhile) must not hand
-        # out the value it was refreshing: that value is gone from the cache.
-        usable = None if call.forgotten else previous
-        outcome = _policy.on_load_error(exc, usable, now, self._cacheable)
-        instead: V | Missing = MISSING
-        if outcome is _policy.Outcome.SERVE_STALE:
-            assert previous is not None
-            self._commit(k, call, previous.with_retry_at(now + self._error_ttl))
-            log.warning(
-                "load of %r failed; serving the previous value, next try in %s s",
-                k,
-                self._error_ttl,
-                exc_info=exc,
-            )
-            instead = previous.value
-        elif outcome is _policy.Outcome.NEGATIVE:
-            assert isinstance(exc, Exception)
-            self._commit(k, call, error_entry(exc, now, self._error_ttl))
-        self._counters.load_time += spent
-        self._count("load_errors", spent)
+        entry, instead, spent = self._failure(k, call, exc, previous, started)
+        if entry is not None:
+            self._commit(k, call, entry)
+        self._count_load("load_errors", spent)
         return instead
 
-    def _set_entry(self, k: Hashable, value: V, ttl: float | None) -> None:
+    def _new_entry(self, value: V, ttl: float | None, previous: Entry[V] | None) -> Entry[V]:
+        """The entry ``set(key, value, ttl)`` writes over ``previous``."""
         ttl = self._ttl if ttl is None else _seconds("ttl", ttl, positive=True)
-        previous = self._read(k)
         # Keep the measured load time so XFetch still refreshes a set value early.
         delta = previous.delta if previous is not None and previous.error is None else 0.0
-        entry = self._entry(value, self._clock(), ttl, delta)
-        with self._lock:
+        return self._entry(value, self._clock(), ttl, delta)
+
+    def _set_entry(self, k: Hashable, value: V, ttl: float | None) -> None:
+        entry = self._new_entry(value, ttl, self._read(k))
+        with self._lock_for(k):
             self._flight.forget(k)
             self._backend.set(k, entry)
 
     def _invalidate(self, k: Hashable) -> None:
-        with self._lock:
+        with self._lock_for(k):
             self._flight.forget(k)
             self._backend.delete(k)
 
     def _clear(self) -> None:
-        with self._lock:
+        for lock in self._locks:
+            lock.acquire()
+        try:
             self._flight._forget_all()
             self._backend.clear()
+        finally:
+            for lock in self._locks:
+                lock.release()
 
-    def _lookup(self, k: Hashable, default: Any) -> Any:
-        entry = self._read(k)
+    def _looked_up(self, entry: Entry[V] | None, default: Any) -> Any:
+        """What ``get`` answers for ``entry``: never loads, never raises a cached error."""
         decision = _policy.decide(entry, self._clock())
         if entry is None or decision in (Decision.MISS, Decision.NEGATIVE):
             self._count("misses")
             return default
         self._served(decision)
         return entry.value
+
+    def _lookup(self, k: Hashable, default: Any) -> Any:
+        return self._looked_up(self._read(k), default)

@@ -149,8 +149,9 @@ def decode(
         raise CorruptEntry(f"entry format {version}, this stampede reads {ENVELOPE_VERSION}")
     if check != key_check(key):
         raise CorruptEntry("the entry belongs to another key")
-    timing = (fresh, stale, delta)
-    if not all(math.isfinite(t) and t >= 0 for t in timing) or fresh > stale or retry != retry:
+    # fresh may be negative: a stale value rewritten (after a failed refresh).
+    finite = math.isfinite(fresh) and math.isfinite(stale) and math.isfinite(delta)
+    if not finite or stale < 0 or delta < 0 or fresh > stale or retry != retry:
         raise CorruptEntry("impossible timing")
     offset = _HEAD.size
     name_len = data[offset]

@@ -398,3 +398,81 @@ def test_bad_urls() -> None:
         CoalescingCache("disk://host/path")
     with pytest.raises(ValueError, match="unsupported"):
         CoalescingCache("memcached://x")
+
+
+# -- asyncio --------------------------------------------------------------------------------
+
+
+def test_client_flavours_must_match_the_cache(redis_url: str) -> None:
+    from stampede import AsyncCoalescingCache
+
+    with pytest.raises(TypeError, match=r"redis\.asyncio"):
+        AsyncCoalescingCache(redis.Redis.from_url(redis_url))
+    with pytest.raises(TypeError, match="asyncio-only"):
+        CoalescingCache(redis.asyncio.Redis.from_url(redis_url))
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_async_cold_key_tasks_load_once_and_cancellation(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import asyncio
+
+    from stampede import AsyncCoalescingCache
+    from stampede.testing import AsyncGate, async_wait_until
+
+    async def main() -> None:
+        if kind == "disk":
+            folder = tmp_path / "c"
+            store: Any = diskcache.Cache(str(folder))
+            os.chmod(folder, 0o700)
+        else:
+            store = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(store, ttl=60)
+        gate = AsyncGate("v")
+        tasks = [asyncio.ensure_future(cache.get_or_load("k", gate)) for _ in range(500)]
+        await async_wait_until(lambda: cache.stats().coalesced == 499)
+        tasks[0].cancel()  # the first caller leaves; the load goes on for the others
+        gate.open()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert results[1:] == ["v"] * 499 and gate.calls == 1
+        assert await cache.get("k") == "v"
+        await cache.invalidate("k")
+        assert await cache.get("k") is None
+        if kind == "redis":
+            await store.aclose()
+        else:
+            store.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_async_redis_down_fails_open(fresh_redis_server: RedisServer) -> None:
+    import asyncio
+
+    from stampede import AsyncCoalescingCache
+    from stampede.backends import AsyncRedisBackend
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(
+            fresh_redis_server.url, socket_timeout=0.3, socket_connect_timeout=0.3, retry=None
+        )
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(
+            AsyncRedisBackend(client, failure_threshold=2, cooldown=60), ttl=60
+        )
+        assert await cache.get_or_load("k", lambda: "v1") == "v1"
+        fresh_redis_server.kill()
+        started = time.monotonic()
+        for i in range(10):
+            assert await cache.get_or_load(f"k{i}", lambda i=i: f"local{i}") == f"local{i}"
+        assert time.monotonic() - started < 5
+        assert cache.stats().backend_errors >= 10
+        raising: AsyncCoalescingCache[str] = AsyncCoalescingCache(
+            client, ttl=60, on_backend_error="raise"
+        )
+        with pytest.raises(BackendUnavailable):
+            await raising.get_or_load("k", lambda: "x")
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -18,7 +18,14 @@ from urllib.parse import parse_qs, urlsplit
 from ._shared import SharedStore
 from .memory import DEFAULT_MAXSIZE, MemoryBackend, is_mapping
 
-__all__ = ["DiskBackend", "MemoryBackend", "RedisBackend", "SharedStore", "resolve"]
+__all__ = [
+    "AsyncRedisBackend",
+    "DiskBackend",
+    "MemoryBackend",
+    "RedisBackend",
+    "SharedStore",
+    "resolve",
+]
 
 _SCHEMES = ("memory://", "disk:///path", "redis://", "rediss://", "unix://")
 
@@ -30,10 +37,10 @@ def __getattr__(name: str) -> Any:  # the disk and Redis modules load their libr
         from .disk import DiskBackend
 
         return DiskBackend
-    if name == "RedisBackend":
-        from .redis import RedisBackend
+    if name in ("RedisBackend", "AsyncRedisBackend"):
+        from . import redis
 
-        return RedisBackend
+        return getattr(redis, name)
     raise AttributeError(name)
 
 
@@ -47,7 +54,7 @@ def _memory_from_url(url: str, maxsize: int | None) -> MemoryBackend:
     return MemoryBackend(maxsize=maxsize or DEFAULT_MAXSIZE)
 
 
-def _from_url(url: str, maxsize: int | None) -> Store:
+def _from_url(url: str, maxsize: int | None, asynchronous: bool) -> Store:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return _memory_from_url(url, maxsize)
@@ -56,22 +63,38 @@ def _from_url(url: str, maxsize: int | None) -> Store:
 
         return DiskBackend.from_url(url)
     if scheme in ("redis", "rediss", "unix"):
-        from .redis import RedisBackend
+        from .redis import AsyncRedisBackend, RedisBackend
 
-        return RedisBackend.from_url(url)
+        return (AsyncRedisBackend if asynchronous else RedisBackend).from_url(url)
     raise ValueError(f"unsupported backend URL {url!r}: supported are {', '.join(_SCHEMES)}")
 
 
-def resolve(backend: Any, *, maxsize: int | None = None) -> Store:
-    """The store object for ``backend`` (None, a URL, a mapping, a client or a store)."""
+def resolve(backend: Any, *, maxsize: int | None = None, asynchronous: bool = False) -> Store:
+    """The store object for ``backend`` (None, a URL, a mapping, a client or a store).
+
+    ``asynchronous``: for ``AsyncCoalescingCache`` (Redis URLs give an asyncio client).
+    """
+    store = _resolve(backend, maxsize, asynchronous)
+    if isinstance(store, SharedStore):
+        if asynchronous and not store.serves_async:
+            raise TypeError(
+                f"{store!r} blocks: AsyncCoalescingCache needs a redis.asyncio client "
+                f"(or a redis:// URL)"
+            )
+        if not asynchronous and not store.serves_sync:
+            raise TypeError(f"{store!r} is asyncio-only: use it with AsyncCoalescingCache")
+    return store
+
+
+def _resolve(backend: Any, maxsize: int | None, asynchronous: bool) -> Store:
     if backend is None:
         return MemoryBackend(maxsize=maxsize or DEFAULT_MAXSIZE)
     if isinstance(backend, (MemoryBackend, SharedStore)):
         return backend
     if isinstance(backend, str):
-        return _from_url(backend, maxsize)
+        return _from_url(backend, maxsize, asynchronous)
     from .disk import is_disk_cache
-    from .redis import is_redis_client
+    from .redis import is_async_redis_client, is_redis_client
 
     if is_disk_cache(backend):
         from .disk import DiskBackend
@@ -81,11 +104,10 @@ def resolve(backend: Any, *, maxsize: int | None = None) -> Store:
         from .redis import RedisBackend
 
         return RedisBackend(backend)
-    if type(backend).__module__.startswith("redis") and "asyncio" in type(backend).__module__:
-        raise TypeError(
-            "a redis.asyncio client needs AsyncCoalescingCache (support for it is coming); "
-            "use a sync redis.Redis with CoalescingCache"
-        )
+    if is_async_redis_client(backend):
+        from .redis import AsyncRedisBackend
+
+        return AsyncRedisBackend(backend)
     if is_mapping(backend):
         return MemoryBackend(backend)
     raise TypeError(

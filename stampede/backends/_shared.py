@@ -14,10 +14,11 @@ is made (``bind``).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from .. import _envelope
@@ -76,6 +77,8 @@ class SharedStore:
     """Base of the disk and Redis stores; see the module docstring."""
 
     local = False
+    serves_sync = True  # False: an asyncio client, only the a* methods work
+    serves_async = True  # False: blocking network I/O, never on an event loop
     errors: tuple[type[BaseException], ...] = ()  # the library's exceptions to wrap
     name = "store"
 
@@ -143,6 +146,52 @@ class SharedStore:
         """Drop every entry of the bound namespace (or under ``prefix``), nothing else."""
         self._call(self._clear_raw, prefix or namespace_prefix(self.namespace))
 
+    # -- the same, for AsyncCoalescingCache ----------------------------------------------
+
+    async def aget(self, key: Hashable) -> Entry[Any] | None:
+        assert self.codec is not None and isinstance(key, str)
+        data, remaining = await self._acall(self._aget_raw, key)
+        if data is None:
+            return None
+        if remaining is None or remaining <= 0:
+            raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
+        return self.codec.loads(key, data, remaining)
+
+    async def aset(self, key: Hashable, entry: Entry[Any]) -> None:
+        assert self.codec is not None and isinstance(key, str)
+        now = self.codec.clock()
+        ttl = _envelope.lifetime(entry, now)
+        if not ttl > 0:
+            return
+        data = self.codec.dumps(key, entry, now)
+        if len(data) > self.max_value_size:
+            raise ValueTooLarge(
+                f"the entry takes {len(data):,} bytes, more than max_value_size "
+                f"({self.max_value_size:,}): returned to callers, not stored"
+            )
+        await self._acall(self._aset_raw, key, data, ttl)
+
+    async def adelete(self, key: Hashable) -> None:
+        assert isinstance(key, str)
+        await self._acall(self._adelete_raw, key)
+
+    async def aclear(self, prefix: str | None = None) -> None:
+        await self._acall(self._aclear_raw, prefix or namespace_prefix(self.namespace))
+
+    async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if not self.breaker.allow():
+            raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
+        try:
+            result = await op(*args)
+        except self.errors as exc:
+            self.breaker.failure()
+            raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
+        except BaseException:
+            self.breaker.success()
+            raise
+        self.breaker.success()
+        return result
+
     def _call(self, op: Callable[..., Any], *args: Any) -> Any:
         if not self.breaker.allow():
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
@@ -171,6 +220,21 @@ class SharedStore:
 
     def _clear_raw(self, prefix: str) -> None:
         raise NotImplementedError
+
+    # Async stores override these; a local store (disk) reads inline (a read is
+    # short) and writes on a worker thread, so the event loop never waits on a write.
+
+    async def _aget_raw(self, key: str) -> tuple[bytes | None, float | None]:
+        return self._get_raw(key)
+
+    async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:
+        await asyncio.to_thread(self._set_raw, key, data, ttl)
+
+    async def _adelete_raw(self, key: str) -> None:
+        await asyncio.to_thread(self._delete_raw, key)
+
+    async def _aclear_raw(self, prefix: str) -> None:
+        await asyncio.to_thread(self._clear_raw, prefix)
 
 
 def ttl_ms(seconds: float) -> int:

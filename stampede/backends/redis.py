@@ -9,6 +9,7 @@ off): entries are binary.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +63,7 @@ class RedisBackend(SharedStore):
     """Entries in Redis, through a sync ``redis.Redis`` / ``RedisCluster`` client."""
 
     name = "Redis"
+    serves_async = False
 
     def __init__(self, client: Any, **options: Any) -> None:
         super().__init__(**options)
@@ -104,6 +106,69 @@ class RedisBackend(SharedStore):
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.client!r})"
+
+
+class AsyncRedisBackend(SharedStore):
+    """Entries in Redis, through a ``redis.asyncio.Redis`` / ``RedisCluster`` client."""
+
+    name = "Redis"
+    serves_sync = False
+
+    def __init__(self, client: Any, **options: Any) -> None:
+        super().__init__(**options)
+        redis = _redis()
+        _check_bytes(client)
+        self.client = client
+        self.errors = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._read = client.register_script(_READ)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> AsyncRedisBackend:
+        redis = _redis()
+        client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False
+        )
+        return cls(client, **options)
+
+    async def _aget_raw(self, key: str) -> tuple[bytes | None, float | None]:
+        found = await self._read(keys=[key])
+        if found is None:
+            return None, None
+        data, pttl = found
+        return data, (pttl / 1000.0 if pttl >= 0 else None)
+
+    async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:
+        await self.client.set(key, data, px=ttl_ms(ttl))
+
+    async def _adelete_raw(self, key: str) -> None:
+        await self.client.delete(key)
+
+    async def _aclear_raw(self, prefix: str) -> None:
+        batch: list[bytes] = []
+        async for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self.client.unlink(*batch)
+
+    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
+        raise TypeError("an asyncio Redis client serves AsyncCoalescingCache only")
+
+    _set_raw = _delete_raw = _clear_raw = _get_raw  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"AsyncRedisBackend({self.client!r})"
+
+
+def is_async_redis_client(obj: object) -> bool:
+    if not type(obj).__module__.startswith("redis"):
+        return False
+    redis = _redis()
+    cluster = getattr(getattr(redis.asyncio, "cluster", None), "RedisCluster", None)
+    kinds = (redis.asyncio.Redis, cluster) if cluster else (redis.asyncio.Redis,)
+    return isinstance(obj, kinds)
 
 
 def _glob_escape(text: str) -> str:
