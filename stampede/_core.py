@@ -332,8 +332,8 @@ class CacheCore(Generic[V]):
         if isinstance(exc, (SerializationError, ValueTooLarge)):
             self._count("serialization_errors")
             log.warning(
-                "%s; the value is returned to its callers but not cached (choose another "
-                "serializer= for such values, e.g. PickleSerializer(secret=...))",
+                "%s; the value is returned to its callers but not cached (a serializer= "
+                "that supports it, e.g. PickleSerializer(secret=...), would store it)",
                 exc,
             )
             return

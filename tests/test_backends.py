@@ -31,6 +31,13 @@ class NotFound(LookupError):
     pass
 
 
+class Opaque:
+    """Not data: only a pickling serializer can store it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
 Make = Callable[..., CoalescingCache[Any]]
 
 
@@ -476,3 +483,94 @@ def test_async_redis_down_fails_open(fresh_redis_server: RedisServer) -> None:
         await client.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- more failure shapes ---------------------------------------------------------------------
+
+
+def test_redis_down_at_start_still_serves(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache: CoalescingCache[int] = CoalescingCache(f"redis://127.0.0.1:{port}/0", ttl=60)
+    assert cache.get_or_load("k", lambda: 1) == 1
+    assert cache.get_or_load("k", lambda: 2) == 2  # nothing cached: each call loads
+    assert cache.stats().backend_errors >= 2
+
+
+def test_redis_killed_mid_flight_every_caller_gets_the_value(
+    fresh_redis_server: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(
+        fresh_redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=None
+    )
+    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60)
+    gate = Gate("v")
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        v = cache.get_or_load("k", gate)
+        with lock:
+            got.append(v)
+
+    threads = run_threads(20, caller)
+    wait_until(lambda: cache.stats().coalesced == 19)
+    fresh_redis_server.kill()  # the leader's write will fail
+    gate.open()
+    join_all(threads)
+    assert got == ["v"] * 20 and gate.calls == 1
+    assert cache.stats().backend_errors >= 1
+
+
+def test_slow_redis_times_out_and_fails_open(fresh_redis_server: RedisServer) -> None:
+    if not fresh_redis_server.debug_command_enabled:
+        pytest.skip("this server has no DEBUG command")
+    client = redis.Redis.from_url(fresh_redis_server.url, socket_timeout=0.2, retry=None)
+    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60)
+    cache.set("k", "cached")
+    slow = fresh_redis_server.client()
+    sleeper = threading.Thread(target=lambda: slow.execute_command("DEBUG", "SLEEP", "1"))
+    sleeper.start()
+    wait_until(lambda: _is_sleeping(fresh_redis_server), deadline=5)
+    started = time.monotonic()
+    assert cache.get_or_load("k", lambda: "loaded while redis was slow") == (
+        "loaded while redis was slow"
+    )
+    assert time.monotonic() - started < 0.9  # bounded by the socket timeouts, not the sleep
+    sleeper.join(5)
+    slow.close()
+
+
+def _is_sleeping(server: RedisServer) -> bool:
+    probe = redis.Redis.from_url(server.url, socket_timeout=0.05, retry=None)
+    try:
+        probe.ping()
+        return False
+    except redis.TimeoutError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_signed_pickle_end_to_end_and_tampering(make: Make) -> None:
+    from stampede.serializers import PickleSerializer
+
+    cache = make(ttl=60, serializer=PickleSerializer(secret=b"k1"))
+    assert cache.get_or_load("k", lambda: Opaque(1)).n == 1
+    (key,) = raw_keys(make)
+    data = bytearray(read_raw(make, key))
+    data[-10] ^= 0x01  # inside the signed payload (the CRC is re-made by the attacker)
+    import struct
+    import zlib
+
+    body = bytes(data[:-4])
+    write_raw(make, key, body + struct.pack("<I", zlib.crc32(body)))
+    assert cache.get_or_load("k", lambda: Opaque(2)).n == 2  # refused, reloaded
+    assert cache.stats().serialization_errors == 1
+    rotated = make(ttl=60, serializer=PickleSerializer(secret=b"k2", verify=[b"k1"]))
+    assert rotated.get("k").n == 2  # signed with the old key: still read
+    other = make(ttl=60, serializer=PickleSerializer(secret=b"other"))
+    assert other.get("k") is None and other.stats().serialization_errors == 1
