@@ -11,13 +11,16 @@ Sections (DESIGN.md section 4):
    (``_cold.py``);
 4. cold key, asyncio: the same with N tasks and an ``asyncio.sleep`` loader;
 5. hot key expiring under load: TTL 1 s, 100 ms loader, 20 workers reading one
-   key for 5 s: loader calls, reads that waited for a load, latency (``_hot.py``).
+   key for 5 s: loader calls, reads that waited for a load, latency (``_hot.py``);
+6. shared-store hits: ns per hit of one key in Redis (a private ``redis-server``
+   started for the run) and in a diskcache ``Cache``, ratio to a raw redis-py
+   ``GET`` + ``pickle.loads``, and Redis commands per hit (``_shared_hits.py``).
 
 Prints markdown tables and a final "targets" table (PASS/MISS). Timing never
 fails the run: the exit status is 0 whatever the numbers. Peers that are not
 installed show as "n/a (not installed: ...)".
 
-    python benchmarks/bench_core.py [--quick] [--only hit|cold|hot] [--think-ms MS]
+    python benchmarks/bench_core.py [--quick] [--only hit|cold|hot|shared] [--think-ms MS]
 """
 
 from __future__ import annotations
@@ -51,10 +54,30 @@ from _cold import (
 from _common import Config, Target, find, table
 from _hit import bench_hit_async, bench_hit_sync, hit_targets, report_hit_async, report_hit_sync
 from _hot import HOT_LOADER_S, HOT_TTL, bench_hot, hot_note, hot_targets, report_hot
+from _shared_hits import (
+    ASYNC_DATA,
+    ASYNC_FLOOR,
+    REDIS_DATA,
+    REDIS_FLOOR,
+    bench_shared,
+    report_disk,
+    report_redis,
+    shared_note,
+    shared_targets,
+)
 
 import stampede
 
-PEERS = ("cachetools", "cachebox", "dogpile.cache", "aiocache", "cashews", "diskcache")
+PEERS = (
+    "cachetools",
+    "cachebox",
+    "dogpile.cache",
+    "aiocache",
+    "cashews",
+    "diskcache",
+    "redis",
+    "hiredis",
+)
 
 
 def machine() -> str:
@@ -80,7 +103,9 @@ def machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run)")
-    parser.add_argument("--only", choices=("hit", "cold", "hot"), help="run one part only")
+    parser.add_argument(
+        "--only", choices=("hit", "cold", "hot", "shared"), help="run one part only"
+    )
     parser.add_argument(
         "--think-ms",
         type=float,
@@ -142,12 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit(hot_note(cfg) + "\n")
         targets += hot_targets(hot, cfg)
 
+    if args.only in (None, "shared"):
+        shared = bench_shared(cfg)
+        emit("## 6. Shared-store hits (one key, already cached)\n")
+        emit("### Redis, sync\n")
+        emit(report_redis(shared.sync, REDIS_FLOOR, REDIS_DATA) + "\n")
+        emit("### Redis, async (awaited in a loop inside one coroutine)\n")
+        emit(report_redis(shared.asyn, ASYNC_FLOOR, ASYNC_DATA) + "\n")
+        emit("### diskcache (a `Cache` in a temporary directory)\n")
+        emit(report_disk(shared.disk) + "\n")
+        emit(shared_note(cfg, shared) + "\n")
+        targets += shared_targets(shared)
+
     emit("## Targets (DESIGN.md section 4)\n")
     emit(table(["what", "target", "measured", "verdict"], [t.row() for t in targets]) + "\n")
-    emit(
-        "Not covered here: Redis hit, multi-process Redis cold key, "
-        "XFetch + lease refreshes per expiry.\n"
-    )
+    emit("Not covered here: multi-process Redis cold key, XFetch + lease refreshes per expiry.\n")
     emit(f"Total run time: {time.perf_counter() - began:.1f} s.")
     return 0  # timing never fails the run
 

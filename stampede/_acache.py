@@ -209,8 +209,7 @@ class AsyncCoalescingCache(CacheCore[V]):
         return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
 
     async def clear(self) -> None:
-        """Drop every entry of the backend (its namespace, for a shared store) and fence
-        every in-flight load."""
+        """Drop this cache's entries (its namespace) and fence every in-flight load."""
         if not self._remote:
             self._clear()
             return

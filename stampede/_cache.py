@@ -189,7 +189,7 @@ class CoalescingCache(CacheCore[V]):
         return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
 
     def clear(self) -> None:
-        """Drop every entry of the backend and fence every in-flight load."""
+        """Drop this cache's entries (its namespace) and fence every in-flight load."""
         self._clear()
 
 

@@ -442,7 +442,10 @@ class CacheCore(Generic[V]):
             lock.acquire()
         try:
             self._flight._forget_all()
-            self._backend.clear()
+            if isinstance(self._backend, SharedStore):
+                self._backend.clear()  # a bound store knows its namespace
+            else:
+                self._backend.clear(self._namespace)
         finally:
             for lock in self._locks:
                 lock.release()

@@ -41,7 +41,8 @@ import hashlib
 import math
 import os
 import struct
-import sys
+import time
+import weakref
 import zlib
 from typing import Any
 
@@ -71,12 +72,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed)  # a child draws apart from its parent
 
 
-def clock_domain(clock: object) -> bytes:
-    """An id shared by the readers whose clock readings can be compared as they are."""
-    import time
+_domains: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+_pinned: dict[int, tuple[object, bytes]] = {}  # clocks that take no weak reference
 
-    tag = b"monotonic" if clock is time.monotonic else id(clock).to_bytes(8, "little")
-    return hashlib.blake2b(tag, digest_size=8, key=_salt).digest()
+
+def clock_domain(clock: object) -> bytes:
+    """An id shared by the readers whose clock readings can be compared as they are.
+
+    ``time.monotonic`` is one domain per process; any other clock object gets
+    a random token of its own for as long as it lives (never its ``id``: a
+    new clock may reuse a dead one's address).
+    """
+    if clock is time.monotonic:
+        token = b"monotonic"
+    else:
+        try:
+            token = _domains.setdefault(clock, os.urandom(8))
+        except TypeError:  # not weakly referable: keep it alive, so its id stays its own
+            token = _pinned.setdefault(id(clock), (clock, os.urandom(8)))[1]
+    return hashlib.blake2b(token, digest_size=8, key=_salt).digest()
 
 
 def key_check(key: str) -> bytes:
@@ -202,23 +216,20 @@ def _draw(data: bytes) -> float:
 
 
 def _resolve(name: str, error_types: tuple[type[BaseException], ...]) -> type[Exception]:
-    """The exception type called ``name``, if imported already and one of ``error_types``."""
-    # Nested classes: "pkg.mod.Outer.Inner" -- try each split, longest module first.
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        module = sys.modules.get(".".join(parts[:i]))
-        if module is None:
+    """The exception type called ``name``: one of ``error_types`` or an imported subclass.
+
+    Only classes that exist in this process already are candidates (found by
+    walking ``__subclasses__``), so reading an entry never imports anything;
+    classes defined inside functions are found too.
+    """
+    seen: set[type[BaseException]] = set()
+    todo = list(error_types)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
             continue
-        obj: Any = module
-        for attr in parts[i:]:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if (
-            isinstance(obj, type)
-            and issubclass(obj, Exception)
-            and error_types
-            and issubclass(obj, error_types)
-        ):
-            return obj
+        seen.add(cls)
+        if f"{cls.__module__}.{cls.__qualname__}" == name and issubclass(cls, Exception):
+            return cls
+        todo.extend(cls.__subclasses__())
     raise CorruptEntry(f"negative entry of {name}, which is not among this cache's cache_errors")

@@ -574,3 +574,55 @@ def test_signed_pickle_end_to_end_and_tampering(make: Make) -> None:
     assert rotated.get("k").n == 2  # signed with the old key: still read
     other = make(ttl=60, serializer=PickleSerializer(secret=b"other"))
     assert other.get("k") is None and other.stats().serialization_errors == 1
+
+
+# -- regressions ------------------------------------------------------------------------------
+
+
+def test_error_types_defined_in_a_function_are_cached(make: Make) -> None:
+    class Gone(LookupError):
+        pass
+
+    calls = 0
+
+    def load() -> str:
+        nonlocal calls
+        calls += 1
+        raise Gone("user 7")
+
+    cache = make(ttl=60, cache_errors=(Gone,), error_ttl=30)
+    for _ in range(3):
+        with pytest.raises(Gone):
+            cache.get_or_load("k", load)
+    assert calls == 1 and cache.stats().serialization_errors == 0
+
+
+def test_a_new_clock_at_a_dead_clocks_address_is_another_domain(tmp_path: Path) -> None:
+    import gc
+
+    folder = tmp_path / "c"
+    store = DiskBackend(str(folder))
+    for i in range(200):
+        clock = FakeClock(1000.0)
+        CoalescingCache(store, ttl=60, clock=clock).set(f"k{i}", "v")
+        dead = id(clock)
+        del clock
+        gc.collect()
+        reader = FakeClock(5000.0)
+        if id(reader) == dead:
+            assert CoalescingCache(store, ttl=60, clock=reader).get(f"k{i}") == "v"
+            return
+    pytest.skip("the interpreter never reused the address")
+
+
+def test_memory_clear_drops_only_its_namespace() -> None:
+    store: dict[Any, Any] = {}
+    a: CoalescingCache[int] = CoalescingCache(store, namespace="a")
+    b: CoalescingCache[int] = CoalescingCache(store, namespace="b")
+    plain: CoalescingCache[int] = CoalescingCache(store)
+    for c in (a, b, plain):
+        c.set("k", 1)
+    a.clear()
+    assert (a.get("k"), b.get("k"), plain.get("k")) == (None, 1, 1)
+    plain.clear()
+    assert (b.get("k"), plain.get("k")) == (1, None)

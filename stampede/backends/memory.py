@@ -124,12 +124,20 @@ class MemoryBackend:
 
         return make
 
-    def clear(self) -> None:
+    def clear(self, namespace: str = "") -> None:
+        """Drop the entries of ``namespace`` (keys of other namespaces stay)."""
         if self._guard is None:
-            self.mapping.clear()
+            self._clear(namespace)
         else:
             with self._guard:
-                self.mapping.clear()
+                self._clear(namespace)
+
+    def _clear(self, namespace: str) -> None:
+        mapping = self.mapping
+        for key in list(mapping.keys()):
+            namespaced = type(key) is tuple and len(key) == 3 and key[0] is NS_MARK
+            if (key[1] == namespace) if namespaced else not namespace:
+                mapping.pop(key, None)
 
     def __len__(self) -> int:
         return len(self.mapping)

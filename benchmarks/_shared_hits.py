@@ -1,0 +1,706 @@
+"""Section 6: hits of one cached key in a store shared between processes (Redis, disk).
+
+DESIGN.md section 4: "Redis hit: one round trip; <= 1.15x a raw redis-py GET +
+decode of the same value". Every row reads one key holding the same small
+value (a dict of ten str/int fields), already stored; each row is timed in
+interleaved rounds and reports its minimum, like sections 1-2.
+
+Redis rows run against a private ``redis-server`` started for this section
+(``stampede.testing.redis_server.RedisServer``: a free loopback port, no
+persistence), never against a Redis already running on the machine. Commands
+per hit are counted by the server: its slow log, set to record every command
+for the count only (not while timing), names each command and the client that
+sent it, so the commands a Lua script runs inside Redis (no round trip) are
+told apart from the ones a client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import pickle
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from _common import (
+    KEY,
+    Config,
+    Target,
+    Unavailable,
+    acounting,
+    counting,
+    ns,
+    progress,
+    ratio,
+    reason,
+    table,
+)
+from _hit import HitResult, _await_loop, _number, _Row, _sync_timer
+
+import stampede
+
+TARGET = 1.15  # stampede Redis hit <= 1.15x raw redis-py GET + decode
+TTL = 600  # long enough that no row's key expires (or refreshes early) during the section
+
+# A small, realistic cached value: a user record of ten str/int fields.
+VALUE: dict[str, Any] = {
+    "id": 184467,
+    "name": "Ada Lovelace",
+    "email": "ada.lovelace@example.com",
+    "plan": "pro",
+    "country": "GB",
+    "city": "London",
+    "active": 1,
+    "logins": 1843,
+    "created": "2024-03-18T09:12:44Z",
+    "score": 9731,
+}
+
+# Keys of the raw rows: the same value, encoded by pickle / DataSerializer.
+RAW_PICKLE = "bench:raw:pickle"
+RAW_DATA = "bench:raw:data"
+
+REDIS_FLOOR = "floor: raw redis-py `GET` + `pickle.loads`"
+REDIS_DATA = "raw redis-py `GET` + `DataSerializer().loads`"
+REDIS_CACHED = "stampede `@cached(cache=redis_client)`"
+REDIS_GET_OR_LOAD = "stampede `CoalescingCache(redis_client).get_or_load`"
+ASYNC_FLOOR = "floor: raw `await client.get()` + `pickle.loads` (redis.asyncio)"
+ASYNC_DATA = "raw `await client.get()` + `DataSerializer().loads`"
+DISK_FLOOR = "floor: raw `Cache.get` of the pickled bytes + `pickle.loads`"
+DISK_DATA = "raw `Cache.get` of DataSerializer bytes + `DataSerializer().loads`"
+
+NOT_SUPPORTED = "n/a (not supported yet)"
+
+
+@dataclasses.dataclass
+class SharedResult(HitResult):
+    commands: str = ""  # Redis commands sent per hit, with their names
+    per_hit: float | None = None  # client commands per hit (a number, for the targets)
+
+
+@dataclasses.dataclass
+class SharedResults:
+    sync: list[SharedResult]
+    asyn: list[SharedResult]
+    disk: list[SharedResult]
+    server: str  # the private server's version, or why there is none
+
+
+@dataclasses.dataclass
+class Env:
+    """What a row's build function may use."""
+
+    url: str = ""
+    client: Any = None  # redis.Redis (sync rows)
+    aclient: Any = None  # redis.asyncio.Redis (async rows)
+    disk: Any = None  # diskcache.Cache (disk rows)
+    cleanup: list[Callable[[], Any]] = dataclasses.field(default_factory=list)
+
+
+Built = tuple[Callable[..., Any], tuple[Any, ...]]  # (fn, args): fn(*args) is one hit
+Build = Callable[[Env, Callable[[Any], Any]], Built]
+
+
+def _na(exc: BaseException) -> str:
+    text = reason(exc)
+    return text if text.startswith("n/a") else f"n/a: {text}"
+
+
+def _data_serializer() -> Any:
+    from stampede.serializers import DataSerializer
+
+    return DataSerializer()
+
+
+# -- Redis, sync --------------------------------------------------------------------------
+
+
+def _redis_floor(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.client.get, pickle.loads
+
+    def hit(key: str) -> Any:
+        return loads(get(key))
+
+    return hit, (RAW_PICKLE,)
+
+
+def _redis_data(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.client.get, _data_serializer().loads
+
+    def hit(key: str) -> Any:
+        return loads(get(key))
+
+    return hit, (RAW_DATA,)
+
+
+def _read_script() -> str:
+    from stampede.backends import redis as redis_backend
+
+    script = getattr(redis_backend, "_READ", None)
+    if not isinstance(script, str):
+        raise Unavailable("n/a: stampede's read script (`stampede.backends.redis._READ`) moved")
+    return script
+
+
+def _redis_evalsha_pickle(env: Env, src: Callable[[Any], Any]) -> Built:
+    # stampede's read script (GET + PTTL) over the pickled value: the script's own cost.
+    script = _read_script()
+    sha = env.client.script_load(script)
+    if sha != hashlib.sha1(script.encode()).hexdigest():
+        raise RuntimeError("SCRIPT LOAD answered an unexpected sha")
+    evalsha, loads = env.client.evalsha, pickle.loads
+
+    def hit(key: str) -> Any:
+        data, _pttl = evalsha(sha, 1, key)
+        return loads(data)
+
+    return hit, (RAW_PICKLE,)
+
+
+def _stampede_store_read(env: Env, src: Callable[[Any], Any]) -> Built:
+    # The store's read alone, without the cache around it (internals: may move).
+    cache: stampede.CoalescingCache[Any] = stampede.CoalescingCache(env.client, ttl=TTL)
+    cache.get_or_load(KEY, functools.partial(src, KEY))
+    backend, key = getattr(cache, "_backend", None), getattr(cache, "_make_key", None)
+    if backend is None or not callable(key) or not hasattr(backend, "get"):
+        raise Unavailable("n/a: the cache's internals moved")
+    get = backend.get
+
+    def hit(k: str) -> Any:
+        return get(k).value
+
+    return hit, (key(KEY),)
+
+
+def _stampede_get_or_load(env: Env, src: Callable[[Any], Any]) -> Built:
+    cache: stampede.CoalescingCache[Any] = stampede.CoalescingCache(env.client, ttl=TTL)
+    return cache.get_or_load, (KEY, functools.partial(src, KEY))
+
+
+def _stampede_cached(env: Env, src: Callable[[Any], Any]) -> Built:
+    @stampede.cached(cache=env.client, ttl=TTL)
+    def user(x: str) -> Any:
+        return src(x)
+
+    return user, (KEY,)
+
+
+def _dogpile_region(env: Env) -> Any:
+    from dogpile.cache import make_region
+
+    return make_region().configure(
+        "dogpile.cache.redis",
+        expiration_time=TTL,
+        arguments={"url": env.url, "redis_expiration_time": TTL + 60},
+    )
+
+
+def _dogpile_get_or_create(env: Env, src: Callable[[Any], Any]) -> Built:
+    return _dogpile_region(env).get_or_create, (KEY, functools.partial(src, KEY))
+
+
+def _dogpile_decorator(env: Env, src: Callable[[Any], Any]) -> Built:
+    @_dogpile_region(env).cache_on_arguments()
+    def user(x: str) -> Any:
+        return src(x)
+
+    return user, (KEY,)
+
+
+SYNC_CASES: list[tuple[str, Build]] = [
+    (REDIS_FLOOR, _redis_floor),
+    (REDIS_DATA, _redis_data),
+    (
+        "raw redis-py `EVALSHA` of stampede's read script (GET + PTTL) + `pickle.loads`",
+        _redis_evalsha_pickle,
+    ),
+    (
+        "stampede's store read alone: `EVALSHA` + envelope + DataSerializer decode (internal)",
+        _stampede_store_read,
+    ),
+    (REDIS_GET_OR_LOAD, _stampede_get_or_load),
+    (REDIS_CACHED, _stampede_cached),
+    ("dogpile redis region `get_or_create` (pickle)", _dogpile_get_or_create),
+    ("dogpile redis region `@cache_on_arguments` (pickle)", _dogpile_decorator),
+]
+
+
+# -- Redis, async -------------------------------------------------------------------------
+
+
+def _async_floor(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.aclient.get, pickle.loads
+
+    async def hit(key: str) -> Any:
+        return loads(await get(key))
+
+    return hit, (RAW_PICKLE,)
+
+
+def _async_data(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.aclient.get, _data_serializer().loads
+
+    async def hit(key: str) -> Any:
+        return loads(await get(key))
+
+    return hit, (RAW_DATA,)
+
+
+def _async_stampede_get_or_load(env: Env, src: Callable[[Any], Any]) -> Built:
+    try:
+        cache: stampede.AsyncCoalescingCache[Any] = stampede.AsyncCoalescingCache(
+            env.aclient, ttl=TTL
+        )
+    except (TypeError, NotImplementedError) as exc:
+        raise Unavailable(NOT_SUPPORTED) from exc
+    return cache.get_or_load, (KEY, functools.partial(src, KEY))
+
+
+def _async_stampede_cached(env: Env, src: Callable[[Any], Any]) -> Built:
+    async def user(x: str) -> Any:
+        return await src(x)
+
+    try:
+        fn = stampede.cached(cache=env.aclient, ttl=TTL)(user)
+    except (TypeError, NotImplementedError) as exc:
+        raise Unavailable(NOT_SUPPORTED) from exc
+    return fn, (KEY,)
+
+
+def _aiocache(env: Env, src: Callable[[Any], Any]) -> Built:
+    import aiocache
+    from aiocache.serializers import PickleSerializer
+
+    host, port = env.aclient.connection_pool.connection_kwargs["host"], _port(env)
+    fn = aiocache.cached(
+        ttl=TTL,
+        cache=aiocache.RedisCache,
+        endpoint=host,
+        port=port,
+        serializer=PickleSerializer(),
+        namespace="bench-shared",
+    )(src)
+    env.cleanup.append(lambda: fn.cache.close())
+    return fn, (KEY,)
+
+
+def _cashews(**kwargs: Any) -> Build:
+    def build(env: Env, src: Callable[[Any], Any]) -> Built:
+        import cashews
+
+        cache = cashews.Cache()
+        cache.setup(env.url)
+        env.cleanup.append(cache.close)
+        return cache(ttl=TTL, **kwargs)(src), (KEY,)
+
+    return build
+
+
+def _port(env: Env) -> int:
+    return int(env.aclient.connection_pool.connection_kwargs["port"])
+
+
+ASYNC_CASES: list[tuple[str, Build]] = [
+    (ASYNC_FLOOR, _async_floor),
+    (ASYNC_DATA, _async_data),
+    ("stampede `AsyncCoalescingCache(async_client).get_or_load`", _async_stampede_get_or_load),
+    ("stampede `@cached(cache=async_client)` (async def)", _async_stampede_cached),
+    ("aiocache redis `cached` (PickleSerializer)", _aiocache),
+    ("cashews redis `@cache`", _cashews()),
+    ("cashews redis `@cache(lock=True)`", _cashews(lock=True)),
+]
+
+
+# -- disk ---------------------------------------------------------------------------------
+
+
+def _disk_floor(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.disk.get, pickle.loads
+
+    def hit(key: str) -> Any:
+        return loads(get(key))
+
+    return hit, (RAW_PICKLE,)
+
+
+def _disk_data(env: Env, src: Callable[[Any], Any]) -> Built:
+    get, loads = env.disk.get, _data_serializer().loads
+
+    def hit(key: str) -> Any:
+        return loads(get(key))
+
+    return hit, (RAW_DATA,)
+
+
+def _disk_own_pickle(env: Env, src: Callable[[Any], Any]) -> Built:
+    env.disk.set("bench:raw:object", VALUE)  # diskcache pickles it itself
+    return env.disk.get, ("bench:raw:object",)
+
+
+def _disk_stampede_get_or_load(env: Env, src: Callable[[Any], Any]) -> Built:
+    return _stampede_get_or_load(dataclasses.replace(env, client=env.disk), src)
+
+
+def _disk_stampede_cached(env: Env, src: Callable[[Any], Any]) -> Built:
+    return _stampede_cached(dataclasses.replace(env, client=env.disk), src)
+
+
+def _disk_memoize(env: Env, src: Callable[[Any], Any]) -> Built:
+    return env.disk.memoize(expire=TTL)(src), (KEY,)
+
+
+DISK_CASES: list[tuple[str, Build]] = [
+    (DISK_FLOOR, _disk_floor),
+    (DISK_DATA, _disk_data),
+    ("raw `Cache.get` of the dict (diskcache unpickles it)", _disk_own_pickle),
+    ("stampede `CoalescingCache(diskcache.Cache).get_or_load`", _disk_stampede_get_or_load),
+    ("stampede `@cached(cache=diskcache.Cache)`", _disk_stampede_cached),
+    ("diskcache `memoize`", _disk_memoize),
+]
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def _calibrated(row: _Row, cfg: Config) -> None:
+    number, elapsed = 8, 0.0
+    while elapsed < cfg.repeat_s / 5:
+        number *= 2
+        elapsed = row.run(number)
+    row.number = _number(elapsed, number, cfg)
+
+
+async def _acalibrated(row: _Row, cfg: Config) -> None:
+    number, elapsed = 8, 0.0
+    while elapsed < cfg.repeat_s / 5:
+        number *= 2
+        elapsed = await row.run(number)
+    row.number = _number(elapsed, number, cfg)
+
+
+def _bench_sync(
+    cases: list[tuple[str, Build]], env: Env, cfg: Config, what: str, counter: Any = None
+) -> list[SharedResult]:
+    results, rows, hits = [], [], []
+    for label, build in cases:
+        progress(f"{what}: {label}")
+        result = SharedResult(label, None)
+        results.append(result)
+        src, calls = counting(lambda x: dict(VALUE))
+        try:
+            fn, args = build(env, src)
+            if fn(*args) != VALUE:
+                raise RuntimeError("wrong value returned")
+            row = _Row(result, _sync_timer(fn, args), calls, True)
+            _calibrated(row, cfg)
+        except Exception as exc:
+            result.note = _na(exc)
+            continue
+        rows.append(row)
+        hits.append(functools.partial(fn, *args))
+    for i in range(cfg.rounds):
+        progress(f"{what}: round {i + 1} of {cfg.rounds}")
+        for row in rows:
+            row.record(row.run(row.number))
+    for row, hit in zip(rows, hits, strict=True):
+        row.check()
+        if counter is not None:
+            counter.count(row.result, hit)
+    return results
+
+
+async def _bench_async(
+    cases: list[tuple[str, Build]], env: Env, cfg: Config, counter: Any
+) -> list[SharedResult]:
+    results, rows, hits = [], [], []
+    for label, build in cases:
+        progress(f"async shared hit: {label}")
+        result = SharedResult(label, None)
+        results.append(result)
+
+        async def value(x: Any) -> Any:
+            return dict(VALUE)
+
+        src, calls = acounting(value)
+        try:
+            fn, args = build(env, src)
+            if await fn(*args) != VALUE:
+                raise RuntimeError("wrong value returned")
+            row = _Row(result, functools.partial(_await_loop, fn, args), calls, True)
+            await _acalibrated(row, cfg)
+        except Exception as exc:
+            result.note = _na(exc)
+            continue
+        rows.append(row)
+        hits.append(functools.partial(fn, *args))
+    for i in range(cfg.rounds):
+        progress(f"async shared hit: round {i + 1} of {cfg.rounds}")
+        for row in rows:
+            row.record(await row.run(row.number))
+    for row, hit in zip(rows, hits, strict=True):
+        row.check()
+        await counter.acount(row.result, hit)
+    return results
+
+
+# -- counting commands --------------------------------------------------------------------
+
+
+class CommandCounter:
+    """Counts the commands one hit sends to the private server, from its slow log.
+
+    With ``slowlog-log-slower-than 0`` Redis logs every command with the
+    address of the client that sent it; the commands a Lua script runs are
+    logged too, from a client with no address (no round trip of their own).
+    """
+
+    def __init__(self, observer: Any, hits: int) -> None:
+        self.observer = observer
+        self.hits = hits
+        self.own = observer.client_info()["addr"]
+
+    @contextlib.contextmanager
+    def _logging_all(self) -> Iterator[None]:
+        obs = self.observer
+        before = obs.config_get("slowlog-*")
+        obs.config_set("slowlog-max-len", 100 * self.hits + 100)
+        obs.config_set("slowlog-log-slower-than", 0)
+        obs.slowlog_reset()
+        try:
+            yield
+        finally:
+            obs.config_set("slowlog-log-slower-than", before["slowlog-log-slower-than"])
+            obs.config_set("slowlog-max-len", before["slowlog-max-len"])
+            obs.slowlog_reset()
+
+    def _read(self) -> tuple[Counter[str], Counter[str]]:
+        sent: Counter[str] = Counter()
+        in_script: Counter[str] = Counter()
+        for entry in self.observer.slowlog_get(100 * self.hits + 100):
+            address = _text(entry.get("client_address", b""))
+            name = _text(entry["command"]).split(" ", 1)[0].upper()
+            if address == self.own:
+                continue
+            if address.startswith("?") or address.endswith(":0") or not address:
+                in_script[name] += 1  # the script's client: no round trip
+            else:
+                sent[name] += 1
+        return sent, in_script
+
+    def _record(self, result: SharedResult, sent: Counter[str], in_script: Counter[str]) -> None:
+        total = sum(sent.values())
+        result.per_hit = total / self.hits
+        names = ", ".join(
+            name if n == self.hits else f"{n / self.hits:g} {name}"
+            for name, n in sorted(sent.items())
+        )
+        text = f"{result.per_hit:g}" + (f" ({names})" if names else "")
+        if in_script:
+            inner = ", ".join(sorted(in_script))
+            text += f"; in the script: {inner}"
+        result.commands = text
+
+    def count(self, result: SharedResult, hit: Callable[[], Any]) -> None:
+        try:
+            with self._logging_all():
+                for _ in range(self.hits):
+                    hit()
+                sent, in_script = self._read()
+        except Exception as exc:
+            result.commands = _na(exc)
+            return
+        self._record(result, sent, in_script)
+
+    async def acount(self, result: SharedResult, hit: Callable[[], Any]) -> None:
+        try:
+            with self._logging_all():
+                for _ in range(self.hits):
+                    await hit()
+                sent, in_script = self._read()
+        except Exception as exc:
+            result.commands = _na(exc)
+            return
+        self._record(result, sent, in_script)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# -- the section --------------------------------------------------------------------------
+
+
+def _skipped(cases: list[tuple[str, Build]], note: str) -> list[SharedResult]:
+    return [SharedResult(label, None, note) for label, _ in cases]
+
+
+def bench_shared(cfg: Config) -> SharedResults:
+    counted = 10 if cfg.quick else 50
+    try:
+        from stampede.testing.redis_server import RedisServer
+
+        server = RedisServer()
+        server.start()
+    except Exception as exc:
+        note = _na(exc)
+        progress(f"shared hit: no private Redis server ({note})")
+        sync, asyn, version = _skipped(SYNC_CASES, note), _skipped(ASYNC_CASES, note), note
+    else:
+        with contextlib.ExitStack() as stack:
+            stack.callback(server.stop)
+            sync, asyn, version = _bench_redis(server, stack, cfg, counted)
+    return SharedResults(sync, asyn, _bench_disk(cfg), version)
+
+
+def _bench_redis(
+    server: Any, stack: contextlib.ExitStack, cfg: Config, counted: int
+) -> tuple[list[SharedResult], list[SharedResult], str]:
+    try:
+        import redis
+    except ImportError as exc:
+        note = _na(exc)
+        return _skipped(SYNC_CASES, note), _skipped(ASYNC_CASES, note), note
+    observer = server.client()
+    stack.callback(observer.close)
+    version = f"redis-server {observer.info('server')['redis_version']} (private, loopback)"
+    client = redis.Redis.from_url(server.url)  # as a user makes one; hiredis parser if installed
+    stack.callback(client.close)
+    client.set(RAW_PICKLE, pickle.dumps(VALUE))
+    client.set(RAW_DATA, _data_serializer().dumps(VALUE))
+    counter = CommandCounter(observer, counted)
+    env = Env(url=server.url, client=client)
+    sync = _bench_sync(SYNC_CASES, env, cfg, "shared hit (Redis)", counter)
+    asyn = asyncio.run(_bench_redis_async(server.url, cfg, counter))
+    return sync, asyn, version
+
+
+async def _bench_redis_async(url: str, cfg: Config, counter: CommandCounter) -> list[SharedResult]:
+    import redis.asyncio
+
+    aclient = redis.asyncio.Redis.from_url(url)
+    env = Env(url=url, aclient=aclient)
+    try:
+        return await _bench_async(ASYNC_CASES, env, cfg, counter)
+    finally:
+        for close in reversed(env.cleanup):
+            with contextlib.suppress(Exception):
+                done = close()
+                if asyncio.iscoroutine(done):
+                    await done
+        await aclient.aclose()
+
+
+def _bench_disk(cfg: Config) -> list[SharedResult]:
+    try:
+        import diskcache
+    except ImportError as exc:
+        return _skipped(DISK_CASES, _na(exc))
+    with tempfile.TemporaryDirectory(prefix="stampede-bench-") as path:
+        cache = diskcache.Cache(path)
+        try:
+            cache.set(RAW_PICKLE, pickle.dumps(VALUE))
+            cache.set(RAW_DATA, _data_serializer().dumps(VALUE))
+            return _bench_sync(DISK_CASES, Env(disk=cache), cfg, "shared hit (disk)")
+        finally:
+            cache.close()
+
+
+# -- reporting ----------------------------------------------------------------------------
+
+
+def _seconds(results: list[SharedResult], label: str) -> float | None:
+    return next((r.seconds for r in results if r.label == label), None)
+
+
+def report_redis(results: list[SharedResult], floor: str, data: str) -> str:
+    ref, ref_data = _seconds(results, floor), _seconds(results, data)
+    rows = [
+        [
+            r.label,
+            ns(r.seconds),
+            ratio(r.seconds, ref),
+            ratio(r.seconds, ref_data),
+            r.commands or "n/a",
+            r.note,
+        ]
+        for r in results
+    ]
+    headers = [
+        "variant",
+        "ns per hit",
+        "vs GET + pickle",
+        "vs GET + DataSerializer",
+        "Redis commands per hit (sent; in the script)",
+        "note",
+    ]
+    return table(headers, rows)
+
+
+def report_disk(results: list[SharedResult]) -> str:
+    ref, ref_data = _seconds(results, DISK_FLOOR), _seconds(results, DISK_DATA)
+    rows = [
+        [r.label, ns(r.seconds), ratio(r.seconds, ref), ratio(r.seconds, ref_data), r.note]
+        for r in results
+    ]
+    return table(
+        ["variant", "ns per hit", "vs get + pickle", "vs get + DataSerializer", "note"], rows
+    )
+
+
+def shared_note(cfg: Config, results: SharedResults) -> str:
+    counted = 10 if cfg.quick else 50
+    return (
+        f"Server: {results.server}. The value is a dict of ten str/int fields (pickle: "
+        f"{len(pickle.dumps(VALUE))} bytes). Each row: the minimum of {cfg.rounds} rounds of "
+        f"~{cfg.repeat_s:g} s; rounds interleave the rows of a table. The floors read a key "
+        "written with `SET` of the encoded value (no expiry, no envelope). Commands per hit: "
+        f"{counted} more hits after the timing, with the server's slow log recording every "
+        "command: *sent* are the commands the client sent (each one a round trip unless "
+        "pipelined), *in the script* those a Lua script ran inside Redis (no round trip). "
+        "Internal rows call stampede internals to split the time and may go n/a when those move."
+    )
+
+
+def shared_targets(results: SharedResults) -> list[Target]:
+    floor = _seconds(results.sync, REDIS_FLOOR)
+    ours = {r.label: r for r in results.sync}
+    cached, get_or_load = ours[REDIS_CACHED], ours[REDIS_GET_OR_LOAD]
+    measured = [r for r in (cached, get_or_load) if r.per_hit is not None]
+    targets = [
+        Target(
+            "Redis hit: commands per hit",
+            "1",
+            "; ".join(
+                f"{r.per_hit:g} via {_short(r)} ({r.commands.split('(', 1)[-1].split(')')[0]})"
+                for r in measured
+            )
+            or "n/a",
+            all(r.per_hit == 1 for r in measured) if measured else None,
+        )
+    ]
+    if cached.seconds is None or not floor:
+        value = None
+        text = "n/a"
+    else:
+        value = cached.seconds / floor
+        text = f"{value:.2f}x via `@cached`"
+        if get_or_load.seconds is not None:
+            text += f" (`get_or_load`: {get_or_load.seconds / floor:.2f}x)"
+    targets.append(
+        Target(
+            "Redis hit <= 1.15x raw GET + decode (redis-py `GET` + `pickle.loads`)",
+            f"<= {TARGET}x",
+            text,
+            None if value is None else value <= TARGET,
+        )
+    )
+    return targets
+
+
+def _short(result: SharedResult) -> str:
+    return "`@cached`" if result.label == REDIS_CACHED else "`get_or_load`"
