@@ -170,10 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "shared"):
         shared = bench_shared(cfg)
         emit("## 6. Shared-store hits (one key, already cached)\n")
-        emit("### Redis, sync\n")
-        emit(report_redis(shared.sync, REDIS_FLOOR, REDIS_DATA) + "\n")
-        emit("### Redis, async (awaited in a loop inside one coroutine)\n")
-        emit(report_redis(shared.asyn, ASYNC_FLOOR, ASYNC_DATA) + "\n")
+        if shared.redis_na:
+            emit(f"### Redis\n\nNo Redis rows: {shared.redis_na}\n")
+        else:
+            emit("### Redis, sync\n")
+            emit(report_redis(shared.sync, REDIS_FLOOR, REDIS_DATA) + "\n")
+            emit("### Redis, async (awaited in a loop inside one coroutine)\n")
+            emit(report_redis(shared.asyn, ASYNC_FLOOR, ASYNC_DATA) + "\n")
         emit("### diskcache (a `Cache` in a temporary directory)\n")
         emit(report_disk(shared.disk) + "\n")
         emit(shared_note(cfg, shared) + "\n")

@@ -17,6 +17,12 @@ encoding is injective (``("a:b", "c")`` and ``("a", "b:c")`` differ, and so
 do ``1``, ``1.0``, ``True`` and ``"1"``: encoded keys are always typed). It is
 prefixed by the namespace and ``KEY_VERSION``, and hashed when long. The same
 call gives the same text in every process: nothing depends on ``hash()``.
+
+Every text key starts with a Redis Cluster hash tag of its own, a digest of
+the rest (``stampede:{3f2a...}:5:users:v1:...``): keys that belong together
+(a value and its lease) share a slot, and no user text can choose the slot,
+since Redis only looks at the first ``{...}``. ``key_rest`` strips the tag
+for matching by namespace or function.
 """
 
 from __future__ import annotations
@@ -170,17 +176,27 @@ def encode_key(namespace: str, key: Hashable) -> str:
         # they can be found by it); the digest of the whole keeps keys distinct.
         digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
         body = f"{body[:_KEPT_HEAD]}#{digest}"
-    return f"{namespace_prefix(namespace)}{body}"
+    rest = f"{namespace_prefix(namespace)}{body}"
+    tag = hashlib.blake2b(rest.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"stampede:{{{tag}}}:{rest}"
+
+
+_TAGGED = len("stampede:{0123456789abcdef}:")
+
+
+def key_rest(text_key: str) -> str:
+    """A text key without its hash tag: what namespace and function prefixes match."""
+    return text_key[_TAGGED:] if text_key.startswith("stampede:{") else ""
 
 
 def namespace_prefix(namespace: str) -> str:
-    """What every text key of ``namespace`` starts with."""
-    return f"stampede:{len(namespace)}:{namespace}:v{KEY_VERSION}:"
+    """What the rest (``key_rest``) of every text key of ``namespace`` starts with."""
+    return f"{len(namespace)}:{namespace}:v{KEY_VERSION}:"
 
 
 def function_prefix(namespace: str, fn_id: str) -> str:
-    """What every text key of the function ``fn_id`` in a shared cache starts with."""
-    whole = encode_key(namespace, (FN_MARK, fn_id, None))
+    """What the rest of every text key of the function ``fn_id`` starts with."""
+    whole = key_rest(encode_key(namespace, (FN_MARK, fn_id, None)))
     assert whole.endswith("N)") and len(whole) < MAX_KEY_LENGTH + 80, "fn_id too long"
     return whole[: -len("N)")]
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key
+from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key, key_rest
 
 scalars = st.one_of(
     st.none(),
@@ -81,7 +81,8 @@ def test_separator_and_type_lookalikes() -> None:
 
 def test_long_keys_are_hashed_and_short_ones_readable() -> None:
     short = encode_key("users", ("alice", 42))
-    assert "alice" in short and short.startswith("stampede:5:users:v1:")
+    assert "alice" in short and key_rest(short).startswith("5:users:v1:")
+    assert short.startswith("stampede:{") and short.index("}") == len("stampede:{") + 16
     long = encode_key("users", "x" * 1000)
     assert len(long) < MAX_KEY_LENGTH + 40 and "#" in long
     assert long.startswith(encode_key("users", "x" * 1000)[:100])  # the head stays readable
@@ -95,8 +96,15 @@ def test_a_functions_keys_share_a_prefix_even_when_hashed() -> None:
 
     prefix = function_prefix("ns", "mod.f")
     for args in [(1,), ("x" * 500,), (None, b"y" * 300)]:
-        assert encode_key("ns", (FN_MARK, "mod.f", args)).startswith(prefix)
-    assert not encode_key("ns", (FN_MARK, "mod.fg", (1,))).startswith(prefix)
+        assert key_rest(encode_key("ns", (FN_MARK, "mod.f", args))).startswith(prefix)
+    assert not key_rest(encode_key("ns", (FN_MARK, "mod.fg", (1,)))).startswith(prefix)
+
+
+def test_user_text_cannot_choose_the_cluster_slot() -> None:
+    a = encode_key("", "{user1000}.following")
+    b = encode_key("", "{user1000}.followers")
+    tag = lambda k: k[k.index("{") + 1 : k.index("}")]  # noqa: E731 - what Redis hashes
+    assert tag(a) != tag(b) and "user1000" not in tag(a)
 
 
 def test_unsupported_values_are_a_clear_type_error() -> None:

@@ -143,7 +143,8 @@ class SharedStore:
         self._call(self._delete_raw, key)
 
     def clear(self, prefix: str | None = None) -> None:
-        """Drop every entry of the bound namespace (or under ``prefix``), nothing else."""
+        """Drop every entry of the bound namespace (or whose key rest starts with
+        ``prefix``), nothing else."""
         self._call(self._clear_raw, prefix or namespace_prefix(self.namespace))
 
     # -- the same, for AsyncCoalescingCache ----------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .._keys import key_rest
 from ._shared import SharedStore
 
 
@@ -103,7 +104,7 @@ class DiskBackend(SharedStore):
 
     def _clear_raw(self, prefix: str) -> None:
         for key in list(self.cache.iterkeys()):
-            if isinstance(key, str) and key.startswith(prefix):
+            if isinstance(key, str) and key_rest(key).startswith(prefix):
                 self.cache.delete(key)
 
     def __repr__(self) -> str:

@@ -96,7 +96,7 @@ class RedisBackend(SharedStore):
 
     def _clear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500):
+        for key in self.client.scan_iter(match=_pattern(prefix), count=500):
             batch.append(key)
             if len(batch) >= 500:
                 self.client.unlink(*batch)
@@ -145,7 +145,7 @@ class AsyncRedisBackend(SharedStore):
 
     async def _aclear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
-        async for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=500):
+        async for key in self.client.scan_iter(match=_pattern(prefix), count=500):
             batch.append(key)
             if len(batch) >= 500:
                 await self.client.unlink(*batch)
@@ -169,6 +169,11 @@ def is_async_redis_client(obj: object) -> bool:
     cluster = getattr(getattr(redis.asyncio, "cluster", None), "RedisCluster", None)
     kinds = (redis.asyncio.Redis, cluster) if cluster else (redis.asyncio.Redis,)
     return isinstance(obj, kinds)
+
+
+def _pattern(rest_prefix: str) -> str:
+    """A SCAN pattern for the keys whose rest (after the hash tag) starts so."""
+    return "stampede:{*}:" + _glob_escape(rest_prefix) + "*"
 
 
 def _glob_escape(text: str) -> str:
