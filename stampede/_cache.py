@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from . import _lease
 from ._core import CacheCore, V, log
 from ._entry import MISSING, Entry
 from ._singleflight import SingleFlight, _Call
@@ -113,6 +114,29 @@ class CoalescingCache(CacheCore[V]):
         previous: Entry[V] | None,
         call: _Call,
         force: bool = False,
+        background: bool = False,
+    ) -> V:
+        if self._distributed:
+            local = functools.partial(self._load_here, k, loader, previous, call, force)
+            return _lease.load(
+                self,
+                k,
+                loader,
+                previous,
+                call,
+                force=force,
+                background=background,
+                local_load=local,
+            )
+        return self._load_here(k, loader, previous, call, force)
+
+    def _load_here(
+        self,
+        k: Hashable,
+        loader: Callable[[], V],
+        previous: Entry[V] | None,
+        call: _Call,
+        force: bool = False,
     ) -> V:
         if not force:
             found = self._recheck(k, previous)
@@ -151,7 +175,8 @@ class CoalescingCache(CacheCore[V]):
         self, k: Hashable, loader: Callable[[], V], entry: Entry[V], call: _Call
     ) -> None:
         try:
-            self._flight._lead(k, call, functools.partial(self._load, k, loader, entry))
+            load = functools.partial(self._load, k, loader, entry, background=True)
+            self._flight._lead(k, call, load)
         except Exception:
             log.warning("background refresh of %r failed", k, exc_info=True)
 

@@ -114,12 +114,16 @@ class CacheCore(Generic[V]):
         self._raise_backend_errors = on_backend_error == "raise"
         store = resolve(backend, maxsize=maxsize, asynchronous=self._asynchronous)
         if distributed:
-            if store.local:
+            if store.local or not getattr(store, "supports_leases", False):
                 raise ValueError(
                     "distributed=True needs a backend shared between processes (Redis, "
                     f"diskcache); {store!r} lives in this process only"
                 )
-            raise NotImplementedError("distributed single-flight is not implemented yet")
+            if self._asynchronous:
+                raise NotImplementedError(
+                    "distributed=True is not available for AsyncCoalescingCache yet"
+                )
+        self._distributed = bool(distributed)
         if isinstance(store, SharedStore):
             if serializer is None:
                 from .serializers import DataSerializer
@@ -302,6 +306,15 @@ class CacheCore(Generic[V]):
         decision = _policy.decide(current, self._clock())
         return current if decision in (Decision.HIT, Decision.NEGATIVE) else None
 
+    def _decoded(self, key: str, data: bytes | None, remaining: float | None) -> Entry[V] | None:
+        """Bytes read alongside a lease, as an entry; unreadable ones are a counted miss."""
+        if data is None:
+            return None
+        try:
+            return self._backend.decode(key, data, remaining)  # type: ignore[union-attr]
+        except CorruptEntry as exc:
+            return self._read_failed(exc)
+
     def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
         return self._recheck_entry(self._read(k, count_foreign=False), previous)
 
@@ -431,11 +444,16 @@ class CacheCore(Generic[V]):
         with self._lock_for(k):
             self._flight.forget(k)
             self._backend.set(k, entry)
+            if self._distributed:  # fence the fleet's load of it too
+                self._backend.lease_break(k, drop_value=False)  # type: ignore[union-attr, arg-type]
 
     def _invalidate(self, k: Hashable) -> None:
         with self._lock_for(k):
             self._flight.forget(k)
-            self._backend.delete(k)
+            if self._distributed:
+                self._backend.lease_break(k, drop_value=True)  # type: ignore[union-attr, arg-type]
+            else:
+                self._backend.delete(k)
 
     def _clear(self) -> None:
         for lock in self._locks:

@@ -147,6 +147,60 @@ class SharedStore:
         ``prefix``), nothing else."""
         self._call(self._clear_raw, prefix or namespace_prefix(self.namespace))
 
+    # -- leases, for distributed=True (see stampede/distributed) --------------------------
+
+    supports_leases = False
+
+    def decode(self, key: str, data: bytes, remaining: float | None) -> Entry[Any]:
+        assert self.codec is not None
+        if remaining is None or remaining <= 0:
+            raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
+        return self.codec.loads(key, data, remaining)
+
+    def lease_acquire(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        """Take the key's lease if free; also read the value: (taken, bytes, remaining)."""
+        return self._call(self._lease_acquire_raw, key, token, lease_ttl)  # type: ignore[no-any-return]
+
+    def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
+        return bool(self._call(self._lease_renew_raw, key, token, lease_ttl))
+
+    def lease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
+        """Write ``entry`` (None: nothing) and free the lease, only if ``token`` holds it."""
+        assert self.codec is not None
+        data, ttl = None, 0.0
+        if entry is not None:
+            now = self.codec.clock()
+            ttl = _envelope.lifetime(entry, now)
+            if ttl > 0:
+                data = self.codec.dumps(key, entry, now)
+                if len(data) > self.max_value_size:
+                    data = None  # too large: free the lease, store nothing
+        return bool(self._call(self._lease_commit_raw, key, token, data, ttl))
+
+    def lease_break(self, key: str, drop_value: bool) -> None:
+        """Free the key's lease whoever holds it (fencing its load), maybe drop the value."""
+        self._call(self._lease_break_raw, key, drop_value)
+
+    def lease_listen(self, key: str) -> Any:
+        """A context manager whose ``wait(timeout)`` returns when the key's lease ends."""
+        raise NotImplementedError
+
+    def _lease_acquire_raw(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        raise NotImplementedError
+
+    def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        raise NotImplementedError
+
+    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
+        raise NotImplementedError
+
     # -- the same, for AsyncCoalescingCache ----------------------------------------------
 
     async def aget(self, key: Hashable) -> Entry[Any] | None:

@@ -107,5 +107,58 @@ class DiskBackend(SharedStore):
             if isinstance(key, str) and key_rest(key).startswith(prefix):
                 self.cache.delete(key)
 
+    # -- leases: an atomic add with expiry; changes in a transaction ------------------
+
+    supports_leases = True
+    poll_interval = 0.02  # no notifications between processes here: waiters poll
+
+    def _lease_acquire_raw(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        got = self.cache.add(lease_key(key), token, expire=lease_ttl)
+        data, remaining = self._get_raw(key)
+        return bool(got), data, remaining
+
+    def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        with self.cache.transact():
+            if self.cache.get(lease_key(key)) != token:
+                return False
+            return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
+
+    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+        with self.cache.transact():
+            if self.cache.get(lease_key(key)) != token:
+                return False
+            if data:
+                self.cache.set(key, data, expire=ttl)
+            self.cache.delete(lease_key(key))
+            return True
+
+    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
+        with self.cache.transact():
+            self.cache.delete(lease_key(key))
+            if drop_value:
+                self.cache.delete(key)
+
+    def lease_listen(self, key: str) -> _Polling:
+        return _Polling()
+
     def __repr__(self) -> str:
         return f"DiskBackend({self.cache.directory!r})"
+
+
+def lease_key(key: str) -> str:
+    return key + ":lease"
+
+
+class _Polling:
+    """Waiting for a lease on disk: a bounded sleep, the caller looks again after it."""
+
+    def __enter__(self) -> _Polling:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, DiskBackend.poll_interval))

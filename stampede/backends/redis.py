@@ -10,6 +10,9 @@ off): entries are binary.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +26,40 @@ if not v then return nil end
 return {v, redis.call('PTTL', KEYS[1])}
 """
 
+# Leases (distributed=True). KEYS[1] is the value, KEYS[2] its lease: one hash
+# slot (the key's own hash tag). Every change is conditional on the token, so a
+# leader that lost its lease can neither write nor free someone else's lease.
+_ACQUIRE = """
+local got = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+local v = redis.call('GET', KEYS[1])
+local t = -2
+if v then t = redis.call('PTTL', KEYS[1]) end
+return {got and 1 or 0, v or false, t}
+"""
+_RENEW = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 0
+"""
+_COMMIT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+"""
+_BREAK = """
+redis.call('DEL', KEYS[2])
+if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], KEYS[1])
+return 1
+"""
+CHANNEL = "stampede:lease-done"
+
 SCHEMES = ("redis", "rediss", "unix")
+
+log = logging.getLogger("stampede")
 
 
 def _redis() -> Any:
@@ -72,6 +108,37 @@ class RedisBackend(SharedStore):
         self.client = client
         self.errors = (redis.RedisError, OSError)
         self._read = client.register_script(_READ)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._commit = client.register_script(_COMMIT)
+        self._break = client.register_script(_BREAK)
+        self._notifier: _Notifier | None = None
+        self._notifier_lock = threading.Lock()
+
+    supports_leases = True
+
+    def _lease_acquire_raw(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        got, data, pttl = self._acquire(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)])
+        return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
+
+    def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        return bool(self._renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]))
+
+    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+        args = [token, data or b"", ttl_ms(ttl), CHANNEL]
+        return bool(self._commit(keys=[key, lease_key(key)], args=args))
+
+    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
+        self._break(keys=[key, lease_key(key)], args=["1" if drop_value else "0", CHANNEL])
+
+    def lease_listen(self, key: str) -> _Listening:
+        if self._notifier is None:
+            with self._notifier_lock:
+                if self._notifier is None:
+                    self._notifier = _Notifier(self.client)
+        return _Listening(self._notifier, key)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -169,6 +236,74 @@ def is_async_redis_client(obj: object) -> bool:
     cluster = getattr(getattr(redis.asyncio, "cluster", None), "RedisCluster", None)
     kinds = (redis.asyncio.Redis, cluster) if cluster else (redis.asyncio.Redis,)
     return isinstance(obj, kinds)
+
+
+def lease_key(key: str) -> str:
+    return key + ":lease"  # the same hash tag: the same slot
+
+
+class _Notifier:
+    """One pub/sub subscription per store and process, waking the local waiters.
+
+    A listener thread reads lease-done messages and sets the events of the
+    keys this process waits for. Messages can be lost (a reconnect, a full
+    buffer): waiters poll as a fallback, so a lost message costs a delay,
+    never a hang.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._waiters: dict[bytes, set[threading.Event]] = {}
+        self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
+        self._thread.start()
+
+    def register(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            self._waiters.setdefault(key.encode(), set()).add(event)
+
+    def unregister(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._waiters.get(key.encode())
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[key.encode()]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    with self._lock:
+                        events = list(self._waiters.get(message["data"], ()))
+                    for event in events:
+                        event.set()
+            except Exception:  # Redis away: waiters poll meanwhile; try again soon
+                log.debug("lease notifications interrupted", exc_info=True)
+                time.sleep(0.5)
+
+
+class _Listening:
+    def __init__(self, notifier: _Notifier, key: str) -> None:
+        self._notifier = notifier
+        self._key = key
+        self._event = threading.Event()
+
+    def __enter__(self) -> _Listening:
+        self._notifier.register(self._key, self._event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._notifier.unregister(self._key, self._event)
+
+    def wait(self, timeout: float) -> None:
+        self._event.wait(timeout)
+        self._event.clear()
 
 
 def _pattern(rest_prefix: str) -> str:

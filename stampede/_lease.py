@@ -1,0 +1,156 @@
+"""Distributed single-flight (``distributed=True``): one load per key for the fleet.
+
+Layered: the process's own single-flight first, so one process asks for a
+key's lease once whatever its number of threads; then a lease in the shared
+store, taken with a random token (Redis ``SET NX PX``, diskcache ``add``).
+
+The leader keeps the lease alive while its loader runs (a renewer thread,
+every third of ``lease_ttl``) and writes the value with a script that checks
+the token first, frees the lease and wakes the waiters (Redis pub/sub). A
+leader that lost its lease (paused, partitioned, fenced by ``invalidate``)
+can neither write nor free another's lease: its callers get its value, the
+store does not. A leader that dies leaves a lease that expires by itself;
+a waiter then takes it over.
+
+Waiters in other processes wait for the wake-up, with a bounded poll as the
+fallback, then look again: one round trip both reads the value and tries the
+lease, so a waiter sends about three commands per flight. Background
+refreshes (XFetch, stale-while-revalidate) try the lease once and, if someone
+else holds it, leave the refresh to them: one refresh per key for the fleet.
+
+If the store fails, the load goes on without it (the local single-flight
+still holds for this process), or raises ``BackendUnavailable`` when asked to.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._entry import MISSING, Entry
+from ._errors import BackendUnavailable, LoadTimeout
+
+if TYPE_CHECKING:
+    from ._cache import CoalescingCache
+    from ._singleflight import _Call
+
+V = TypeVar("V")
+
+
+class Renewer:
+    """Keeps a lease alive while a loader runs; notices when it was lost."""
+
+    def __init__(self, store: Any, key: str, token: str, lease_ttl: float) -> None:
+        self.lost = False
+        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stampede-lease", daemon=True)
+
+    def __enter__(self) -> Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._ttl)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl / 3):
+            try:
+                if not self._store.lease_renew(self._key, self._token, self._ttl):
+                    self.lost = True  # taken over, or fenced: the write will be refused
+                    return
+            except Exception:  # the store is away; the lease may still hold
+                continue
+
+
+def load(
+    cache: CoalescingCache[V],
+    k: Hashable,
+    loader: Callable[[], V],
+    previous: Entry[V] | None,
+    call: _Call,
+    *,
+    force: bool,
+    background: bool,
+    local_load: Callable[[], V],
+) -> V:
+    """The leader of this process loads ``k`` for the fleet, or waits for who does."""
+    store: Any = cache._backend
+    key = str(k)
+    token = secrets.token_hex(16)
+    deadline = None if cache._wait_timeout is None else time.monotonic() + cache._wait_timeout
+    poll = min(0.25, cache._lease_ttl / 4)
+    waited = False
+    while True:
+        with store.lease_listen(key) as wake:  # listening before looking: no lost wake-up
+            try:
+                taken, data, remaining = store.lease_acquire(key, token, cache._lease_ttl)
+            except BackendUnavailable as exc:
+                cache._read_failed(exc)  # counted; raises when configured to
+                return local_load()  # fail open: this process's single-flight only
+            current = cache._decoded(key, data, remaining)
+            found = None if force else cache._recheck_entry(current, previous)
+            if found is not None:
+                if taken:
+                    _release(cache, key, token)
+                return cache._answer(found)
+            if taken:
+                break
+            if background and previous is not None:
+                return previous.value  # type: ignore[return-value] # someone else refreshes
+            if not waited:
+                waited = True
+                cache._count("lease_waits")
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if left <= 0:
+                raise LoadTimeout(f"no result after waiting {cache._wait_timeout} s for a lease")
+            wake.wait(left)
+    if waited:
+        cache._count("lease_takeovers")  # the lease we waited on ended with no value
+    started = cache._clock()
+    with Renewer(store, key, token, cache._lease_ttl) as renewer:
+        try:
+            value = loader()
+        except BaseException as exc:
+            entry, instead, spent = cache._failure(k, call, exc, previous, started)
+            _commit(cache, key, token, call, entry)
+            cache._count_load("load_errors", spent)
+            if instead is MISSING:
+                raise
+            return instead
+    stored, delta = cache._loaded(value, started)
+    if renewer.lost:
+        _release(cache, key, token)
+        cache._count("fenced")
+    else:
+        _commit(cache, key, token, call, stored)
+    cache._count_load("loads", delta)
+    return value
+
+
+def _commit(
+    cache: CoalescingCache[Any], key: str, token: str, call: _Call, entry: Entry[Any] | None
+) -> None:
+    """Write ``entry`` and free the lease, if both this process and the fleet allow it."""
+    with cache._lock_for(key):
+        if call.forgotten:  # invalidated here meanwhile
+            cache._count("fenced")
+            entry = None
+        try:
+            written = cache._backend.lease_commit(key, token, entry)  # type: ignore[union-attr]
+        except Exception as exc:
+            cache._write_failed(exc)
+            return
+    if not written and entry is not None:
+        cache._count("fenced")  # the lease was lost: a newer load or an invalidate wins
+
+
+def _release(cache: CoalescingCache[Any], key: str, token: str) -> None:
+    try:
+        cache._backend.lease_commit(key, token, None)  # type: ignore[union-attr]
+    except Exception as exc:
+        cache._write_failed(exc)
