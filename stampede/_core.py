@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random as _random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -45,6 +47,18 @@ class _Flight(Protocol):
 
 class _CallRecord(Protocol):
     forgotten: bool
+
+
+_live: weakref.WeakSet[CacheCore[Any]] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for cache in list(_live):  # a lock held by a parent's thread would stay held here
+        cache._locks = tuple(threading.Lock() for _ in cache._locks)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _error_types(cache_errors: object) -> tuple[type[BaseException], ...]:
@@ -147,6 +161,7 @@ class CacheCore(Generic[V]):
         # Fencing (see the module docstring), striped by key so that writes of
         # different keys to a remote store do not queue behind each other.
         self._locks = tuple(threading.Lock() for _ in range(16))
+        _live.add(self)
 
     # -- introspection -------------------------------------------------------
 

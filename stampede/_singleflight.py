@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
@@ -97,6 +99,23 @@ def _outcome(exc: BaseException | None, value: T) -> T:
     raise LoadAbandoned(f"the load ended with {type(exc).__name__}") from exc
 
 
+_live: weakref.WeakSet[SingleFlight] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # The child has one thread: the parent's leaders do not exist here, so their
+    # calls would never finish, and a lock held by one of them stays held.
+    for flight in list(_live):
+        flight._lock = threading.Lock()
+        for call in flight._calls.values():
+            call.forgotten = True
+        flight._calls = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class SingleFlight:
     """Duplicate-call suppression for threads.
 
@@ -108,6 +127,7 @@ class SingleFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards _calls and _Call.dups
         self._calls: dict[Hashable, _Call] = {}
+        _live.add(self)
 
     def do(
         self, key: Hashable, fn: Callable[[], T], *, timeout: float | None = None

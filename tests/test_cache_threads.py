@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
+import warnings
 from typing import Any
 
 import pytest
@@ -306,3 +310,35 @@ def test_async_loader_in_sync_cache_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="AsyncCoalescingCache"):
         cache.get_or_load("k", fetch)
     assert cache.get("k") is None  # nothing cached
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_wait_for_the_parents_loads() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(ttl=60)
+    gate = Gate("parent")
+    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    t.start()
+    assert gate.entered.wait(5)  # the parent's thread leads "k" and holds it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: that leader thread does not exist here
+        code = 1
+        try:
+            if cache.get_or_load("k", lambda: "child") == "child":
+                code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung on its parent's in-flight load")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    gate.open()
+    join_all([t])

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -112,8 +114,6 @@ class RedisBackend(SharedStore):
         self._renew = client.register_script(_RENEW)
         self._commit = client.register_script(_COMMIT)
         self._break = client.register_script(_BREAK)
-        self._notifier: _Notifier | None = None
-        self._notifier_lock = threading.Lock()
 
     supports_leases = True
 
@@ -134,11 +134,7 @@ class RedisBackend(SharedStore):
         self._break(keys=[key, lease_key(key)], args=["1" if drop_value else "0", CHANNEL])
 
     def lease_listen(self, key: str) -> _Listening:
-        if self._notifier is None:
-            with self._notifier_lock:
-                if self._notifier is None:
-                    self._notifier = _Notifier(self.client)
-        return _Listening(self._notifier, key)
+        return _Listening(_notifier_for(self.client), key)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -236,6 +232,31 @@ def is_async_redis_client(obj: object) -> bool:
     cluster = getattr(getattr(redis.asyncio, "cluster", None), "RedisCluster", None)
     kinds = (redis.asyncio.Redis, cluster) if cluster else (redis.asyncio.Redis,)
     return isinstance(obj, kinds)
+
+
+# One subscription per client and process, whatever the number of caches on it.
+_notifiers: weakref.WeakKeyDictionary[Any, _Notifier] = weakref.WeakKeyDictionary()
+_notifiers_lock = threading.Lock()
+
+
+def _notifier_for(client: Any) -> _Notifier:
+    notifier = _notifiers.get(client)
+    if notifier is None:
+        with _notifiers_lock:
+            notifier = _notifiers.get(client)
+            if notifier is None:
+                notifier = _notifiers[client] = _Notifier(client)
+    return notifier
+
+
+def _after_fork() -> None:
+    global _notifiers_lock
+    _notifiers.clear()  # their listener threads stayed in the parent
+    _notifiers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def lease_key(key: str) -> str:
