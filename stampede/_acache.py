@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from . import _lease
 from ._core import CacheCore, V, log
 from ._entry import MISSING, Entry
 from ._singleflight import AsyncSingleFlight, _AsyncCall
@@ -91,6 +92,29 @@ class AsyncCoalescingCache(CacheCore[V]):
         previous: Entry[V] | None,
         call: _AsyncCall,
         force: bool = False,
+        background: bool = False,
+    ) -> V:
+        if self._distributed:
+            local = functools.partial(self._load_here, k, loader, previous, call, force)
+            return await _lease.aload(
+                self,
+                k,
+                loader,
+                previous,
+                call,
+                force=force,
+                background=background,
+                local_load=local,
+            )
+        return await self._load_here(k, loader, previous, call, force)
+
+    async def _load_here(
+        self,
+        k: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        previous: Entry[V] | None,
+        call: _AsyncCall,
+        force: bool = False,
     ) -> V:
         if not force:
             found = self._recheck_entry(await self._io_read(k, count_foreign=False), previous)
@@ -133,7 +157,7 @@ class AsyncCoalescingCache(CacheCore[V]):
         call: _AsyncCall,
     ) -> V:
         try:
-            return await self._load(k, loader, entry, call)
+            return await self._load(k, loader, entry, call, background=True)
         except Exception:
             log.warning("background refresh of %r failed", k, exc_info=True)
             raise  # callers that joined the refresh share its error
@@ -188,6 +212,8 @@ class AsyncCoalescingCache(CacheCore[V]):
         async with self._alock_for(k):
             self._flight.forget(k)
             await self._backend.aset(k, entry)  # type: ignore[union-attr]
+            if self._distributed:  # fence the fleet's load of it too
+                await self._backend.alease_break(str(k), drop_value=False)  # type: ignore[union-attr]
 
     async def invalidate(self, key: Hashable) -> None:
         """Drop ``key``'s entry and fence any in-flight load of it."""
@@ -197,7 +223,10 @@ class AsyncCoalescingCache(CacheCore[V]):
             return
         async with self._alock_for(k):
             self._flight.forget(k)
-            await self._backend.adelete(k)  # type: ignore[union-attr]
+            if self._distributed:
+                await self._backend.alease_break(str(k), drop_value=True)  # type: ignore[union-attr]
+            else:
+                await self._backend.adelete(k)  # type: ignore[union-attr]
 
     async def refresh(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
         """Load ``key`` now and store the result; see ``CoalescingCache.refresh``."""

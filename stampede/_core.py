@@ -127,16 +127,11 @@ class CacheCore(Generic[V]):
             )
         self._raise_backend_errors = on_backend_error == "raise"
         store = resolve(backend, maxsize=maxsize, asynchronous=self._asynchronous)
-        if distributed:
-            if store.local or not getattr(store, "supports_leases", False):
-                raise ValueError(
-                    "distributed=True needs a backend shared between processes (Redis, "
-                    f"diskcache); {store!r} lives in this process only"
-                )
-            if self._asynchronous:
-                raise NotImplementedError(
-                    "distributed=True is not available for AsyncCoalescingCache yet"
-                )
+        if distributed and (store.local or not getattr(store, "supports_leases", False)):
+            raise ValueError(
+                "distributed=True needs a backend shared between processes (Redis, "
+                f"diskcache); {store!r} lives in this process only"
+            )
         self._distributed = bool(distributed)
         if isinstance(store, SharedStore):
             if serializer is None:

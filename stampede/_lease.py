@@ -24,18 +24,22 @@ still holds for this process), or raises ``BackendUnavailable`` when asked to.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._entry import MISSING, Entry
 from ._errors import BackendUnavailable, LoadTimeout
 
 if TYPE_CHECKING:
+    from ._acache import AsyncCoalescingCache
     from ._cache import CoalescingCache
-    from ._singleflight import _Call
+    from ._singleflight import _AsyncCall, _Call
 
 V = TypeVar("V")
 
@@ -152,5 +156,128 @@ def _commit(
 def _release(cache: CoalescingCache[Any], key: str, token: str) -> None:
     try:
         cache._backend.lease_commit(key, token, None)  # type: ignore[union-attr]
+    except Exception as exc:
+        cache._write_failed(exc)
+
+
+class AsyncRenewer:
+    """``Renewer`` for asyncio: a task renewing the lease while the loader runs."""
+
+    def __init__(self, store: Any, key: str, token: str, lease_ttl: float) -> None:
+        self.lost = False
+        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncRenewer:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                if not await self._store.alease_renew(self._key, self._token, self._ttl):
+                    self.lost = True
+                    return
+            except Exception:
+                continue
+
+
+async def aload(
+    cache: AsyncCoalescingCache[V],
+    k: Hashable,
+    loader: Callable[[], Awaitable[V] | V],
+    previous: Entry[V] | None,
+    call: _AsyncCall,
+    *,
+    force: bool,
+    background: bool,
+    local_load: Callable[[], Awaitable[V]],
+) -> V:
+    """``load`` for asyncio: the same steps, awaited."""
+    store: Any = cache._backend
+    key = str(k)
+    token = secrets.token_hex(16)
+    deadline = None if cache._wait_timeout is None else time.monotonic() + cache._wait_timeout
+    poll = min(0.25, cache._lease_ttl / 4)
+    waited = False
+    while True:
+        async with store.alease_listen(key) as wake:
+            try:
+                taken, data, remaining = await store.alease_acquire(key, token, cache._lease_ttl)
+            except BackendUnavailable as exc:
+                cache._read_failed(exc)
+                return await local_load()
+            current = cache._decoded(key, data, remaining)
+            found = None if force else cache._recheck_entry(current, previous)
+            if found is not None:
+                if taken:
+                    await _arelease(cache, key, token)
+                return cache._answer(found)
+            if taken:
+                break
+            if background and previous is not None:
+                return previous.value  # type: ignore[return-value] # someone else refreshes
+            if not waited:
+                waited = True
+                cache._count("lease_waits")
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if left <= 0:
+                raise LoadTimeout(f"no result after waiting {cache._wait_timeout} s for a lease")
+            await wake.wait(left)
+    if waited:
+        cache._count("lease_takeovers")
+    started = cache._clock()
+    async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:
+        try:
+            value = loader()
+            if inspect.isawaitable(value):
+                value = await value
+        except BaseException as exc:
+            entry, instead, spent = cache._failure(k, call, exc, previous, started)
+            await _acommit(cache, key, token, call, entry)
+            cache._count_load("load_errors", spent)
+            if instead is MISSING:
+                raise
+            return instead
+    stored, delta = cache._loaded(value, started)
+    if renewer.lost:
+        await _arelease(cache, key, token)
+        cache._count("fenced")
+    else:
+        await _acommit(cache, key, token, call, stored)
+    cache._count_load("loads", delta)
+    return value
+
+
+async def _acommit(
+    cache: AsyncCoalescingCache[Any],
+    key: str,
+    token: str,
+    call: _AsyncCall,
+    entry: Entry[Any] | None,
+) -> None:
+    async with cache._alock_for(key):
+        if call.forgotten:
+            cache._count("fenced")
+            entry = None
+        try:
+            written = await cache._backend.alease_commit(key, token, entry)  # type: ignore[union-attr]
+        except Exception as exc:
+            cache._write_failed(exc)
+            return
+    if not written and entry is not None:
+        cache._count("fenced")
+
+
+async def _arelease(cache: AsyncCoalescingCache[Any], key: str, token: str) -> None:
+    try:
+        await cache._backend.alease_commit(key, token, None)  # type: ignore[union-attr]
     except Exception as exc:
         cache._write_failed(exc)

@@ -1,6 +1,7 @@
 """A process of the fleet for tests/test_distributed.py (run as a script).
 
-argv: kind (redis|disk), where (URL or folder), key, threads, workdir, lease_ttl
+argv: kind (redis|disk), where (URL or folder), key, threads, workdir, lease_ttl,
+and optionally "async": tasks on AsyncCoalescingCache instead of threads
 
 Files in workdir coordinate with the test, across processes: the worker writes
 ready/<pid> and waits for "go"; each load writes loads/<pid>-<n> and waits for
@@ -28,6 +29,11 @@ def wait_for(path: Path, deadline: float = 30.0) -> None:
 
 
 def main() -> None:
+    if sys.argv[7:] == ["async"]:
+        import asyncio
+
+        asyncio.run(amain())
+        return
     kind, where, key, threads, workdir, lease_ttl = sys.argv[1:7]
     work = Path(workdir)
     if kind == "redis":
@@ -65,6 +71,52 @@ def main() -> None:
         t.start()
     for t in pool:
         t.join(60)
+    stats = cache.stats()
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "values": sorted(set(got)),
+                "calls": len(got),
+                "lease_waits": stats.lease_waits,
+                "lease_takeovers": stats.lease_takeovers,
+                "fenced": stats.fenced,
+                "loads": stats.loads,
+            }
+        )
+    )
+
+
+async def amain() -> None:
+    import asyncio
+
+    kind, where, key, tasks, workdir, lease_ttl = sys.argv[1:7]
+    work = Path(workdir)
+    if kind == "redis":
+        import redis.asyncio
+
+        store: object = redis.asyncio.Redis.from_url(where, socket_timeout=5)
+    else:
+        import diskcache
+
+        store = diskcache.Cache(where)
+    cache: stampede.AsyncCoalescingCache[str] = stampede.AsyncCoalescingCache(
+        store, ttl=60, distributed=True, lease_ttl=float(lease_ttl)
+    )
+    loads = 0
+
+    async def loader() -> str:
+        nonlocal loads
+        loads += 1
+        (work / "loads" / f"{os.getpid()}-{loads}").touch()
+        while not (work / "release").exists():
+            await asyncio.sleep(0.005)
+        return f"value-from-{os.getpid()}"
+
+    (work / "ready" / str(os.getpid())).touch()
+    while not (work / "go").exists():
+        await asyncio.sleep(0.005)
+    got = await asyncio.gather(*(cache.get_or_load(key, loader) for _ in range(int(tasks))))
     stats = cache.stats()
     print(
         json.dumps(

@@ -637,3 +637,59 @@ def test_memory_clear_drops_only_its_namespace() -> None:
     assert (a.get("k"), b.get("k"), plain.get("k")) == (None, 1, 1)
     plain.clear()
     assert (b.get("k"), plain.get("k")) == (1, None)
+
+
+# -- the disk store never unpickles what it finds ------------------------------------------
+
+
+_MARK = "STAMPEDE_PWNED"
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"import os; os.environ[{_MARK!r}] = '1'",))
+
+
+def test_a_pickled_row_in_the_disk_store_is_never_unpickled(tmp_path: Path) -> None:
+    import pickle
+    import sqlite3
+
+    folder = tmp_path / "c"
+    cache: CoalescingCache[bytes] = CoalescingCache(f"disk://{folder}", namespace="n")
+    cache.set("k", b"v")
+    key = cache._key("k")
+    with sqlite3.connect(folder / "cache.db") as db:  # what an attacker with write access does
+        db.execute(
+            "UPDATE Cache SET mode = 4, value = ? WHERE key = ?",
+            (pickle.dumps(_Exploit()), key),
+        )
+    os.environ.pop(_MARK, None)
+    assert cache.get_or_load("k", lambda: b"reloaded") == b"reloaded"
+    assert _MARK not in os.environ
+    assert cache.stats().serialization_errors == 1
+    cache.clear()  # clearing does not unpickle keys either
+    assert _MARK not in os.environ
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs chown")
+def test_a_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o755)
+    os.chown(folder, 65534, 65534)
+    with pytest.raises(PermissionError, match="another user"):
+        CoalescingCache(f"disk://{folder}")
+
+
+def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:
+    folder = tmp_path / "fan"
+    fan = diskcache.FanoutCache(str(folder), shards=4)
+    os.chmod(folder, 0o700)
+    cache: CoalescingCache[int] = CoalescingCache(fan, ttl=60, namespace="n")
+    for i in range(20):
+        assert cache.get_or_load(i, lambda i=i: i * i) == i * i
+    assert all(cache.get(i) == i * i for i in range(20))
+    cache.clear()
+    assert all(cache.get(i) is None for i in range(20))
+    with pytest.raises(ValueError, match="shared between processes"):
+        CoalescingCache(fan, distributed=True)
+    fan.close()

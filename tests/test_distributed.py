@@ -37,7 +37,9 @@ class Fleet:
             (work / sub).mkdir()
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, threads: int = 1, lease_ttl: float = 10.0, key: str = "k") -> Any:
+    def start(
+        self, threads: int = 1, lease_ttl: float = 10.0, key: str = "k", tasks: bool = False
+    ) -> Any:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -48,6 +50,7 @@ class Fleet:
                 str(threads),
                 str(self.work),
                 str(lease_ttl),
+                *(["async"] if tasks else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -125,6 +128,38 @@ def test_cold_key_many_processes_and_threads_load_once(fleet: Fleet) -> None:
     assert len(values) == 1  # every caller of every process got the leader's value
     assert sum(r["calls"] for r in results) == 100
     assert sum(r["loads"] for r in results) == 1
+    assert lease_keys(fleet) == []
+
+
+@pytest.mark.timeout(120)
+def test_cold_key_many_processes_of_tasks_load_once(fleet: Fleet) -> None:
+    procs = [fleet.start(threads=200, tasks=True) for _ in range(4)]
+    fleet.ready(4)
+    fleet.go()
+    wait_until(lambda: len(fleet.loads()) >= 1, deadline=30)
+    fleet.release()
+    results = [fleet.result(p) for p in procs]
+    assert len(fleet.loads()) == 1
+    assert len({v for r in results for v in r["values"]}) == 1
+    assert sum(r["calls"] for r in results) == 800
+    assert lease_keys(fleet) == []
+
+
+@pytest.mark.timeout(120)
+def test_async_killed_leader_is_taken_over(fleet: Fleet) -> None:
+    leader = fleet.start(lease_ttl=1.0, tasks=True)
+    fleet.ready(1)
+    fleet.go()
+    wait_until(lambda: len(fleet.loads()) == 1, deadline=30)
+    waiter = fleet.start(lease_ttl=1.0, tasks=True)
+    fleet.ready(2)
+    leader.send_signal(signal.SIGKILL)
+    leader.wait(10)
+    wait_until(lambda: len(fleet.loads()) == 2, deadline=30)
+    fleet.release()
+    result = fleet.result(waiter)
+    assert result["values"] == [f"value-from-{result['pid']}"]
+    assert result["lease_takeovers"] == 1
     assert lease_keys(fleet) == []
 
 

@@ -168,15 +168,7 @@ class SharedStore:
 
     def lease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
         """Write ``entry`` (None: nothing) and free the lease, only if ``token`` holds it."""
-        assert self.codec is not None
-        data, ttl = None, 0.0
-        if entry is not None:
-            now = self.codec.clock()
-            ttl = _envelope.lifetime(entry, now)
-            if ttl > 0:
-                data = self.codec.dumps(key, entry, now)
-                if len(data) > self.max_value_size:
-                    data = None  # too large: free the lease, store nothing
+        data, ttl = self._lease_payload(key, entry)
         return bool(self._call(self._lease_commit_raw, key, token, data, ttl))
 
     def lease_break(self, key: str, drop_value: bool) -> None:
@@ -200,6 +192,56 @@ class SharedStore:
 
     def _lease_break_raw(self, key: str, drop_value: bool) -> None:
         raise NotImplementedError
+
+    # async leases: a local store (disk) runs the sync ones on a worker thread
+
+    async def alease_acquire(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        return await self._acall(self._alease_acquire_raw, key, token, lease_ttl)  # type: ignore[no-any-return]
+
+    async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
+        return bool(await self._acall(self._alease_renew_raw, key, token, lease_ttl))
+
+    async def alease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
+        data, ttl = self._lease_payload(key, entry)
+        return bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
+
+    async def alease_break(self, key: str, drop_value: bool) -> None:
+        await self._acall(self._alease_break_raw, key, drop_value)
+
+    def alease_listen(self, key: str) -> Any:
+        return _AsyncPolling()
+
+    async def _alease_acquire_raw(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        return await asyncio.to_thread(self._lease_acquire_raw, key, token, lease_ttl)
+
+    async def _alease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        return await asyncio.to_thread(self._lease_renew_raw, key, token, lease_ttl)
+
+    async def _alease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float
+    ) -> bool:
+        return await asyncio.to_thread(self._lease_commit_raw, key, token, data, ttl)
+
+    async def _alease_break_raw(self, key: str, drop_value: bool) -> None:
+        await asyncio.to_thread(self._lease_break_raw, key, drop_value)
+
+    def _lease_payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
+        """The bytes a lease commit writes (None: nothing) and their lifetime."""
+        assert self.codec is not None
+        if entry is None:
+            return None, 0.0
+        now = self.codec.clock()
+        ttl = _envelope.lifetime(entry, now)
+        if not ttl > 0:
+            return None, 0.0
+        data = self.codec.dumps(key, entry, now)
+        if len(data) > self.max_value_size:
+            return None, 0.0  # too large: free the lease, store nothing
+        return data, ttl
 
     # -- the same, for AsyncCoalescingCache ----------------------------------------------
 
@@ -290,6 +332,21 @@ class SharedStore:
 
     async def _aclear_raw(self, prefix: str) -> None:
         await asyncio.to_thread(self._clear_raw, prefix)
+
+
+class _AsyncPolling:
+    """Waiting for a lease without notifications: a bounded sleep, then look again."""
+
+    poll_interval = 0.02
+
+    async def __aenter__(self) -> _AsyncPolling:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(min(timeout, self.poll_interval))
 
 
 def ttl_ms(seconds: float) -> int:

@@ -12,6 +12,7 @@ make this process believe anything it reads there.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -41,8 +42,15 @@ def is_disk_cache(obj: object) -> bool:
 
 
 def check_folder(path: str | os.PathLike[str]) -> None:
-    """Refuse a cache folder that users other than its owner may write to."""
-    mode = os.stat(path).st_mode
+    """Refuse a cache folder that users other than this process's may write to."""
+    info = os.stat(path)
+    mode = info.st_mode
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is not None and info.st_uid != geteuid():
+        raise PermissionError(
+            f"refusing the cache folder {os.fspath(path)!r}: it belongs to another user "
+            f"(uid {info.st_uid}), who could then decide what this process reads"
+        )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise PermissionError(
             f"refusing the cache folder {os.fspath(path)!r}: it is writable by group or others "
@@ -65,6 +73,9 @@ class DiskBackend(SharedStore):
             raise TypeError(f"DiskBackend needs a diskcache Cache or a path, got {cache!r}")
         check_folder(cache.directory)
         self.cache = cache
+        # A FanoutCache spreads a value and its lease over shards, with no
+        # transaction across them: leases need a plain Cache.
+        self.supports_leases = not hasattr(cache, "_shards")
         self.errors = (diskcache.Timeout, sqlite3.Error, OSError)
 
     @staticmethod
@@ -89,12 +100,23 @@ class DiskBackend(SharedStore):
         return cls(path, **options)
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        data, expire_time = self.cache.get(key, default=None, expire_time=True)
-        if data is None:
+        found = _read_row(self._shard(key), key)
+        if found is None:
             return None, None
+        data, expire_time = found
         if not isinstance(data, bytes):
             return b"", 1.0  # something else lives here: a foreign entry
         return data, (None if expire_time is None else expire_time - time.time())
+
+    def _shard(self, key: str) -> Any:
+        """The ``Cache`` holding ``key`` (a ``FanoutCache`` spreads keys over shards)."""
+        shards = getattr(self.cache, "_shards", None)
+        if shards is None:
+            return self.cache
+        return shards[self.cache._hash(key) % self.cache._count]
+
+    def _shards(self) -> list[Any]:
+        return list(getattr(self.cache, "_shards", None) or [self.cache])
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
         self.cache.set(key, data, expire=ttl)
@@ -103,13 +125,15 @@ class DiskBackend(SharedStore):
         self.cache.delete(key)
 
     def _clear_raw(self, prefix: str) -> None:
-        for key in list(self.cache.iterkeys()):
-            if isinstance(key, str) and key_rest(key).startswith(prefix):
-                self.cache.delete(key)
+        for shard in self._shards():
+            # Only keys stored as text (raw): reading others would unpickle them.
+            rows = shard._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()
+            for (key,) in rows:
+                if isinstance(key, str) and key_rest(key).startswith(prefix):
+                    shard.delete(key)
 
     # -- leases: an atomic add with expiry; changes in a transaction ------------------
 
-    supports_leases = True
     poll_interval = 0.02  # no notifications between processes here: waiters poll
 
     def _lease_acquire_raw(
@@ -121,13 +145,13 @@ class DiskBackend(SharedStore):
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
         with self.cache.transact():
-            if self.cache.get(lease_key(key)) != token:
+            if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
         with self.cache.transact():
-            if self.cache.get(lease_key(key)) != token:
+            if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
             if data:
                 self.cache.set(key, data, expire=ttl)
@@ -149,6 +173,40 @@ class DiskBackend(SharedStore):
 
 def lease_key(key: str) -> str:
     return key + ":lease"
+
+
+# diskcache's own get() unpickles rows stored in its pickle mode: anyone who can
+# write the folder's database could run code in this process through it. So
+# rows are read here with diskcache's query, and only raw rows are accepted:
+# in the database (MODE_RAW) or in a value file of diskcache's naming (MODE_BINARY).
+_MODE_RAW, _MODE_BINARY = 1, 2
+_VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+_SELECT = (
+    "SELECT expire_time, mode, filename, value FROM Cache"
+    " WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
+)
+
+
+def _read_row(shard: Any, key: str) -> tuple[bytes | str | None, float | None] | None:
+    """The raw value under ``key`` and its expiry, without ever unpickling anything."""
+    rows = shard._sql(_SELECT, (key, time.time())).fetchall()
+    if not rows:
+        return None
+    ((expire_time, mode, filename, value),) = rows
+    if mode == _MODE_RAW:
+        return (bytes(value) if isinstance(value, (bytes, memoryview)) else value), expire_time
+    if mode == _MODE_BINARY and isinstance(filename, str) and _VALUE_FILE.fullmatch(filename):
+        try:
+            with open(os.path.join(shard.directory, filename), "rb") as f:
+                return f.read(), expire_time
+        except OSError:  # removed meanwhile
+            return None
+    return b"", 1.0  # pickled, text, or a file name not of diskcache's: foreign
+
+
+def _holder(shard: Any, key: str) -> object:
+    found = _read_row(shard, key)
+    return None if found is None else found[0]
 
 
 class _Polling:

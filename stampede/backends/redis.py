@@ -10,6 +10,7 @@ off): entries are binary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -184,6 +185,36 @@ class AsyncRedisBackend(SharedStore):
         self.client = client
         self.errors = (redis.RedisError, OSError, asyncio.TimeoutError)
         self._read = client.register_script(_READ)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._commit = client.register_script(_COMMIT)
+        self._break = client.register_script(_BREAK)
+
+    supports_leases = True
+
+    async def _alease_acquire_raw(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]:
+        got, data, pttl = await self._acquire(
+            keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]
+        )
+        return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
+
+    async def _alease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        renewed = await self._renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)])
+        return bool(renewed)
+
+    async def _alease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float
+    ) -> bool:
+        args = [token, data or b"", ttl_ms(ttl), CHANNEL]
+        return bool(await self._commit(keys=[key, lease_key(key)], args=args))
+
+    async def _alease_break_raw(self, key: str, drop_value: bool) -> None:
+        await self._break(keys=[key, lease_key(key)], args=["1" if drop_value else "0", CHANNEL])
+
+    def alease_listen(self, key: str) -> _AsyncListening:
+        return _AsyncListening(_async_notifier_for(self.client), key)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisBackend:
@@ -247,6 +278,80 @@ def _notifier_for(client: Any) -> _Notifier:
             if notifier is None:
                 notifier = _notifiers[client] = _Notifier(client)
     return notifier
+
+
+class _AsyncNotifier:
+    """``_Notifier`` for asyncio: one listener task per client and event loop."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def register(self, key: str, event: asyncio.Event) -> None:
+        self._waiters.setdefault(key.encode(), set()).add(event)
+
+    def unregister(self, key: str, event: asyncio.Event) -> None:
+        events = self._waiters.get(key.encode())
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._waiters[key.encode()]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(CHANNEL)
+                try:
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is None or message.get("type") != "message":
+                            continue
+                        for event in list(self._waiters.get(message["data"], ())):
+                            event.set()
+                finally:
+                    await pubsub.aclose()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away: waiters poll meanwhile; try again soon
+                log.debug("lease notifications interrupted", exc_info=True)
+                await asyncio.sleep(0.5)
+
+
+_async_notifiers: weakref.WeakKeyDictionary[
+    Any, weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncNotifier]
+] = weakref.WeakKeyDictionary()
+
+
+def _async_notifier_for(client: Any) -> _AsyncNotifier:
+    loop = asyncio.get_running_loop()
+    per_loop = _async_notifiers.get(client)
+    if per_loop is None:
+        per_loop = _async_notifiers.setdefault(client, weakref.WeakKeyDictionary())
+    notifier = per_loop.get(loop)
+    if notifier is None or notifier._task.done():
+        notifier = per_loop[loop] = _AsyncNotifier(client)
+    return notifier
+
+
+class _AsyncListening:
+    def __init__(self, notifier: _AsyncNotifier, key: str) -> None:
+        self._notifier = notifier
+        self._key = key
+        self._event = asyncio.Event()
+
+    async def __aenter__(self) -> _AsyncListening:
+        self._notifier.register(self._key, self._event)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._notifier.unregister(self._key, self._event)
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
 
 
 def _after_fork() -> None:
