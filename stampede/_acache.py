@@ -19,6 +19,7 @@ event loop's thread, so wrap blocking I/O in ``asyncio.to_thread`` yourself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import weakref
@@ -63,7 +64,7 @@ class AsyncCoalescingCache(CacheCore[V]):
                 if self._clock() < entry.check_at:
                     self._counters.hits += 1
                     return entry.value  # type: ignore[return-value]
-            except AttributeError:  # not an Entry: _slow counts and drops it
+            except (AttributeError, TypeError):  # not an Entry: _slow counts and drops it
                 pass
         return await self._slow(k, loader, entry)
 
@@ -117,7 +118,8 @@ class AsyncCoalescingCache(CacheCore[V]):
         force: bool = False,
     ) -> V:
         if not force:
-            found = self._recheck_entry(await self._io_read(k, count_foreign=False), previous)
+            current = await self._io_read(k, count_foreign=False)
+            found, previous = self._second_look(current, previous)
             if found is not None:
                 return self._answer(found)
         started = self._clock()
@@ -173,11 +175,15 @@ class AsyncCoalescingCache(CacheCore[V]):
             return self._read_failed(exc, count_foreign)
         return self._valid(entry, count_foreign)
 
-    def _alock_for(self, k: Hashable) -> asyncio.Lock:
+    def _alocks_of_loop(self) -> tuple[asyncio.Lock, ...]:
         loop = asyncio.get_running_loop()
         locks = self._alocks.get(loop)
         if locks is None:
             locks = self._alocks.setdefault(loop, tuple(asyncio.Lock() for _ in range(16)))
+        return locks
+
+    def _alock_for(self, k: Hashable) -> asyncio.Lock:
+        locks = self._alocks_of_loop()
         return locks[hash(k) % len(locks)]
 
     async def _io_commit(self, k: Hashable, call: _AsyncCall, entry: Entry[Any]) -> bool:
@@ -185,16 +191,15 @@ class AsyncCoalescingCache(CacheCore[V]):
             return self._commit(k, call, entry)
         # The lock spans the write: an invalidate of this key either marks the call
         # forgotten before the check, or deletes after the write has landed.
+        failure: Exception | None = None
         async with self._alock_for(k):
-            if call.forgotten:
-                self._count("fenced")
-                return False
-            try:
-                await self._backend.aset(k, entry)  # type: ignore[union-attr]
-            except Exception as exc:
-                self._write_failed(exc)
-                return False
-        return True
+            fenced = call.forgotten
+            if not fenced:
+                try:
+                    await self._backend.aset(k, entry)  # type: ignore[union-attr]
+                except Exception as exc:
+                    failure = exc
+        return self._committed(fenced, failure)
 
     # -- the public API ----------------------------------------------------------------
 
@@ -242,5 +247,8 @@ class AsyncCoalescingCache(CacheCore[V]):
         if not self._remote:
             self._clear()
             return
-        self._flight._forget_all()
-        await self._backend.aclear()  # type: ignore[union-attr]
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._alocks_of_loop():  # every stripe: no commit runs meanwhile
+                await stack.enter_async_context(lock)
+            self._flight._forget_all()
+            await self._backend.aclear()  # type: ignore[union-attr]

@@ -30,6 +30,7 @@ class Breaker:
         self._failures = 0
         self._open_until = -1.0  # < now: closed (or half-open once the cooldown ran out)
         self._probing = False
+        self._probe_started = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -40,10 +41,20 @@ class Breaker:
         if self._failures < self.threshold:
             return True
         with self._lock:
-            if self._clock() < self._open_until or self._probing:
+            now = self._clock()
+            if now < self._open_until:
                 return False
+            if self._probing and now < self._probe_started + max(self.cooldown, 1.0):
+                return False  # a probe is out; one that never came back is replaced
             self._probing = True  # half-open: this caller probes, the others wait
+            self._probe_started = now
             return True
+
+    def release(self) -> None:
+        """The operation ended for a reason that says nothing of the store's health."""
+        if self._probing:
+            with self._lock:
+                self._probing = False
 
     def success(self) -> None:
         if self._failures or self._probing:

@@ -9,6 +9,7 @@ has two refreshes at once and foreground misses join the running one.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -20,7 +21,7 @@ from typing import Any
 from . import _lease
 from ._core import CacheCore, V, log
 from ._entry import MISSING, Entry
-from ._singleflight import SingleFlight, _Call
+from ._singleflight import SingleFlight, _Call, _leading
 
 REFRESH_WORKERS = 8
 
@@ -85,7 +86,7 @@ class CoalescingCache(CacheCore[V]):
                 if self._clock() < entry.check_at:
                     self._counters.hits += 1
                     return entry.value  # type: ignore[return-value]
-            except AttributeError:  # not an Entry: _slow counts and drops it
+            except (AttributeError, TypeError):  # not an Entry: _slow counts and drops it
                 pass
         return self._slow(k, loader, entry)
 
@@ -139,7 +140,8 @@ class CoalescingCache(CacheCore[V]):
         force: bool = False,
     ) -> V:
         if not force:
-            found = self._recheck(k, previous)
+            current = self._read(k, count_foreign=False)
+            found, previous = self._second_look(current, previous)
             if found is not None:
                 return self._answer(found)
         started = self._clock()
@@ -167,9 +169,12 @@ class CoalescingCache(CacheCore[V]):
         run = functools.partial(self._run_refresh, k, loader, entry, call)
         try:
             # In the reader's context, as asyncio tasks would be.
-            _refresher().submit(contextvars.copy_context().run, run)
+            context = contextvars.copy_context()
+            context.run(_leading.set, ())  # not part of the reader's loads
+            _refresher().submit(context.run, run)
         except RuntimeError:  # the pool is shut down: the interpreter is exiting
-            self._flight._lead(k, call, _not_started)
+            with contextlib.suppress(RuntimeError):  # the reader still gets its value
+                self._flight._lead(k, call, _not_started)
 
     def _run_refresh(
         self, k: Hashable, loader: Callable[[], V], entry: Entry[V], call: _Call

@@ -32,7 +32,7 @@ from ._errors import BackendUnavailable, SerializationError
 from ._policy import Decision, ErrorFilter
 from ._stats import Counters, MetricsHook, Stats
 from .backends import SharedStore, Store, resolve
-from .backends._shared import CircuitOpen, Codec, ValueTooLarge
+from .backends._shared import CircuitOpen, Codec, StoreBusy, ValueTooLarge
 
 V = TypeVar("V")
 
@@ -42,7 +42,7 @@ log = logging.getLogger("stampede")
 class _Flight(Protocol):
     def forget(self, key: Hashable) -> None: ...
 
-    def _forget_all(self) -> None: ...
+    def _forget_all(self, where: Callable[[Hashable], bool] | None = None) -> None: ...
 
 
 class _CallRecord(Protocol):
@@ -118,6 +118,10 @@ class CacheCore(Generic[V]):
         self._lease_ttl = _seconds("lease_ttl", lease_ttl, positive=True)
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        try:
+            namespace.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("namespace must be encodable as UTF-8 (no lone surrogates)") from None
         self._namespace = namespace
         self._cacheable = _policy.error_filter(cache_errors)
         self._error_types = _error_types(cache_errors)
@@ -250,7 +254,7 @@ class CacheCore(Generic[V]):
             self._count("backend_errors")
             if self._raise_backend_errors:
                 raise exc
-            if isinstance(exc, CircuitOpen):
+            if isinstance(exc, (CircuitOpen, StoreBusy)):
                 log.debug("%s", exc)
             else:
                 log.warning("store read failed, loading without it: %s", exc)
@@ -325,13 +329,24 @@ class CacheCore(Generic[V]):
         except CorruptEntry as exc:
             return self._read_failed(exc)
 
-    def _recheck(self, k: Hashable, previous: Entry[V] | None) -> Entry[V] | None:
-        return self._recheck_entry(self._read(k, count_foreign=False), previous)
+    def _second_look(
+        self, current: Entry[V] | None, previous: Entry[V] | None
+    ) -> tuple[Entry[V] | None, Entry[V] | None]:
+        """(an entry that answers the call now, the value to fall back on if the load fails).
+
+        When the first read failed (a store error), the second one may find a
+        servable stale value: it then counts as ``previous``, so that a failing
+        load serves it instead of caching an error over it (contract item 9).
+        """
+        found = self._recheck_entry(current, previous)
+        if previous is None and _policy.usable(current, self._clock()):
+            previous = current
+        return found, previous
 
     def _answer(self, entry: Entry[V]) -> V:
+        """Answer a call (counted as a miss already) from an entry found on a second look."""
         if entry.error is not None:
             raise self._negative(entry)
-        self._counters.hits += 1
         return entry.value  # type: ignore[return-value]
 
     def _lock_for(self, k: Hashable) -> threading.Lock:
@@ -339,15 +354,24 @@ class CacheCore(Generic[V]):
 
     def _commit(self, k: Hashable, call: _CallRecord, entry: Entry[Any]) -> bool:
         """Store ``entry`` unless the call was fenced; a failing store is logged, not raised."""
+        failure: Exception | None = None
         with self._lock_for(k):
-            if call.forgotten:
-                self._count("fenced")
-                return False
-            try:
-                self._backend.set(k, entry)
-            except Exception as exc:
-                self._write_failed(exc)
-                return False
+            fenced = call.forgotten
+            if not fenced:
+                try:
+                    self._backend.set(k, entry)
+                except Exception as exc:
+                    failure = exc
+        # Counted (and the metrics hook called) once the lock is released.
+        return self._committed(fenced, failure)
+
+    def _committed(self, fenced: bool, failure: Exception | None) -> bool:
+        if fenced:
+            self._count("fenced")
+            return False
+        if failure is not None:
+            self._write_failed(failure)
+            return False
         return True
 
     def _write_failed(self, exc: Exception) -> None:

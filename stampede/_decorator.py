@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._cache import CoalescingCache
 from ._core import CacheCore
-from ._keys import FN_MARK, CallKey, function_prefix
+from ._keys import FN_MARK, CallKey, function_prefix, key_rest
 from ._policy import ErrorFilter
 from ._stats import MetricsHook, Stats
 from .backends.memory import DEFAULT_MAXSIZE, NS_MARK, MemoryBackend
@@ -200,10 +201,38 @@ def _cache_for(
                 f"{', '.join(sorted(options))} cannot be set on a ready {type(cache).__name__}"
             )
         return cache, True
-    options.setdefault("name", f"{fn.__module__}.{fn.__qualname__}")
+    options.setdefault("name", _fn_id(fn))
     own = cache is None
     made = kind(cache, maxsize=maxsize or DEFAULT_MAXSIZE, **options)
     return made, not own
+
+
+# The functions decorated on each shared cache, by name: two live functions of
+# one name (two lambdas, two closures of one factory) would read each other's
+# results, so the second is refused.
+_names: weakref.WeakKeyDictionary[CacheCore[Any], dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _claim(cache: CacheCore[Any], fn_id: str, fn: Callable[..., Any]) -> None:
+    names = _names.setdefault(cache, {})
+    holder = names.get(fn_id)
+    current = holder() if isinstance(holder, weakref.ref) else holder
+    if current is not None and current is not fn:
+        raise TypeError(
+            f"another function named {fn_id} already uses this shared cache: their keys "
+            f"would mix. Give one of them key= (with something that tells it apart), "
+            f"or its own cache"
+        )
+    try:
+        names[fn_id] = weakref.ref(fn)
+    except TypeError:  # not weakly referable: keep it
+        names[fn_id] = fn
+
+
+def _fn_id(fn: Callable[..., Any]) -> str:
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{qualname}"
 
 
 class _Keys:
@@ -219,7 +248,9 @@ class _Keys:
     ) -> None:
         self.call_key = CallKey(fn, typed=typed)
         self.custom = key
-        self.fn_id = f"{fn.__module__}.{fn.__qualname__}" if shared else None
+        self.fn_id = _fn_id(fn) if shared else None
+        if self.fn_id is not None and key is None:
+            _claim(cache, self.fn_id, fn)
         self.namespace = cache.namespace
         self.make_key = cache._make_key
         # Only the plainest setup may use the args tuple as the store key as is.
@@ -272,8 +303,11 @@ def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> None:
     backend = cache.backend
     if not isinstance(backend, MemoryBackend):
         assert keys.fn_id is not None
-        backend.clear(function_prefix(cache.namespace, keys.fn_id))
+        prefix = function_prefix(cache.namespace, keys.fn_id)
+        cache._flight._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
+        backend.clear(prefix)
         return
+    cache._flight._forget_all(keys.owns)  # fence this function's loads in flight too
     for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
         cache._invalidate(k)
 
@@ -301,9 +335,15 @@ def _wrap_sync(
                 if clock() < entry.check_at:
                     counters.hits += 1
                     return entry.value
-            except AttributeError:  # not an Entry: the slow path counts and drops it
+            except (AttributeError, TypeError):  # not an Entry: the slow path drops it
                 pass
         return slow(k, partial(fn, *args, **kwargs), entry)
+
+    if not cache.backend.local:
+        # A shared store: the hit is a network round trip, so the inlined path
+        # buys nothing; get_or_load handles its failures (fail open, corrupt).
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return cache.get_or_load(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
     def cache_key(*args: Any, **kwargs: Any) -> Hashable:
         return keys.user(args, kwargs)
@@ -346,9 +386,15 @@ def _wrap_async(
                 if clock() < entry.check_at:
                     counters.hits += 1
                     return entry.value
-            except AttributeError:
+            except (AttributeError, TypeError):
                 pass
         return await slow(k, partial(fn, *args, **kwargs), entry)
+
+    if not cache.backend.local:
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:  # see _wrap_sync
+            user_key = keys.user(args, kwargs)
+            return await cache.get_or_load(user_key, partial(fn, *args, **kwargs))
 
     def cache_key(*args: Any, **kwargs: Any) -> Hashable:
         return keys.user(args, kwargs)

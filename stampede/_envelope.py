@@ -121,7 +121,10 @@ def encode(key: str, entry: Entry[Any], now: float, serializer: Any, domain: byt
         cls = entry.error.type
         type_name = f"{cls.__module__}.{cls.__qualname__}".encode()
         parts += [_TYPE_LEN.pack(len(type_name)), type_name]
-        parts.append(serializer.dumps(tuple(entry.error.args), context=context))
+        # A signing serializer binds the args to "an error of this type": signed
+        # value bytes cannot be passed off as a cached error, or the reverse.
+        error_context = context + b"\x00error\x00" + type_name
+        parts.append(serializer.dumps(tuple(entry.error.args), context=error_context))
     body = b"".join(parts)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -193,10 +196,11 @@ def decode(
         raise CorruptEntry("truncated error type")
     (type_len,) = _TYPE_LEN.unpack_from(data, offset)
     offset += _TYPE_LEN.size
-    type_name = data[offset : offset + type_len].decode("utf-8", "replace")
+    raw_type = data[offset : offset + type_len]
+    type_name = raw_type.decode("utf-8", "replace")
     offset += type_len
     exc_type = _resolve(type_name, error_types)
-    args = _loads(serializer, data[offset:], context)
+    args = _loads(serializer, data[offset:], context + b"\x00error\x00" + raw_type)
     if type(args) is not tuple:
         raise CorruptEntry("error args are not a tuple")
     return Entry(MISSING, ErrorData(exc_type, args), fresh_until, fresh_until, 0.0, -math.inf)

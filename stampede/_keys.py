@@ -48,7 +48,15 @@ _SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL
 class CallKey:
     """Builds the key of a call of ``fn`` from its bound arguments."""
 
-    __slots__ = ("_defaults", "_names", "_signature", "arity", "fn_name", "typed")
+    __slots__ = (
+        "_defaults",
+        "_names",
+        "_positional_only",
+        "_signature",
+        "arity",
+        "fn_name",
+        "typed",
+    )
 
     def __init__(self, fn: Callable[..., Any], *, typed: bool = False) -> None:
         self._signature = inspect.signature(fn)
@@ -58,10 +66,14 @@ class CallKey:
         if all(p.kind in _SIMPLE_KINDS for p in params):
             # Positional-only calls with every parameter given need no work.
             self.arity = len(params)
+            # Positional-only parameters cannot be named: such calls go to bind().
+            positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+            self._positional_only = frozenset(p.name for p in positional)
             self._names: tuple[str, ...] | None = tuple(p.name for p in params)
             self._defaults = tuple(p.default for p in params)
         else:
             self.arity = -1  # never equal to len(args): always normalise
+            self._positional_only = frozenset()
             self._names = None
             self._defaults = ()
 
@@ -77,7 +89,11 @@ class CallKey:
 
     def _normalise(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         names = self._names
-        if names is not None and len(args) <= len(names):
+        if (
+            names is not None
+            and len(args) <= len(names)
+            and not self._positional_only.intersection(kwargs)
+        ):
             values = list(args)
             used = 0
             for name, default in zip(names[len(args) :], self._defaults[len(args) :], strict=True):
@@ -155,8 +171,10 @@ class _VarKeyword(tuple):  # type: ignore[type-arg]
 def _types(values: tuple[Any, ...]) -> tuple[Any, ...]:
     out: list[Any] = []
     for v in values:
-        if type(v) in (_VarPositional, _VarKeyword):
-            out.append(tuple(_types(tuple(v))))
+        if type(v) is _VarPositional:
+            out.append(_types(tuple(v)))
+        elif type(v) is _VarKeyword:
+            out.append(tuple((name, type(item)) for name, item in v))
         else:
             out.append(type(v))
     return tuple(out)
@@ -214,6 +232,11 @@ def _encode(value: Any) -> str:
     if t is float:
         return f"f{value.hex()};"
     if t is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: no store takes them as they are
+            escaped = value.replace("\\", "\\\\").encode("utf-8", "backslashreplace")
+            return f"S{len(value)}:{escaped.decode('utf-8')}"  # S: escaped (injective)
         return f"s{len(value)}:{value}"
     if t is bytes:
         return f"b{len(value)}:{value.hex()}"

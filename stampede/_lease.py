@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._entry import MISSING, Entry
 from ._errors import BackendUnavailable, LoadTimeout
+from .backends._shared import StoreBusy
 
 if TYPE_CHECKING:
     from ._acache import AsyncCoalescingCache
@@ -93,6 +94,9 @@ def load(
         with store.lease_listen(key) as wake:  # listening before looking: no lost wake-up
             try:
                 taken, data, remaining = store.lease_acquire(key, token, cache._lease_ttl)
+            except StoreBusy:
+                wake.wait(poll)  # the client's pool is full for a moment: try again
+                continue
             except BackendUnavailable as exc:
                 cache._read_failed(exc)  # counted; raises when configured to
                 return local_load()  # fail open: this process's single-flight only
@@ -140,16 +144,17 @@ def _commit(
     cache: CoalescingCache[Any], key: str, token: str, call: _Call, entry: Entry[Any] | None
 ) -> None:
     """Write ``entry`` and free the lease, if both this process and the fleet allow it."""
+    failure: Exception | None = None
+    written = False
     with cache._lock_for(key):
-        if call.forgotten:  # invalidated here meanwhile
-            cache._count("fenced")
-            entry = None
+        fenced = call.forgotten  # invalidated here meanwhile: only free the lease
         try:
-            written = cache._backend.lease_commit(key, token, entry)  # type: ignore[union-attr]
+            written = cache._backend.lease_commit(  # type: ignore[union-attr]
+                key, token, None if fenced else entry
+            )
         except Exception as exc:
-            cache._write_failed(exc)
-            return
-    if not written and entry is not None:
+            failure = exc
+    if cache._committed(fenced, failure) and not written and entry is not None:
         cache._count("fenced")  # the lease was lost: a newer load or an invalidate wins
 
 
@@ -211,6 +216,9 @@ async def aload(
         async with store.alease_listen(key) as wake:
             try:
                 taken, data, remaining = await store.alease_acquire(key, token, cache._lease_ttl)
+            except StoreBusy:
+                await wake.wait(poll)
+                continue
             except BackendUnavailable as exc:
                 cache._read_failed(exc)
                 return await local_load()
@@ -263,16 +271,17 @@ async def _acommit(
     call: _AsyncCall,
     entry: Entry[Any] | None,
 ) -> None:
+    failure: Exception | None = None
+    written = False
     async with cache._alock_for(key):
-        if call.forgotten:
-            cache._count("fenced")
-            entry = None
+        fenced = call.forgotten
         try:
-            written = await cache._backend.alease_commit(key, token, entry)  # type: ignore[union-attr]
+            written = await cache._backend.alease_commit(  # type: ignore[union-attr]
+                key, token, None if fenced else entry
+            )
         except Exception as exc:
-            cache._write_failed(exc)
-            return
-    if not written and entry is not None:
+            failure = exc
+    if cache._committed(fenced, failure) and not written and entry is not None:
         cache._count("fenced")
 
 

@@ -155,10 +155,11 @@ class SingleFlight:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def _forget_all(self) -> None:
+    def _forget_all(self, where: Callable[[Hashable], bool] | None = None) -> None:
+        """Forget every call in flight (or those whose key satisfies ``where``)."""
         with self._lock:
-            calls = list(self._calls.values())
-            self._calls.clear()
+            keys = [k for k in self._calls if where is None or where(k)]
+            calls = [self._calls.pop(k) for k in keys]
         for call in calls:
             call.forgotten = True
 
@@ -256,11 +257,12 @@ class AsyncSingleFlight:
     def __len__(self) -> int:
         return sum(len(calls) for calls in list(self._maps.values()))
 
-    def _forget_all(self) -> None:
+    def _forget_all(self, where: Callable[[Hashable], bool] | None = None) -> None:
         for calls in list(self._maps.values()):
-            for call in list(calls.values()):
-                call.forgotten = True
-            calls.clear()
+            for key in [k for k in list(calls) if where is None or where(k)]:
+                call = calls.pop(key, None)
+                if call is not None:
+                    call.forgotten = True
 
     def _calls(self) -> tuple[asyncio.AbstractEventLoop, dict[Hashable, _AsyncCall]]:
         loop = asyncio.get_running_loop()
@@ -283,11 +285,18 @@ class AsyncSingleFlight:
     def _reserve(
         self, key: Hashable, fn: Callable[[_AsyncCall], Awaitable[Any]]
     ) -> _AsyncCall | None:
-        """Start a call for ``key`` if none is in flight (for a background run)."""
+        """Start a call for ``key`` if none is in flight (for a background run).
+
+        The run is not part of the starting task's loads: its ``_leading`` is empty.
+        """
         loop, calls = self._calls()
         if key in calls:
             return None
-        return self._start(loop, calls, key, fn)
+        token = _leading.set(())
+        try:
+            return self._start(loop, calls, key, fn)  # the task copies this context
+        finally:
+            _leading.reset(token)
 
     def _start(
         self,

@@ -36,6 +36,10 @@ class CircuitOpen(BackendUnavailable):
     """The store failed repeatedly; calls fail at once until a probe succeeds."""
 
 
+class StoreBusy(BackendUnavailable):
+    """The client had no free connection (its pool is full): not a sign of a sick store."""
+
+
 class ValueTooLarge(ValueError):
     """An encoded entry larger than the store's ``max_value_size``."""
 
@@ -80,6 +84,7 @@ class SharedStore:
     serves_sync = True  # False: an asyncio client, only the a* methods work
     serves_async = True  # False: blocking network I/O, never on an event loop
     errors: tuple[type[BaseException], ...] = ()  # the library's exceptions to wrap
+    busy_errors: tuple[type[BaseException], ...] = ()  # client-side exhaustion, not failure
     name = "store"
 
     def __init__(
@@ -117,11 +122,7 @@ class SharedStore:
         """The entry under ``key``, or None; ``CorruptEntry`` for unreadable bytes."""
         assert self.codec is not None and isinstance(key, str)
         data, remaining = self._call(self._get_raw, key)
-        if data is None:
-            return None
-        if remaining is None or remaining <= 0:
-            raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
-        return self.codec.loads(key, data, remaining)
+        return self.decode(key, data, remaining)
 
     def set(self, key: Hashable, entry: Entry[Any]) -> None:
         """Store ``entry``; ``SerializationError`` or ``ValueTooLarge`` if it cannot be."""
@@ -151,10 +152,15 @@ class SharedStore:
 
     supports_leases = False
 
-    def decode(self, key: str, data: bytes, remaining: float | None) -> Entry[Any]:
+    def decode(self, key: str, data: bytes | None, remaining: float | None) -> Entry[Any] | None:
+        """The entry in ``data`` (None: a miss); ``CorruptEntry`` for unreadable bytes."""
         assert self.codec is not None
-        if remaining is None or remaining <= 0:
+        if data is None:
+            return None
+        if remaining is None:
             raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
+        if remaining <= 0:
+            return None  # expiring this very moment: a plain miss
         return self.codec.loads(key, data, remaining)
 
     def lease_acquire(
@@ -248,11 +254,7 @@ class SharedStore:
     async def aget(self, key: Hashable) -> Entry[Any] | None:
         assert self.codec is not None and isinstance(key, str)
         data, remaining = await self._acall(self._aget_raw, key)
-        if data is None:
-            return None
-        if remaining is None or remaining <= 0:
-            raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
-        return self.codec.loads(key, data, remaining)
+        return self.decode(key, data, remaining)
 
     async def aset(self, key: Hashable, entry: Entry[Any]) -> None:
         assert self.codec is not None and isinstance(key, str)
@@ -280,11 +282,14 @@ class SharedStore:
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
         try:
             result = await op(*args)
+        except self.busy_errors as exc:
+            self.breaker.release()
+            raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
         except self.errors as exc:
             self.breaker.failure()
             raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
         except BaseException:
-            self.breaker.success()
+            self.breaker.release()  # cancelled, or not the store's doing
             raise
         self.breaker.success()
         return result
@@ -294,11 +299,14 @@ class SharedStore:
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
         try:
             result = op(*args)
+        except self.busy_errors as exc:
+            self.breaker.release()
+            raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
         except self.errors as exc:
             self.breaker.failure()
             raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
         except BaseException:
-            self.breaker.success()  # not the store's fault; do not leave a probe hanging
+            self.breaker.release()  # not the store's doing: free the probe, judge nothing
             raise
         self.breaker.success()
         return result

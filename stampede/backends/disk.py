@@ -104,9 +104,10 @@ class DiskBackend(SharedStore):
         if found is None:
             return None, None
         data, expire_time = found
+        remaining = None if expire_time is None else expire_time - time.time()
         if not isinstance(data, bytes):
-            return b"", 1.0  # something else lives here: a foreign entry
-        return data, (None if expire_time is None else expire_time - time.time())
+            return b"", remaining  # something else lives here: a foreign entry
+        return data, remaining
 
     def _shard(self, key: str) -> Any:
         """The ``Cache`` holding ``key`` (a ``FanoutCache`` spreads keys over shards)."""
@@ -201,7 +202,7 @@ def _read_row(shard: Any, key: str) -> tuple[bytes | str | None, float | None] |
                 return f.read(), expire_time
         except OSError:  # removed meanwhile
             return None
-    return b"", 1.0  # pickled, text, or a file name not of diskcache's: foreign
+    return b"", expire_time  # pickled, text, or a file not of diskcache's: foreign
 
 
 def _holder(shard: Any, key: str) -> object:

@@ -19,13 +19,16 @@ import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._keys import key_rest
 from ._shared import SharedStore, ttl_ms
 
 # GET and PTTL in one round trip. A Lua table stops at its first nil, so a
-# missing key answers nil rather than {nil, -2}.
+# missing key answers nil rather than {nil, -2}; something that is not a string
+# under the key (WRONGTYPE) answers {'', -1}: a foreign entry, a counted miss.
 _READ = """
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
 if not v then return nil end
+if type(v) == 'table' then return {'', -1} end
 return {v, redis.call('PTTL', KEYS[1])}
 """
 
@@ -34,9 +37,10 @@ return {v, redis.call('PTTL', KEYS[1])}
 # leader that lost its lease can neither write nor free someone else's lease.
 _ACQUIRE = """
 local got = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
 local t = -2
-if v then t = redis.call('PTTL', KEYS[1]) end
+if type(v) == 'table' then v = '' t = -1
+elseif v then t = redis.call('PTTL', KEYS[1]) end
 return {got and 1 or 0, v or false, t}
 """
 _RENEW = """
@@ -75,6 +79,11 @@ def _redis() -> Any:
     return redis
 
 
+def _busy(redis: Any) -> tuple[type[BaseException], ...]:
+    busy = getattr(redis.exceptions, "MaxConnectionsError", None)  # redis-py >= 5.1
+    return (busy,) if busy is not None else ()
+
+
 def is_redis_client(obj: object) -> bool:
     module = type(obj).__module__
     if not module.startswith("redis"):
@@ -110,6 +119,7 @@ class RedisBackend(SharedStore):
         _check_bytes(client)
         self.client = client
         self.errors = (redis.RedisError, OSError)
+        self.busy_errors = _busy(redis)
         self._read = client.register_script(_READ)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -161,6 +171,8 @@ class RedisBackend(SharedStore):
     def _clear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
         for key in self.client.scan_iter(match=_pattern(prefix), count=500):
+            if not _ours(key, prefix):
+                continue
             batch.append(key)
             if len(batch) >= 500:
                 self.client.unlink(*batch)
@@ -184,6 +196,7 @@ class AsyncRedisBackend(SharedStore):
         _check_bytes(client)
         self.client = client
         self.errors = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self.busy_errors = _busy(redis)
         self._read = client.register_script(_READ)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -240,6 +253,8 @@ class AsyncRedisBackend(SharedStore):
     async def _aclear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
         async for key in self.client.scan_iter(match=_pattern(prefix), count=500):
+            if not _ours(key, prefix):
+                continue
             batch.append(key)
             if len(batch) >= 500:
                 await self.client.unlink(*batch)
@@ -433,8 +448,12 @@ class _Listening:
 
 
 def _pattern(rest_prefix: str) -> str:
-    """A SCAN pattern for the keys whose rest (after the hash tag) starts so."""
-    return "stampede:{*}:" + _glob_escape(rest_prefix) + "*"
+    """A SCAN pattern for the keys whose rest (after the 16-digit hash tag) starts so."""
+    return "stampede:{" + "?" * 16 + "}:" + _glob_escape(rest_prefix) + "*"
+
+
+def _ours(key: bytes, rest_prefix: str) -> bool:
+    return key_rest(key.decode("utf-8", "replace")).startswith(rest_prefix)
 
 
 def _glob_escape(text: str) -> str:
