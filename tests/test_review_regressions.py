@@ -1,0 +1,282 @@
+"""Regressions for the bugs a review found (each failed before its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import redis
+import redis.asyncio
+
+from stampede import AsyncCoalescingCache, CoalescingCache, cached
+from stampede._breaker import Breaker
+from stampede.testing import FakeClock, Gate, wait_until
+
+from .helpers import join_all
+
+
+class NotFound(LookupError):
+    pass
+
+
+def disk(tmp_path: Path) -> diskcache.Cache:
+    folder = tmp_path / "c"
+    folder.mkdir(mode=0o700)
+    return diskcache.Cache(str(folder))
+
+
+# -- the decorator on shared stores -----------------------------------------------------
+
+
+def test_async_cached_on_an_asyncio_redis_client(redis_url: str) -> None:
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        calls = 0
+
+        @cached(cache=client, ttl=60)
+        async def double(x: int) -> int:
+            nonlocal calls
+            calls += 1
+            return 2 * x
+
+        assert await double(1) == 2 and await double(1) == 2 and calls == 1
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_cached_on_disk_survives_a_corrupt_entry(tmp_path: Path) -> None:
+    store = disk(tmp_path)
+
+    @cached(cache=store, ttl=60)
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert double(1) == 2
+    (key,) = [k for k in store.iterkeys() if isinstance(k, str)]
+    store.set(key, b"garbage", expire=60)
+    assert double(1) == 2
+    assert double.cache_info().stats.serialization_errors == 1
+
+
+def test_same_named_functions_cannot_share_a_cache() -> None:
+    shared: CoalescingCache[Any] = CoalescingCache()
+    inc = cached(cache=shared)(lambda x: x + 1)
+    with pytest.raises(TypeError, match="already uses this shared cache"):
+        cached(cache=shared)(lambda x: x - 1)
+    assert inc(1) == 2
+    assert cached(cache=shared, key=lambda x: ("dec", x))(lambda x: x - 1)(1) == 0
+
+
+def test_callables_without_a_qualname() -> None:
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    inc = cached(functools.partial(add, 1))
+    assert inc(2) == 3 and inc(2) == 3
+
+
+def test_shared_cache_clear_fences_a_load_in_flight() -> None:
+    shared: CoalescingCache[Any] = CoalescingCache()
+    gate = Gate("before-clear")
+
+    @cached(cache=shared)
+    def slow(x: int) -> str:
+        return gate()
+
+    t = threading.Thread(target=slow, args=(1,))
+    t.start()
+    assert gate.entered.wait(5)
+    slow.cache_clear()
+    gate.open()
+    join_all([t])
+    assert slow.cache_info().currsize == 0  # the load did not store after the clear
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_typed_keys_type_keyword_arguments_too() -> None:
+    @cached(typed=True)
+    def f(**kw: Any) -> str:
+        return repr(kw)
+
+    assert f(a=1) == "{'a': 1}" and f(a=1.0) == "{'a': 1.0}"
+
+
+def test_positional_only_parameters_named_by_keyword_are_refused() -> None:
+    @cached
+    def f(a: int, /, b: int) -> int:
+        return a + b
+
+    assert f(1, 2) == 3
+    with pytest.raises(TypeError):
+        f(a=1, b=2)  # type: ignore[call-arg]
+
+
+def test_keys_with_lone_surrogates_work_on_shared_stores(tmp_path: Path, redis_url: str) -> None:
+    for store in (disk(tmp_path), redis.Redis.from_url(redis_url)):
+        cache: CoalescingCache[int] = CoalescingCache(store, ttl=60)
+        assert cache.get_or_load("\ud800", lambda: 1) == 1
+        assert cache.get_or_load("\\ud800", lambda: 2) == 2  # not the same key
+        assert cache.get("\ud800") == 1
+
+
+# -- loads and their context ------------------------------------------------------------------
+
+
+def test_a_refresh_started_inside_a_loader_is_not_recursive() -> None:
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(ttl=1, stale_ttl=100, beta=0, clock=clock)
+    cache.get_or_load("b", lambda: "b1")
+    clock.advance(2)  # "b" is stale now
+
+    def load_a() -> str:
+        return "a:" + cache.get_or_load("b", lambda: "b2:" + cache.get_or_load("a", load_a))
+
+    assert cache.get_or_load("a", load_a) == "a:b1"
+    wait_until(lambda: cache.stats().loads + cache.stats().load_errors == 3)
+    assert cache.stats().load_errors == 0
+    assert cache.get("b") == "b2:a:b1"
+
+
+def test_a_failed_first_read_does_not_let_an_error_replace_a_stale_value() -> None:
+    class Flaky(dict[Any, Any]):
+        fail = False
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            if self.fail:
+                self.fail = False
+                raise OSError("the store hiccups")
+            return super().get(key, default)
+
+    store = Flaky()
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        store, ttl=1, stale_ttl=100, beta=0, cache_errors=(NotFound,), clock=clock
+    )
+    cache.get_or_load("k", lambda: "good")
+    clock.advance(2)
+    store.fail = True
+
+    def missing() -> str:
+        raise NotFound("k")
+
+    assert cache.get_or_load("k", missing) == "good"  # the stale value, not the error
+    assert cache.get("k") == "good"
+
+
+def test_a_metrics_hook_may_call_the_cache() -> None:
+    """No hook runs under the fencing lock: a hook that invalidates does not deadlock."""
+    cache: CoalescingCache[str]
+
+    class Hook:
+        def record(self, name: str, event: str, duration: float | None = None) -> None:
+            if event == "fenced":
+                cache.invalidate("other")
+
+    cache = CoalescingCache(metrics=Hook())
+    gate = Gate("v")
+    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    t.start()
+    assert gate.entered.wait(5)
+    cache.invalidate("k")
+    gate.open()
+    join_all([t])
+    assert cache.stats().fenced == 1
+
+
+def test_a_foreign_object_with_a_bad_check_at_is_a_miss() -> None:
+    class Impostor:
+        check_at = "later"
+        value = "not ours"
+
+    cache: CoalescingCache[str] = CoalescingCache({"k": Impostor()})
+    assert cache.get_or_load("k", lambda: "loaded") == "loaded"
+
+
+def test_a_stale_read_at_interpreter_exit_still_serves(tmp_path: Path) -> None:
+    script = (
+        "import atexit, stampede\n"
+        "from stampede.testing import FakeClock\n"
+        "clock = FakeClock()\n"
+        "cache = stampede.CoalescingCache(ttl=1, stale_ttl=100, beta=0, clock=clock)\n"
+        "cache.get_or_load('k', lambda: 'old')\n"
+        "clock.advance(2)\n"
+        "atexit.register(lambda: print(cache.get_or_load('k', lambda: 'new')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "old"
+
+
+# -- stores ------------------------------------------------------------------------------------
+
+
+def test_redis_clear_stays_in_its_namespace(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    x: CoalescingCache[str] = CoalescingCache(client, namespace="x")
+    x.set("}:1:a:v1:", "precious")  # user text that looks like another namespace's keys
+    CoalescingCache(client, namespace="a").clear()
+    assert x.get("}:1:a:v1:") == "precious"
+
+
+def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60, on_backend_error="raise")
+    for name in "abc":
+        client.rpush(cache._key(name), "x")  # type: ignore[arg-type]
+        assert cache.get_or_load(name, lambda: "loaded") == "loaded"
+    s = cache.stats()
+    assert s.serialization_errors == 3 and s.backend_errors == 0
+    assert cache.get_or_load("d", lambda: "d") == "d" and cache.get("d") == "d"
+
+
+def test_breaker_judges_only_the_store() -> None:
+    clock = FakeClock()
+    breaker = Breaker(threshold=1, cooldown=5, clock=clock)
+    breaker.failure()
+    assert not breaker.allow()
+    clock.advance(5)
+    assert breaker.allow()  # the probe
+    breaker.release()  # it was cancelled: says nothing of the store
+    assert breaker.is_open and breaker.allow()  # still open; a new probe may go
+    assert not breaker.allow()  # ... one at a time
+    clock.advance(5)
+    assert breaker.allow()  # a probe that never came back is replaced
+    breaker.success()
+    assert not breaker.is_open
+
+
+def test_async_clear_on_a_remote_store_fences_a_commit(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = disk(tmp_path)
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(store, ttl=60)
+        release = asyncio.Event()
+
+        async def load() -> str:
+            await release.wait()
+            return "old"
+
+        task = asyncio.ensure_future(cache.get_or_load("k", load))
+        await asyncio.sleep(0)
+        await cache.clear()
+        release.set()
+        assert await task == "old"
+        assert await cache.get("k") is None
+
+    asyncio.run(asyncio.wait_for(main(), 20))
