@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import statistics
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -44,14 +46,23 @@ class Origin:
         return f"value of {key}"
 
 
-Strategy = Callable[[Origin, float], Callable[[str], str]]
+@dataclass(frozen=True)
+class Setup:
+    """Where stampede keeps entries, and how many processes share them."""
+
+    backend: str | None = None  # a URL (redis://, disk:///...) or None: in-process memory
+    processes: int = 1
+    namespace: str = "demo"
 
 
-def no_cache(origin: Origin, ttl: float) -> Callable[[str], str]:
+Strategy = Callable[[Origin, float, Setup], Callable[[str], str]]
+
+
+def no_cache(origin: Origin, ttl: float, setup: Setup) -> Callable[[str], str]:
     return origin.fetch
 
 
-def ttl_cache(origin: Origin, ttl: float) -> Callable[[str], str]:
+def ttl_cache(origin: Origin, ttl: float, setup: Setup) -> Callable[[str], str]:
     @cachetools.cached(cachetools.TTLCache(maxsize=1024, ttl=ttl), lock=threading.Lock())
     def get(key: str) -> str:
         return origin.fetch(key)
@@ -59,19 +70,34 @@ def ttl_cache(origin: Origin, ttl: float) -> Callable[[str], str]:
     return get
 
 
-def with_stampede(origin: Origin, ttl: float) -> Callable[[str], str]:
-    @cached(ttl=ttl, beta=1.0)
-    def get(key: str) -> str:
-        return origin.fetch(key)
+def _stampede(distributed: bool) -> Strategy:
+    def make(origin: Origin, ttl: float, setup: Setup) -> Callable[[str], str]:
+        @cached(
+            cache=setup.backend,
+            ttl=ttl,
+            beta=1.0,
+            namespace=setup.namespace,
+            distributed=distributed or None,
+        )
+        def get(key: str) -> str:
+            return origin.fetch(key)
 
-    return get
+        return get
+
+    return make
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "no cache": no_cache,
-    "TTL cache (cachetools)": ttl_cache,
-    "stampede": with_stampede,
-}
+def strategies(setup: Setup) -> dict[str, Strategy]:
+    found: dict[str, Strategy] = {"no cache": no_cache, "TTL cache (cachetools)": ttl_cache}
+    if setup.backend and setup.processes > 1:
+        found["stampede, per process"] = _stampede(False)
+        found["stampede, distributed"] = _stampede(True)
+    else:
+        found["stampede"] = _stampede(False)
+    return found
+
+
+STRATEGIES = strategies(Setup())
 
 
 @dataclass
@@ -101,61 +127,90 @@ class Result:
         ]
 
 
-def run_burst(make: Strategy, name: str, callers: int, latency: float, ttl: float) -> Result:
-    origin = Origin(latency)
-    get = make(origin, ttl)
-    barrier = threading.Barrier(callers)
+@dataclass(frozen=True)
+class Scenario:
+    kind: str  # "burst" or "hot key"
+    strategy: str
+    threads: int  # callers (burst) or workers (hot key), in this process
+    latency: float
+    ttl: float
+    duration: float = 0.0
+
+
+Measured = tuple[int, list[float], list[float]]  # origin calls, latencies, call times
+
+
+def measure(
+    scenario: Scenario, setup: Setup, start: Callable[[], object] = lambda: None
+) -> Measured:
+    """Run ``scenario`` with threads of this process; ``start`` lines processes up."""
+    origin = Origin(scenario.latency)
+    get = strategies(setup)[scenario.strategy](origin, scenario.ttl, setup)
+    key = f"{scenario.kind}-{scenario.strategy}"
+    if scenario.kind == "hot key":
+        get(key)  # warm: the question is what happens at each expiry
+    start()
+    origin.calls.clear()
+    origin.started = time.monotonic()
+    stop = time.monotonic() + scenario.duration
+    barrier = threading.Barrier(scenario.threads)
     latencies: list[float] = []
     lock = threading.Lock()
 
     def caller() -> None:
-        barrier.wait()
-        t0 = time.perf_counter()
-        get("cold-key")
-        spent = time.perf_counter() - t0
-        with lock:
-            latencies.append(spent)
-
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    waited = sum(1 for x in latencies if x >= latency / 2)
-    return Result("burst", name, len(origin.calls), callers, latencies, waited, origin.calls)
-
-
-def run_hot_key(
-    make: Strategy, name: str, workers: int, duration: float, latency: float, ttl: float
-) -> Result:
-    origin = Origin(latency)
-    get = make(origin, ttl)
-    get("hot-key")  # warm: the question is what happens at each expiry
-    origin.calls.clear()
-    origin.started = time.monotonic()
-    stop = time.monotonic() + duration
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
         mine: list[float] = []
-        while time.monotonic() < stop:
+        barrier.wait()
+        while True:
             t0 = time.perf_counter()
-            get("hot-key")
+            get(key)
             mine.append(time.perf_counter() - t0)
+            if scenario.kind == "burst" or time.monotonic() >= stop:
+                break
             time.sleep(0.002)  # a request's own work between cache reads
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(scenario.threads)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(duration + 60)
-    waited = sum(1 for x in latencies if x >= latency / 2)
-    return Result(
-        "hot key", name, len(origin.calls), len(latencies), latencies, waited, origin.calls
-    )
+        t.join(scenario.duration + 60)
+    return len(origin.calls), latencies, list(origin.calls)
+
+
+def _child(queue: Any, barrier: Any, scenario: Scenario, setup: Setup) -> None:
+    queue.put(measure(scenario, setup, barrier.wait))
+
+
+def run(scenario: Scenario, setup: Setup) -> Result:
+    """``scenario`` in this process, or split over ``setup.processes`` processes."""
+    if setup.processes <= 1:
+        parts = [measure(scenario, setup)]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        queue, barrier = ctx.Queue(), ctx.Barrier(setup.processes)
+        share = Scenario(
+            scenario.kind,
+            scenario.strategy,
+            max(1, scenario.threads // setup.processes),
+            scenario.latency,
+            scenario.ttl,
+            scenario.duration,
+        )
+        procs = [
+            ctx.Process(target=_child, args=(queue, barrier, share, setup), daemon=True)
+            for _ in range(setup.processes)
+        ]
+        for proc in procs:
+            proc.start()
+        parts = [queue.get(timeout=scenario.duration + 120) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+    calls = sum(p[0] for p in parts)
+    latencies = [x for p in parts for x in p[1]]
+    times = [x for p in parts for x in p[2]]
+    waited = sum(1 for x in latencies if x >= scenario.latency / 2)
+    return Result(scenario.kind, scenario.strategy, calls, len(latencies), latencies, waited, times)
 
 
 HEADER = ["strategy", "requests", "origin calls", "waited for origin", "p50 ms", "p99 ms", "max ms"]
@@ -222,13 +277,30 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         "--origin-ms", type=float, default=100.0, help="origin latency in ms (default 100)"
     )
     parser.add_argument("--plot", metavar="PNG", help="draw origin calls over time (matplotlib)")
+    parser.add_argument(
+        "--backend",
+        metavar="URL",
+        help="where stampede keeps entries: redis://host:port/db or disk:///path "
+        "(default: this process's memory)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="split callers and workers over this many processes (default 1); with a "
+        "shared --backend, stampede runs per process and distributed",
+    )
     args = parser.parse_args(argv)
     callers = args.callers or (100 if args.quick else 200)
     workers = args.workers or (10 if args.quick else 20)
     duration = args.duration or (1.5 if args.quick else 5.0)
     latency = args.origin_ms / 1000
-    if min(callers, workers) < 1 or duration <= 0 or args.ttl <= 0 or latency < 0:
-        parser.error("counts, --duration and --ttl must be positive")
+    if min(callers, workers, args.processes) < 1 or duration <= 0 or args.ttl <= 0 or latency < 0:
+        parser.error("counts, --duration, --ttl and --processes must be positive")
+    if args.backend and args.backend.startswith("memory:"):
+        args.backend = None
+    setup = Setup(args.backend, args.processes, f"demo-{uuid.uuid4().hex[:8]}")
+    chosen = strategies(setup)
 
     if args.plot:
         _pyplot()  # fail before the runs, not after them
@@ -238,20 +310,22 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
 
     progress(
         f"origin latency {latency * 1000:.0f} ms, TTL {args.ttl:g} s; "
-        f"burst of {callers} callers; hot key: {workers} workers for {duration:g} s each"
+        f"burst of {callers} callers; hot key: {workers} workers for {duration:g} s each; "
+        f"{args.processes} process(es); stampede on {args.backend or 'memory'}"
     )
     burst: list[Result] = []
     hot: list[Result] = []
-    steps = 2 * len(STRATEGIES)
+    steps = 2 * len(chosen)
     step = 0
-    for name, make in STRATEGIES.items():
+    for name in chosen:
         step += 1
         progress(f"[{step}/{steps}] burst    · {name}")
-        burst.append(run_burst(make, name, callers, latency, args.ttl))
-    for name, make in STRATEGIES.items():
+        burst.append(run(Scenario("burst", name, callers, latency, args.ttl), setup))
+    for name in chosen:
         step += 1
         progress(f"[{step}/{steps}] hot key  · {name} ({duration:g} s)")
-        hot.append(run_hot_key(make, name, workers, duration, latency, args.ttl))
+        scenario = Scenario("hot key", name, workers, latency, args.ttl, duration)
+        hot.append(run(scenario, setup))
 
     print(f"\n## Burst: {callers} callers ask for one missing key at once\n", file=out)
     print(table(burst), file=out)

@@ -76,3 +76,20 @@ def test_plot_needs_matplotlib_or_draws(tmp_path: pytest.TempPathFactory) -> Non
     else:
         assert _demo.main(args, out=io.StringIO()) == 0
         assert os.path.getsize(target) > 1000
+
+
+@pytest.mark.timeout(180)
+def test_demo_across_processes_on_redis(redis_url: str) -> None:
+    out = io.StringIO()
+    args = [*SMALL, "--backend", redis_url, "--processes", "2", "--callers", "20"]
+    assert _demo.main(args, out=out) == 0
+    text = out.getvalue()
+    part = text.split("## Burst", 1)[1].split("\n## ", 1)[0]
+    calls = _demo.HEADER.index("origin calls")
+    found = {}
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == len(_demo.HEADER) and cells[0].startswith("stampede"):
+            found[cells[0]] = int(cells[calls])
+    assert found["stampede, distributed"] == 1  # one load for both processes
+    assert found["stampede, per process"] == 2
