@@ -238,3 +238,34 @@ def test_invalidate_fences_a_load_in_another_process(fleet: Fleet) -> None:
 def test_distributed_needs_a_shared_store() -> None:
     with pytest.raises(ValueError, match="shared between processes"):
         CoalescingCache({}, distributed=True)
+
+
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_one_background_refresh_for_the_fleet(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two caches with their own single-flights (as two processes would have) on one
+    store: both see the value stale, both start a refresh, one lease lets one load."""
+    from stampede.testing import FakeClock, Gate
+
+    if kind == "redis":
+        store: Any = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        folder = tmp_path / "s"
+        folder.mkdir(mode=0o700)
+        store = diskcache.Cache(str(folder))
+    clock = FakeClock()  # one clock: both read the entry's write time as it is
+    options: dict[str, Any] = dict(ttl=1, stale_ttl=100, beta=0, distributed=True, clock=clock)
+    a: CoalescingCache[str] = CoalescingCache(store, **options)
+    b: CoalescingCache[str] = CoalescingCache(store, **options)
+    a.get_or_load("k", lambda: "old")
+    clock.advance(2)
+    gate = Gate("new")
+    assert a.get_or_load("k", gate) == "old"  # stale: a's refresh takes the lease
+    assert gate.entered.wait(10)
+    assert b.get_or_load("k", gate) == "old"  # stale: b's refresh finds the lease taken
+    wait_until(lambda: len(b._flight) == 0, deadline=10)  # b gave up at once
+    gate.open()
+    wait_until(lambda: a.stats().loads == 2, deadline=10)
+    assert gate.calls == 1
+    assert b.get("k") == "new"
