@@ -28,6 +28,23 @@ def wait_for(path: Path, deadline: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def report(stats: stampede.Stats, got: list[str]) -> None:
+    """One JSON line for the test: what the callers got and the process's counters."""
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "values": sorted(set(got)),
+                "calls": len(got),
+                "lease_waits": stats.lease_waits,
+                "lease_takeovers": stats.lease_takeovers,
+                "fenced": stats.fenced,
+                "loads": stats.loads,
+            }
+        )
+    )
+
+
 def main() -> None:
     if sys.argv[7:] == ["async"]:
         import asyncio
@@ -71,20 +88,7 @@ def main() -> None:
         t.start()
     for t in pool:
         t.join(60)
-    stats = cache.stats()
-    print(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "values": sorted(set(got)),
-                "calls": len(got),
-                "lease_waits": stats.lease_waits,
-                "lease_takeovers": stats.lease_takeovers,
-                "fenced": stats.fenced,
-                "loads": stats.loads,
-            }
-        )
-    )
+    report(cache.stats(), got)
 
 
 async def amain() -> None:
@@ -117,20 +121,7 @@ async def amain() -> None:
     while not (work / "go").exists():
         await asyncio.sleep(0.005)
     got = await asyncio.gather(*(cache.get_or_load(key, loader) for _ in range(int(tasks))))
-    stats = cache.stats()
-    print(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "values": sorted(set(got)),
-                "calls": len(got),
-                "lease_waits": stats.lease_waits,
-                "lease_takeovers": stats.lease_takeovers,
-                "fenced": stats.fenced,
-                "loads": stats.loads,
-            }
-        )
-    )
+    report(cache.stats(), got)
 
 
 if __name__ == "__main__":

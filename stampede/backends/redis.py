@@ -107,18 +107,19 @@ def _check_bytes(client: Any) -> None:
         )
 
 
-class RedisBackend(SharedStore):
-    """Entries in Redis, through a sync ``redis.Redis`` / ``RedisCluster`` client."""
+class _RedisStore(SharedStore):
+    """What both Redis stores keep of their client: it, its errors, its scripts."""
 
     name = "Redis"
-    serves_async = False
+    supports_leases = True
+    more_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, client: Any, **options: Any) -> None:
         super().__init__(**options)
         redis = _redis()
         _check_bytes(client)
         self.client = client
-        self.errors = (redis.RedisError, OSError)
+        self.errors = (redis.RedisError, OSError, *self.more_errors)
         self.busy_errors = _busy(redis)
         self._read = client.register_script(_READ)
         self._acquire = client.register_script(_ACQUIRE)
@@ -126,7 +127,11 @@ class RedisBackend(SharedStore):
         self._commit = client.register_script(_COMMIT)
         self._break = client.register_script(_BREAK)
 
-    supports_leases = True
+
+class RedisBackend(_RedisStore):
+    """Entries in Redis, through a sync ``redis.Redis`` / ``RedisCluster`` client."""
+
+    serves_async = False
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
@@ -184,26 +189,12 @@ class RedisBackend(SharedStore):
         return f"RedisBackend({self.client!r})"
 
 
-class AsyncRedisBackend(SharedStore):
+class AsyncRedisBackend(_RedisStore):
     """Entries in Redis, through a ``redis.asyncio.Redis`` / ``RedisCluster`` client."""
 
-    name = "Redis"
     serves_sync = False
 
-    def __init__(self, client: Any, **options: Any) -> None:
-        super().__init__(**options)
-        redis = _redis()
-        _check_bytes(client)
-        self.client = client
-        self.errors = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self.busy_errors = _busy(redis)
-        self._read = client.register_script(_READ)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._commit = client.register_script(_COMMIT)
-        self._break = client.register_script(_BREAK)
-
-    supports_leases = True
+    more_errors = (asyncio.TimeoutError,)
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
