@@ -114,10 +114,6 @@ class Entry(Generic[V]):
         self.check_at = check_at
         self.retry_at = retry_at
 
-    @property
-    def is_error(self) -> bool:
-        return self.error is not None
-
     def with_retry_at(self, retry_at: float) -> Entry[V]:
         """The same entry, refreshing no sooner than ``retry_at``."""
         return Entry(

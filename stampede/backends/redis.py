@@ -17,7 +17,6 @@ import threading
 import time
 import weakref
 from typing import Any
-from urllib.parse import urlsplit
 
 from .._keys import key_rest
 from ._shared import SharedStore, ttl_ms
@@ -450,6 +449,3 @@ def _ours(key: bytes, rest_prefix: str) -> bool:
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
-
-def is_redis_url(url: str) -> bool:
-    return urlsplit(url).scheme in SCHEMES
