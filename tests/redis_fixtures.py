@@ -20,6 +20,8 @@ Fixtures:
   loop with ``asyncio.run``; the test closes each client (``await c.aclose()``).
 - ``fresh_redis_server`` (function): a server of the test's own, for fault
   tests that kill, freeze or restart it; stopped after the test.
+- ``redis_cluster`` (session): a private 3-master Redis Cluster
+  (``LocalCluster``), started on first use; tests empty it with ``reset()``.
 - ``any_redis_server`` (function, parametrized ``redis`` / ``valkey``): a reset
   server of each flavor whose binary is present (the other param skips);
   servers come from the session-scoped ``redis_server_pool``.
@@ -42,6 +44,7 @@ from stampede.testing.redis_server import (
     MISSING_BINARY_MESSAGE,
     REQUIRE_ENV,
     SHARED_DEFAULT_PORT,
+    LocalCluster,
     RedisServer,
     ServerBinary,
     ServerBinaryError,
@@ -60,6 +63,7 @@ __all__ = [
     "aredis_client",
     "fresh_redis_server",
     "redis_client",
+    "redis_cluster",
     "redis_server",
     "redis_server_pool",
     "redis_url",
@@ -137,6 +141,15 @@ def fresh_redis_server() -> Iterator[RedisServer]:
     with RedisServer(server_binary_or_skip()) as server:
         _check_private(server)
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A private Redis Cluster (3 masters, no replicas) for the test session."""
+    with LocalCluster(masters=3, binary=server_binary_or_skip()) as cluster:
+        for node in cluster.nodes:
+            _check_private(node)
+        yield cluster
 
 
 class RedisServerPool:

@@ -54,8 +54,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BINARY_ENV",
+    "CLUSTER_SLOTS",
     "MISSING_BINARY_MESSAGE",
     "REQUIRE_ENV",
+    "LocalCluster",
     "RedisServer",
     "RedisServerError",
     "ServerBinary",
@@ -867,3 +869,303 @@ class RedisServer:
 
 class _PortTaken(RedisServerError):
     """The freshly picked port was taken before the server could bind it."""
+
+
+# -- a local Redis Cluster ----------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+_ADDSLOTS_BATCH = 1024
+
+
+class LocalCluster:
+    """A private Redis Cluster of ``masters`` nodes (no replicas) on loopback ports::
+
+        from stampede.testing.redis_server import LocalCluster
+
+        with LocalCluster(masters=3) as cluster:   # start(), and stop() on exit
+            client = cluster.client()              # redis.cluster.RedisCluster
+            client.set("k", "v")
+
+    Each node is a ``RedisServer`` started with ``--cluster-enabled yes``, its
+    ``nodes.conf`` in its own temporary directory. The 16384 slots are split
+    into ``masters`` contiguous ranges (``CLUSTER ADDSLOTSRANGE``, or
+    ``ADDSLOTS`` batches on servers before Redis 7), the nodes are joined with
+    ``CLUSTER MEET``, and ``start()`` returns once every node reports
+    ``cluster_state:ok`` and knows every other node (bounded by
+    ``ready_timeout``). ``stop()`` stops every node and removes their
+    directories; a failed ``start()`` cleans up the same way.
+
+    The cluster bus listens on a port of its own per node: ``--cluster-port``
+    (Redis >= 7, Valkey), else the fixed ``port + 10000`` of older servers.
+    """
+
+    def __init__(
+        self,
+        masters: int = 3,
+        binary: str | ServerBinary | None = None,
+        *,
+        node_timeout_ms: int = 2000,
+        start_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+        ready_timeout: float = 30.0,
+        tmp_root: str | None = None,
+    ) -> None:
+        if not 1 <= masters <= CLUSTER_SLOTS:
+            raise ValueError(f"masters must be between 1 and {CLUSTER_SLOTS}, got {masters}")
+        self.masters = masters
+        self._binary_arg = binary
+        self._binary: ServerBinary | None = None
+        self.node_timeout_ms = node_timeout_ms
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.ready_timeout = ready_timeout
+        self._tmp_root = tmp_root
+        self._nodes: list[RedisServer] = []
+        self._bus_ports: list[int] = []
+        self._lock = threading.RLock()
+
+    # -- information -----------------------------------------------------------
+
+    @property
+    def binary(self) -> ServerBinary:
+        """The binary every node runs (chosen on first access or at ``start()``)."""
+        if self._binary is None:
+            self._binary = RedisServer(self._binary_arg).binary
+        return self._binary
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        """The node servers, in slot order (node ``i`` owns the ``i``-th range)."""
+        return list(self._nodes)
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self._nodes]
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of every node, for ``RedisCluster(startup_nodes=...)``
+        (wrap each in ``redis.cluster.ClusterNode``)."""
+        return [(HOST, node.port) for node in self._nodes]
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port of the first node>`` (``RedisCluster.from_url``)."""
+        if not self._nodes:
+            raise RuntimeError("the cluster has not been started")
+        return f"redis://{HOST}:{self._nodes[0].port}"
+
+    @property
+    def running(self) -> bool:
+        return bool(self._nodes) and all(node.running for node in self._nodes)
+
+    def slot_ranges(self) -> list[tuple[int, int]]:
+        """The inclusive ``(first, last)`` slot range of each node, in node order."""
+        bounds = [CLUSTER_SLOTS * i // self.masters for i in range(self.masters + 1)]
+        return [(bounds[i], bounds[i + 1] - 1) for i in range(self.masters)]
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<LocalCluster {state} masters={self.masters} ports={self.ports}>"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        """Start the nodes, assign the slots, join them, wait for ``cluster_state:ok``.
+
+        A no-op if running. On any failure every node started so far is stopped.
+        """
+        with self._lock:
+            if self.running:
+                return self
+            self.stop()
+            try:
+                for _ in range(self.masters):
+                    self._start_node()
+                self._assign_slots()
+                self._meet()
+                self._wait_ok()
+            except BaseException:
+                self.stop()
+                raise
+            return self
+
+    def stop(self) -> None:
+        """Stop every node (each bounded by ``stop_timeout``) and remove their
+        directories. Safe to call more than once."""
+        with self._lock:
+            nodes, self._nodes, self._bus_ports = self._nodes, [], []
+            errors: list[BaseException] = []
+            for node in nodes:
+                try:
+                    node.stop()
+                except Exception as exc:  # stop the others anyway
+                    errors.append(exc)
+            if errors:
+                raise RedisServerError(f"could not stop every cluster node: {errors!r}")
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """``FLUSHALL`` on every node (each node holds only its own slots' keys)."""
+        for node in self._nodes:
+            node.flush(timeout=timeout)
+
+    def reset(self, timeout: float = 2.0) -> None:
+        """Empty the cluster for the next test; restart it if a node is gone."""
+        with self._lock:
+            if not self.running:
+                self.stop()
+                self.start()
+                return
+            try:
+                self.flush(timeout=timeout)
+                self._wait_ok()
+            except (OSError, RedisServerError):
+                self.stop()
+                self.start()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- clients -------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> Any:
+        """A ``redis.cluster.RedisCluster`` on this cluster (bytes replies, 1 s
+        socket timeouts). Keyword arguments override the defaults. The caller
+        closes it."""
+        from redis.cluster import RedisCluster
+
+        options: dict[str, Any] = {
+            "host": HOST,
+            "port": self._nodes[0].port if self._nodes else None,
+            "socket_timeout": 1.0,
+            "socket_connect_timeout": 1.0,
+            "decode_responses": False,
+        }
+        options.update(kwargs)
+        return RedisCluster(**options)
+
+    # -- internals ---------------------------------------------------------------
+
+    @property
+    def _own_bus_port(self) -> bool:
+        """Whether ``--cluster-port`` exists (Redis >= 7, every Valkey)."""
+        binary = self.binary
+        return binary.flavor == "valkey" or (binary.flavor == "redis" and binary.version >= (7,))
+
+    def _start_node(self) -> None:
+        attempts = 5
+        for attempt in range(attempts):
+            taken = [*(n.port for n in self._nodes), *self._bus_ports, SHARED_DEFAULT_PORT]
+            port = pick_free_port(avoid=taken)
+            if self._own_bus_port:
+                bus = pick_free_port(avoid=[*taken, port])
+                bus_args = ["--cluster-port", str(bus)]
+            else:
+                bus, bus_args = port + 10000, []
+                if bus > 65535 or not _port_is_free(bus):
+                    continue
+            node = RedisServer(
+                self.binary,
+                port=port,
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",  # relative to --dir: the node's own directory
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                    *bus_args,
+                ],
+                start_timeout=self.start_timeout,
+                stop_timeout=self.stop_timeout,
+                tmp_root=self._tmp_root,
+            )
+            try:
+                node.start()
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            self._nodes.append(node)
+            self._bus_ports.append(bus)
+            return
+        raise RedisServerError(f"could not start a cluster node on a free port in {attempts} tries")
+
+    def _assign_slots(self) -> None:
+        for node, (first, last) in zip(self._nodes, self.slot_ranges(), strict=True):
+            try:
+                _command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last, timeout=5.0)
+            except _ReplyError as exc:
+                if "unknown" not in str(exc).lower():  # not an old server: a real error
+                    raise RedisServerError(f"CLUSTER ADDSLOTSRANGE on {node!r}: {exc}") from exc
+                for start in range(first, last + 1, _ADDSLOTS_BATCH):
+                    stop = min(start + _ADDSLOTS_BATCH - 1, last)
+                    node._checked_command("CLUSTER", "ADDSLOTS", *range(start, stop + 1))
+
+    def _meet(self) -> None:
+        first = self._nodes[0]
+        for node, bus in zip(self._nodes[1:], self._bus_ports[1:], strict=True):
+            args: list[str | int] = ["CLUSTER", "MEET", HOST, node.port]
+            if self._own_bus_port:
+                args.append(bus)
+            first._checked_command(*args)
+
+    def _wait_ok(self) -> None:
+        """Poll ``CLUSTER INFO`` of every node until all say ``cluster_state:ok``,
+        with every slot assigned and every node known (bounded)."""
+        deadline = time.monotonic() + self.ready_timeout
+        delay = 0.01
+        while True:
+            problem = self._not_ok()
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"{n!r}:\n{n.log_tail(10)}" for n in self._nodes)
+                raise RedisServerError(
+                    f"the cluster did not reach cluster_state:ok within {self.ready_timeout} s "
+                    f"({problem}); log tails:\n{tails}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _not_ok(self) -> str | None:
+        """What keeps the cluster from being usable, or ``None`` if it is."""
+        expected = {
+            "cluster_state": "ok",
+            "cluster_slots_assigned": str(CLUSTER_SLOTS),
+            "cluster_known_nodes": str(self.masters),
+            "cluster_size": str(self.masters),
+        }
+        for node in self._nodes:
+            if not node.running:
+                return f"{node!r} is not running"
+            try:
+                info = _command(node.port, "CLUSTER", "INFO", timeout=1.0)
+            except (OSError, _ReplyError) as exc:
+                return f"port {node.port}: {type(exc).__name__}: {exc}"
+            for field, want in expected.items():
+                got = _info_field(info, field)
+                if got != want:
+                    return f"port {node.port}: {field}:{got} (want {want})"
+        return None
+
+
+def _port_is_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
