@@ -117,8 +117,8 @@ def lease_keys(fleet: Fleet) -> list[str]:
 
 @pytest.mark.timeout(120)
 def test_cold_key_many_processes_and_threads_load_once(fleet: Fleet) -> None:
-    procs = [fleet.start(threads=25) for _ in range(4)]
-    fleet.ready(4)
+    procs = [fleet.start(threads=25) for _ in range(8)]
+    fleet.ready(8)
     fleet.go()
     wait_until(lambda: len(fleet.loads()) >= 1, deadline=30)
     fleet.release()
@@ -126,7 +126,7 @@ def test_cold_key_many_processes_and_threads_load_once(fleet: Fleet) -> None:
     assert len(fleet.loads()) == 1
     values = {v for r in results for v in r["values"]}
     assert len(values) == 1  # every caller of every process got the leader's value
-    assert sum(r["calls"] for r in results) == 100
+    assert sum(r["calls"] for r in results) == 200
     assert sum(r["loads"] for r in results) == 1
     assert lease_keys(fleet) == []
 
@@ -269,3 +269,38 @@ def test_one_background_refresh_for_the_fleet(
     wait_until(lambda: a.stats().loads == 2, deadline=10)
     assert gate.calls == 1
     assert b.get("k") == "new"
+
+
+def test_redis_killed_mid_flight_in_distributed_mode(fresh_redis_server: Any) -> None:
+    """The leader holds the lease and loads; Redis dies: callers still get the value
+    (failing open), and the cache works again once Redis is back."""
+    import threading
+
+    from stampede.testing import Gate
+
+    from .helpers import join_all, run_threads
+
+    client = redis.Redis.from_url(
+        fresh_redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=None
+    )
+    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60, distributed=True)
+    gate = Gate("v")
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def caller() -> None:
+        value = cache.get_or_load("k", gate)
+        with lock:
+            got.append(value)
+
+    threads = run_threads(10, caller)
+    wait_until(lambda: cache.stats().coalesced == 9)
+    fresh_redis_server.kill()
+    gate.open()
+    join_all(threads)
+    assert got == ["v"] * 10 and gate.calls == 1
+    fresh_redis_server.restart()
+    wait_until(
+        lambda: cache.get_or_load("j", lambda: "back") == "back" and cache.get("j") == "back",
+        deadline=15,
+    )
