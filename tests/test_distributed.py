@@ -133,15 +133,15 @@ def test_cold_key_many_processes_and_threads_load_once(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(120)
 def test_cold_key_many_processes_of_tasks_load_once(fleet: Fleet) -> None:
-    procs = [fleet.start(threads=200, tasks=True) for _ in range(4)]
-    fleet.ready(4)
+    procs = [fleet.start(threads=200, tasks=True) for _ in range(8)]
+    fleet.ready(8)
     fleet.go()
     wait_until(lambda: len(fleet.loads()) >= 1, deadline=30)
     fleet.release()
     results = [fleet.result(p) for p in procs]
     assert len(fleet.loads()) == 1
     assert len({v for r in results for v in r["values"]}) == 1
-    assert sum(r["calls"] for r in results) == 800
+    assert sum(r["calls"] for r in results) == 1600
     assert lease_keys(fleet) == []
 
 
