@@ -72,6 +72,62 @@ class Renewer:
                 continue
 
 
+# -- the decisions both flavours share --------------------------------------------------
+
+ANSWER, LEAD, SKIP, WAIT = "answer", "lead", "skip", "wait"
+
+
+def look(
+    cache: Any,
+    taken: bool,
+    current: Entry[V] | None,
+    previous: Entry[V] | None,
+    *,
+    force: bool,
+    background: bool,
+) -> tuple[str, Entry[V] | None, Entry[V] | None]:
+    """After a lease attempt: (what to do, the entry that answers, the fallback value).
+
+    ANSWER: ``found`` answers the call (free the lease first if ``taken``);
+    LEAD: load; SKIP: a background refresh someone else runs; WAIT: wait.
+    """
+    found, previous = (None, previous) if force else cache._second_look(current, previous)
+    if found is not None:
+        return ANSWER, found, previous
+    if taken:
+        return LEAD, None, previous
+    if background and previous is not None:
+        return SKIP, None, previous
+    return WAIT, None, previous
+
+
+class Patience:
+    """A waiter's bookkeeping: counts the wait once, bounds it by ``wait_timeout``."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+        self.waited = False
+        self.poll: float = min(0.25, cache._lease_ttl / 4)
+        timeout = cache._wait_timeout
+        self._deadline: float | None = None if timeout is None else time.monotonic() + timeout
+
+    def next_wait(self) -> float:
+        """Seconds to wait before looking again; ``LoadTimeout`` once out of time."""
+        if not self.waited:
+            self.waited = True
+            self._cache._count("lease_waits")
+        if self._deadline is None:
+            return self.poll
+        left = min(self.poll, self._deadline - time.monotonic())
+        if left <= 0:
+            raise LoadTimeout(f"no result after waiting {self._cache._wait_timeout} s for a lease")
+        return left
+
+    def leading(self) -> None:
+        if self.waited:
+            self._cache._count("lease_takeovers")  # the lease waited on ended with no value
+
+
 def load(
     cache: CoalescingCache[V],
     k: Hashable,
@@ -87,38 +143,33 @@ def load(
     store: Any = cache._backend
     key = str(k)
     token = secrets.token_hex(16)
-    deadline = None if cache._wait_timeout is None else time.monotonic() + cache._wait_timeout
-    poll = min(0.25, cache._lease_ttl / 4)
-    waited = False
+    patience = Patience(cache)
     while True:
         with store.lease_listen(key) as wake:  # listening before looking: no lost wake-up
             try:
                 taken, data, remaining = store.lease_acquire(key, token, cache._lease_ttl)
             except StoreBusy:
-                wake.wait(poll)  # the client's pool is full for a moment: try again
+                wake.wait(patience.poll)  # the client's pool is full for a moment
                 continue
             except BackendUnavailable as exc:
                 cache._read_failed(exc)  # counted; raises when configured to
                 return local_load()  # fail open: this process's single-flight only
             current = cache._decoded(key, data, remaining)
-            found = None if force else cache._recheck_entry(current, previous)
-            if found is not None:
+            step, found, previous = look(
+                cache, taken, current, previous, force=force, background=background
+            )
+            if step is ANSWER:
+                assert found is not None
                 if taken:
                     _release(cache, key, token)
                 return cache._answer(found)
-            if taken:
+            if step is LEAD:
                 break
-            if background and previous is not None:
+            if step is SKIP:
+                assert previous is not None
                 return previous.value  # type: ignore[return-value] # someone else refreshes
-            if not waited:
-                waited = True
-                cache._count("lease_waits")
-            left = poll if deadline is None else min(poll, deadline - time.monotonic())
-            if left <= 0:
-                raise LoadTimeout(f"no result after waiting {cache._wait_timeout} s for a lease")
-            wake.wait(left)
-    if waited:
-        cache._count("lease_takeovers")  # the lease we waited on ended with no value
+            wake.wait(patience.next_wait())
+    patience.leading()
     started = cache._clock()
     with Renewer(store, key, token, cache._lease_ttl) as renewer:
         try:
@@ -209,38 +260,33 @@ async def aload(
     store: Any = cache._backend
     key = str(k)
     token = secrets.token_hex(16)
-    deadline = None if cache._wait_timeout is None else time.monotonic() + cache._wait_timeout
-    poll = min(0.25, cache._lease_ttl / 4)
-    waited = False
+    patience = Patience(cache)
     while True:
         async with store.alease_listen(key) as wake:
             try:
                 taken, data, remaining = await store.alease_acquire(key, token, cache._lease_ttl)
             except StoreBusy:
-                await wake.wait(poll)
+                await wake.wait(patience.poll)
                 continue
             except BackendUnavailable as exc:
                 cache._read_failed(exc)
                 return await local_load()
             current = cache._decoded(key, data, remaining)
-            found = None if force else cache._recheck_entry(current, previous)
-            if found is not None:
+            step, found, previous = look(
+                cache, taken, current, previous, force=force, background=background
+            )
+            if step is ANSWER:
+                assert found is not None
                 if taken:
                     await _arelease(cache, key, token)
                 return cache._answer(found)
-            if taken:
+            if step is LEAD:
                 break
-            if background and previous is not None:
+            if step is SKIP:
+                assert previous is not None
                 return previous.value  # type: ignore[return-value] # someone else refreshes
-            if not waited:
-                waited = True
-                cache._count("lease_waits")
-            left = poll if deadline is None else min(poll, deadline - time.monotonic())
-            if left <= 0:
-                raise LoadTimeout(f"no result after waiting {cache._wait_timeout} s for a lease")
-            await wake.wait(left)
-    if waited:
-        cache._count("lease_takeovers")
+            await wake.wait(patience.next_wait())
+    patience.leading()
     started = cache._clock()
     async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:
         try:

@@ -448,4 +448,3 @@ def _ours(key: bytes, rest_prefix: str) -> bool:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
