@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _policy
-from ._entry import MISSING, Entry, Missing, error_entry, value_entry
+from ._entry import MISSING, Entry, ErrorData, Missing, error_entry, value_entry
 from ._envelope import CorruptEntry
 from ._errors import BackendUnavailable, SerializationError
 from ._policy import Decision, ErrorFilter
@@ -444,6 +444,8 @@ class CacheCore(Generic[V]):
             return previous.with_retry_at(now + self._error_ttl), previous.value, spent
         if outcome is _policy.Outcome.NEGATIVE:
             assert isinstance(exc, Exception)
+            if not ErrorData.of(exc).rebuildable():
+                return None, MISSING, spent  # no reader could raise it again: not cached
             if not self._backend.local and not isinstance(exc, self._error_types):
                 # A predicate chose it, but a reader of a shared store can only rebuild
                 # the types cache_errors names: do not store what no one can read.

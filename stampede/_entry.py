@@ -71,6 +71,14 @@ class ErrorData:
         exc.args = self.args
         return exc
 
+    def rebuildable(self) -> bool:
+        """Can ``rebuild`` make one? (``ExceptionGroup`` and friends may refuse.)"""
+        try:
+            self.rebuild()
+        except Exception:
+            return False
+        return True
+
     def __repr__(self) -> str:
         return f"ErrorData({self.type.__qualname__}, {self.args!r})"
 

@@ -219,6 +219,10 @@ def _draw(data: bytes) -> float:
     return 1.0 - int.from_bytes(digest, "little") / 2.0**64
 
 
+# name -> type found by the walk below, per cache_errors: a negative read walks once.
+_resolved: dict[tuple[str, tuple[type[BaseException], ...]], type[Exception]] = {}
+
+
 def _resolve(name: str, error_types: tuple[type[BaseException], ...]) -> type[Exception]:
     """The exception type called ``name``: one of ``error_types`` or an imported subclass.
 
@@ -226,6 +230,9 @@ def _resolve(name: str, error_types: tuple[type[BaseException], ...]) -> type[Ex
     walking ``__subclasses__``), so reading an entry never imports anything;
     classes defined inside functions are found too.
     """
+    cached = _resolved.get((name, error_types))
+    if cached is not None:
+        return cached
     seen: set[type[BaseException]] = set()
     todo = list(error_types)
     while todo:
@@ -234,6 +241,9 @@ def _resolve(name: str, error_types: tuple[type[BaseException], ...]) -> type[Ex
             continue
         seen.add(cls)
         if f"{cls.__module__}.{cls.__qualname__}" == name and issubclass(cls, Exception):
+            if len(_resolved) > 1024:
+                _resolved.clear()
+            _resolved[(name, error_types)] = cls
             return cls
         todo.extend(cls.__subclasses__())
     raise CorruptEntry(f"negative entry of {name}, which is not among this cache's cache_errors")

@@ -280,3 +280,49 @@ def test_async_clear_on_a_remote_store_fences_a_commit(tmp_path: Path) -> None:
         assert await cache.get("k") is None
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+class _Unrebuildable(Exception):
+    """An error whose class cannot be made again from its args."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Unrebuildable:
+        if "token" not in kwargs:
+            raise TypeError("needs token=")
+        return super().__new__(cls)
+
+    def __init__(self, message: str, *, token: str) -> None:
+        super().__init__(message)
+
+
+def test_an_error_that_cannot_be_rebuilt_is_not_negative_cached() -> None:
+    cache: CoalescingCache[str] = CoalescingCache(cache_errors=(_Unrebuildable,))
+    calls = 0
+
+    def load() -> str:
+        nonlocal calls
+        calls += 1
+        raise _Unrebuildable("nope", token="t")
+
+    for _ in range(2):
+        with pytest.raises(_Unrebuildable):
+            cache.get_or_load("k", load)
+    assert calls == 2  # shared with its callers, never cached
+
+
+def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
+    from stampede import _envelope
+
+    class Gone(NotFound):
+        pass
+
+    store = disk(tmp_path)
+    cache: CoalescingCache[str] = CoalescingCache(store, ttl=60, cache_errors=(Exception,))
+
+    def load() -> str:
+        raise Gone("x")
+
+    for _ in range(3):
+        with pytest.raises(Gone):
+            cache.get_or_load("k", load)
+    assert any(t is Gone for t in _envelope._resolved.values())
+    assert cache.stats().negative_hits == 2
