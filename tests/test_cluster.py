@@ -56,7 +56,7 @@ def stored(cluster: LocalCluster) -> dict[bytes, int]:
     """Every key in the cluster, with the index of the node that holds it."""
     found: dict[bytes, int] = {}
     for index, node in enumerate(cluster.nodes):
-        direct = node.client()
+        direct = node.client(socket_timeout=10, socket_connect_timeout=10)
         try:
             for key in direct.scan_iter(count=500):
                 assert key not in found, f"{key!r} is on two nodes"
