@@ -49,7 +49,7 @@ def main() -> None:
     if sys.argv[7:] == ["async"]:
         import asyncio
 
-        asyncio.run(amain())
+        asyncio.run(amain())  # must also end: a listener ignoring its cancel would hang here
         return
     kind, where, key, threads, workdir, lease_ttl = sys.argv[1:7]
     work = Path(workdir)

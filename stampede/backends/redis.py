@@ -304,24 +304,35 @@ class _AsyncNotifier:
                 del self._waiters[key.encode()]
 
     async def _run(self) -> None:
-        while True:
+        # The loops also stop on a cancel the client library swallowed: a listener
+        # that outlived its cancellation would hang asyncio.run() at its end.
+        while not _cancelling():
             try:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(CHANNEL)
                 try:
-                    while True:
+                    while not _cancelling():
                         message = await pubsub.get_message(timeout=1.0)
                         if message is None or message.get("type") != "message":
                             continue
                         for event in list(self._waiters.get(message["data"], ())):
                             event.set()
                 finally:
-                    await pubsub.aclose()
+                    # Bounded and quiet: at loop shutdown this runs while cancelled,
+                    # and a close stuck on a half-read connection must not hang exit.
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await asyncio.wait_for(pubsub.aclose(), 1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
                 log.debug("lease notifications interrupted", exc_info=True)
                 await asyncio.sleep(0.5)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling is not None and cancelling())
 
 
 _async_notifiers: weakref.WeakKeyDictionary[
