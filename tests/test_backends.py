@@ -357,7 +357,7 @@ def test_paused_redis_costs_timeouts_only_until_the_breaker_opens(
             t = time.monotonic()
             assert cache.get_or_load(f"k{i}", lambda i=i: i) == i
             times.append(time.monotonic() - t)
-    assert max(times[-4:]) < 0.1  # open: fail at once
+    assert max(times[-4:]) < 0.15  # open: fail at once, not after the 0.2 s timeout
     assert sum(times) < 3
 
 
@@ -533,15 +533,15 @@ def test_slow_redis_times_out_and_fails_open(fresh_redis_server: RedisServer) ->
     cache: CoalescingCache[str] = CoalescingCache(client, ttl=60)
     cache.set("k", "cached")
     slow = redis.Redis.from_url(fresh_redis_server.url, socket_timeout=10)
-    sleeper = threading.Thread(target=lambda: slow.execute_command("DEBUG", "SLEEP", "1"))
+    sleeper = threading.Thread(target=lambda: slow.execute_command("DEBUG", "SLEEP", "3"))
     sleeper.start()
     wait_until(lambda: _is_sleeping(fresh_redis_server), deadline=5)
     started = time.monotonic()
     assert cache.get_or_load("k", lambda: "loaded while redis was slow") == (
         "loaded while redis was slow"
     )
-    assert time.monotonic() - started < 0.9  # bounded by the socket timeouts, not the sleep
-    sleeper.join(5)
+    assert time.monotonic() - started < 2.5  # bounded by the socket timeouts, not the sleep
+    sleeper.join(10)
     slow.close()
 
 

@@ -175,7 +175,7 @@ def test_killed_leader_is_taken_over_within_the_lease(fleet: Fleet) -> None:
     leader.wait(10)
     killed = time.monotonic()
     wait_until(lambda: len(fleet.loads()) == 2, deadline=30)  # the waiter took over
-    assert time.monotonic() - killed < 1.0 + 2.0  # about lease_ttl, plus a poll
+    assert time.monotonic() - killed < 1.0 + 4.0  # about lease_ttl, plus a poll (and slack)
     fleet.release()
     result = fleet.result(waiter)
     assert result["values"] == [f"value-from-{result['pid']}"]
@@ -207,13 +207,13 @@ def test_a_paused_leader_past_its_lease_cannot_write(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_load_longer_than_the_lease_keeps_it(fleet: Fleet) -> None:
-    leader = fleet.start(lease_ttl=0.4)
+    leader = fleet.start(lease_ttl=1.0)
     fleet.ready(1)
     fleet.go()
     wait_until(lambda: len(fleet.loads()) == 1, deadline=30)
-    waiter = fleet.start(lease_ttl=0.4)
+    waiter = fleet.start(lease_ttl=1.0)
     fleet.ready(2)
-    time.sleep(1.2)  # the scenario itself: three lease lifetimes while the load runs
+    time.sleep(3.0)  # the scenario itself: three lease lifetimes while the load runs
     assert len(fleet.loads()) == 1  # renewed: nobody took over
     fleet.release()
     first, second = fleet.result(leader), fleet.result(waiter)
