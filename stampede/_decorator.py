@@ -299,17 +299,21 @@ def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
     return CacheInfo(stats.hits, stats.misses, maxsize, currsize, stats)
 
 
-def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> None:
+def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> str | None:
+    """Fence this function's loads in a shared cache and drop its in-memory entries.
+
+    For a shared store, returns the key prefix the caller clears (sync or awaited).
+    """
     backend = cache.backend
     if not isinstance(backend, MemoryBackend):
         assert keys.fn_id is not None
         prefix = function_prefix(cache.namespace, keys.fn_id)
         cache._flight._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
-        backend.clear(prefix)
-        return
+        return prefix
     cache._flight._forget_all(keys.owns)  # fence this function's loads in flight too
     for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
         cache._invalidate(k)
+    return None
 
 
 def _wrap_sync(
@@ -345,9 +349,6 @@ def _wrap_sync(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return cache.get_or_load(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
-    def cache_key(*args: Any, **kwargs: Any) -> Hashable:
-        return keys.user(args, kwargs)
-
     def invalidate(*args: Any, **kwargs: Any) -> None:
         cache.invalidate(keys.user(args, kwargs))
 
@@ -355,12 +356,12 @@ def _wrap_sync(
         return cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
     def cache_clear() -> None:
-        if shared:
-            _drop_own_keys(cache, keys)
-        else:
+        if not shared:
             cache.clear()
+        elif (prefix := _drop_own_keys(cache, keys)) is not None:
+            cache.backend.clear(prefix)
 
-    return _finish(wrapper, fn, cache, keys, shared, cache_key, invalidate, refresh, cache_clear)
+    return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
 
 def _wrap_async(
@@ -396,9 +397,6 @@ def _wrap_async(
             user_key = keys.user(args, kwargs)
             return await cache.get_or_load(user_key, partial(fn, *args, **kwargs))
 
-    def cache_key(*args: Any, **kwargs: Any) -> Hashable:
-        return keys.user(args, kwargs)
-
     async def invalidate(*args: Any, **kwargs: Any) -> None:
         await cache.invalidate(keys.user(args, kwargs))
 
@@ -406,12 +404,12 @@ def _wrap_async(
         return await cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
     async def cache_clear() -> None:
-        if shared:
-            _drop_own_keys(cache, keys)
-        else:
+        if not shared:
             await cache.clear()
+        elif (prefix := _drop_own_keys(cache, keys)) is not None:
+            await cache.backend.aclear(prefix)  # type: ignore[union-attr]
 
-    return _finish(wrapper, fn, cache, keys, shared, cache_key, invalidate, refresh, cache_clear)
+    return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
 
 def _finish(
@@ -420,14 +418,13 @@ def _finish(
     cache: CacheCore[Any],
     keys: _Keys,
     shared: bool,
-    cache_key: Callable[..., Hashable],
     invalidate: Callable[..., Any],
     refresh: Callable[..., Any],
     cache_clear: Callable[[], Any],
 ) -> Any:
     functools.update_wrapper(wrapper, fn)
     wrapper.cache = cache
-    wrapper.cache_key = cache_key
+    wrapper.cache_key = lambda *args, **kwargs: keys.user(args, kwargs)
     wrapper.invalidate = invalidate
     wrapper.refresh = refresh
     wrapper.cache_clear = cache_clear

@@ -326,3 +326,24 @@ def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
             cache.get_or_load("k", load)
     assert any(t is Gone for t in _envelope._resolved.values())
     assert cache.stats().negative_hits == 2
+
+
+def test_async_cache_clear_of_a_function_on_a_shared_redis_cache(redis_url: str) -> None:
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        shared: AsyncCoalescingCache[Any] = AsyncCoalescingCache(client, ttl=60)
+
+        @cached(cache=shared)
+        async def f(x: int) -> int:
+            return x
+
+        @cached(cache=shared)
+        async def g(x: int) -> int:
+            return -x
+
+        assert (await f(1), await g(1)) == (1, -1)
+        await f.cache_clear()  # was a sync clear on an asyncio client: TypeError
+        assert len([k async for k in client.scan_iter("stampede:*")]) == 1  # g's stays
+        await client.aclose()
+
+    asyncio.run(main())
