@@ -38,8 +38,7 @@ class AsyncCoalescingCache(CacheCore[V]):
     _asynchronous = True
     _flight: AsyncSingleFlight
 
-    def __init__(self, backend: Any = None, **options: Any) -> None:
-        super().__init__(backend, **options)
+    def _setup(self) -> None:
         self._flight = AsyncSingleFlight()
         self._remote = not self._backend.local
         # Fencing locks of remote stores, per event loop (asyncio locks bind to one).

@@ -55,14 +55,13 @@ class CoalescingCache(CacheCore[V]):
     """A cache whose misses load once for all concurrent callers.
 
     Wraps ``backend`` (``None`` for a bounded in-process LRU, a ``dict``, a
-    cachetools or cachebox cache, any mutable mapping, or ``"memory://"``).
-    See ``CacheCore`` for the parameters and DESIGN.md for the guarantees.
+    cachetools or cachebox cache, any mutable mapping, a diskcache or Redis
+    client, or a URL). The guarantees are listed in docs/guarantees.md.
     """
 
     _flight: SingleFlight
 
-    def __init__(self, backend: Any = None, **options: Any) -> None:
-        super().__init__(backend, **options)
+    def _setup(self) -> None:
         self._flight = SingleFlight()
 
     def get_or_load(self, key: Hashable, loader: Callable[[], V]) -> V:

@@ -108,6 +108,54 @@ class CacheCore(Generic[V]):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
+        """Wrap ``backend`` in a single-flight, early-refreshing, failure-aware cache.
+
+        Args:
+            backend: where entries live: ``None`` for a bounded in-process LRU
+                (``maxsize`` entries), a ``dict``, a cachetools or cachebox
+                cache or any mutable mapping, a ``diskcache.Cache`` /
+                ``FanoutCache``, a ``redis.Redis`` (``redis.asyncio.Redis`` for
+                the async cache) or ``RedisCluster`` client, or a URL:
+                ``memory://``, ``disk:///path``, ``redis://``, ``rediss://``, ``unix://``.
+            ttl: seconds a loaded value is fresh.
+            beta: XFetch eagerness: how early a hot key is refreshed in the
+                background, relative to how long its load took (``0`` turns
+                early refresh off).
+            stale_ttl: seconds after ``ttl`` during which an expired value is
+                still served, while one caller refreshes it in the background
+                (stale-while-revalidate) or when the refresh fails
+                (stale-if-error).
+            cache_errors: exception types (or a predicate on the exception)
+                whose raising by the loader is cached for ``error_ttl``
+                seconds and raised again to readers (negative caching). Other
+                errors are shared by the callers of the load, never stored.
+            error_ttl: seconds a cached error lives; also how long a failed
+                background refresh waits before the next try.
+            wait_timeout: the most seconds a caller waits for another
+                caller's load (``LoadTimeout`` past it); ``None``: no bound.
+            namespace: prefix of this cache's keys in a shared store, and the
+                scope of ``clear()``.
+            serializer: how values are encoded in shared stores (default
+                ``DataSerializer``, data only); ignored by in-process stores.
+            distributed: single-flight across processes and hosts with a
+                per-key lease in the store (Redis, diskcache).
+            lease_ttl: seconds a lease lives without renewal; a loader that
+                runs longer keeps it renewed.
+            maxsize: entries of the default in-process LRU.
+            name: the cache's name for the metrics hook (default: the
+                namespace, else ``"default"``).
+            metrics: a ``MetricsHook`` told of misses, loads, waits, errors.
+            on_backend_error: ``"fail-open"`` (load as if the store were
+                empty, behind a circuit breaker) or ``"raise"``
+                (``BackendUnavailable``).
+            clock: monotonic seconds; tests pass a fake clock.
+            random: uniform draws in ``[0, 1)`` for XFetch; tests script them.
+
+        Raises:
+            TypeError: an option of the wrong type.
+            ValueError: an option out of range, or ``distributed=True`` on a
+                store that lives in this process only.
+        """
         self._ttl = _seconds("ttl", ttl, positive=True)
         self._beta = _seconds("beta", beta)
         self._stale_ttl = _seconds("stale_ttl", stale_ttl)
@@ -160,7 +208,12 @@ class CacheCore(Generic[V]):
         # Fencing (see the module docstring), striped by key so that writes of
         # different keys to a remote store do not queue behind each other.
         self._locks = tuple(threading.Lock() for _ in range(16))
+        self._setup()
         _live.add(self)
+
+    def _setup(self) -> None:
+        """The shell's own state (its single-flight), made last in ``__init__``."""
+        raise NotImplementedError
 
     # -- introspection -------------------------------------------------------
 

@@ -13,6 +13,7 @@ takes the slow path and raises.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import math
 from typing import Any, Generic, TypeVar
@@ -49,8 +50,8 @@ class ErrorData:
     __slots__ = ("type", "args")
 
     def __init__(self, type: type[Exception], args: tuple[Any, ...]) -> None:
-        self.type = type
-        self.args = args
+        self.type: builtins.type[Exception] = type
+        self.args: tuple[Any, ...] = args
 
     @classmethod
     def of(cls, exc: Exception) -> ErrorData:

@@ -108,8 +108,8 @@ class LoggingMetrics:
     """A ``MetricsHook`` that writes each event to a logger (``stampede.metrics``)."""
 
     def __init__(self, logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
-        self.logger = logger or logging.getLogger("stampede.metrics")
-        self.level = level
+        self.logger: logging.Logger = logger or logging.getLogger("stampede.metrics")
+        self.level: int = level
 
     def record(self, cache: str, event: str, duration: float | None = None) -> None:
         if not self.logger.isEnabledFor(self.level):

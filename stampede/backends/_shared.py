@@ -59,7 +59,7 @@ class Codec:
         self.clock = clock
         self.beta = beta
         self.error_types = error_types
-        self.domain = _envelope.clock_domain(clock)
+        self.domain: bytes = _envelope.clock_domain(clock)
 
     def dumps(self, key: str, entry: Entry[Any], now: float) -> bytes:
         return _envelope.encode(key, entry, now, self.serializer, self.domain)
@@ -97,7 +97,7 @@ class SharedStore:
         if max_value_size < 1:
             raise ValueError("max_value_size must be positive")
         self.max_value_size = max_value_size
-        self.breaker = Breaker(failure_threshold, cooldown)
+        self.breaker: Breaker = Breaker(failure_threshold, cooldown)
         self.codec: Codec | None = None
         self.namespace = ""
 

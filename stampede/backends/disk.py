@@ -75,8 +75,12 @@ class DiskBackend(SharedStore):
         self.cache = cache
         # A FanoutCache spreads a value and its lease over shards, with no
         # transaction across them: leases need a plain Cache.
-        self.supports_leases = not hasattr(cache, "_shards")
-        self.errors = (diskcache.Timeout, sqlite3.Error, OSError)
+        self.supports_leases: bool = not hasattr(cache, "_shards")
+        self.errors: tuple[type[BaseException], ...] = (
+            diskcache.Timeout,
+            sqlite3.Error,
+            OSError,
+        )
 
     @staticmethod
     def _open(diskcache: Any, path: Path) -> Any:
@@ -135,7 +139,7 @@ class DiskBackend(SharedStore):
 
     # -- leases: an atomic add with expiry; changes in a transaction ------------------
 
-    poll_interval = 0.02  # no notifications between processes here: waiters poll
+    poll_interval: float = 0.02  # no notifications between processes here: waiters poll
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float

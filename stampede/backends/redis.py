@@ -65,7 +65,7 @@ CHANNEL = "stampede:lease-done"
 
 SCHEMES = ("redis", "rediss", "unix")
 
-log = logging.getLogger("stampede")
+log: logging.Logger = logging.getLogger("stampede")
 
 
 def _redis() -> Any:
@@ -118,8 +118,12 @@ class _RedisStore(SharedStore):
         redis = _redis()
         _check_bytes(client)
         self.client = client
-        self.errors = (redis.RedisError, OSError, *self.more_errors)
-        self.busy_errors = _busy(redis)
+        self.errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            OSError,
+            *self.more_errors,
+        )
+        self.busy_errors: tuple[type[BaseException], ...] = _busy(redis)
         self._read = client.register_script(_READ)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -193,7 +197,7 @@ class AsyncRedisBackend(_RedisStore):
 
     serves_sync = False
 
-    more_errors = (asyncio.TimeoutError,)
+    more_errors: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float

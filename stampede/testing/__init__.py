@@ -50,7 +50,7 @@ class Draws:
 
     def __init__(self, values: Iterable[float] = (), then: float = 0.5) -> None:
         self._values = itertools.chain(values, itertools.repeat(then))
-        self.count = 0
+        self.count: int = 0
 
     def __call__(self) -> float:
         self.count += 1
@@ -96,8 +96,8 @@ class Gate(Generic[T]):
     ) -> None:
         self.value = value
         self.error = error
-        self.calls = 0
-        self.entered = threading.Event()
+        self.calls: int = 0
+        self.entered: threading.Event = threading.Event()
         self._open = threading.Event()
         self._lock = threading.Lock()
         self._deadline = deadline
@@ -130,10 +130,10 @@ class AsyncGate(Generic[T]):
     ) -> None:
         self.value = value
         self.error = error
-        self.calls = 0
-        self.cancelled = 0
+        self.calls: int = 0
+        self.cancelled: int = 0
         self._open = asyncio.Event()
-        self.entered = asyncio.Event()
+        self.entered: asyncio.Event = asyncio.Event()
         if opened:
             self._open.set()
 

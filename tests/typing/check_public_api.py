@@ -1,3 +1,4 @@
+# pyright: strict
 """Type-checked, never run: CI runs `mypy --strict tests/typing`.
 
 It pins what users' type checkers see: @cached keeps the signature
