@@ -56,12 +56,14 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
+import os
 import re
 import struct
 import uuid
 import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 FORMAT = 1
 MAX_DEPTH = 100  # containers, enums and dataclasses nested in one another
@@ -71,6 +73,21 @@ _DATE = struct.Struct(">HBB")
 _TIME = struct.Struct(">BBBIB")
 _DELTA = struct.Struct(">iII")
 _FLOAT = struct.Struct(">d")
+
+
+@functools.cache
+def _known_zones() -> frozenset[str]:
+    """The zone keys this machine lists (its TZPATH and the tzdata package), read once."""
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _zone_known(key: str) -> bool:
+    """``key`` names a listed zone or a file under TZPATH (``_ZONE_KEY`` has no dots)."""
+    if key in _known_zones():
+        return True
+    return any(os.path.isfile(os.path.join(folder, key)) for folder in zoneinfo.TZPATH)
+
+
 _ZONE_KEY = re.compile(r"[A-Za-z0-9_+-]{1,64}(?:/[A-Za-z0-9_+-]{1,64}){0,3}")
 _DECIMAL = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:E[+-]?\d+)?|Infinity|s?NaN\d*)")
 _REGISTER_HINT = "register it with DataSerializer(types=[...]) or use PickleSerializer"
@@ -94,7 +111,13 @@ class Registry:
     __slots__ = ("by_name", "by_type")
 
     def __init__(self, types: Iterable[type[Any]] | Mapping[str, type[Any]]) -> None:
-        pairs = types.items() if isinstance(types, Mapping) else ((None, t) for t in types)
+        # cast: isinstance() also narrows the Iterable arm to Mapping[type[Any], Unknown] (a
+        # mapping is an iterable of its keys); a mapping given here is the name -> class form.
+        pairs = (
+            cast("Mapping[str, type[Any]]", types).items()
+            if isinstance(types, Mapping)
+            else ((None, t) for t in types)
+        )
         self.by_name: dict[str, _Class] = {}
         self.by_type: dict[type[Any], _Class] = {}
         for given_name, cls in pairs:
@@ -421,6 +444,10 @@ class _Reader:
         key = self.text() if kind == 3 else ""
         if not _ZONE_KEY.fullmatch(key):
             raise FormatError("malformed time zone")
+        if not _zone_known(key):
+            # Checked against the zone list first: ZoneInfo falls back to the
+            # tzdata package, importing a subpackage named after the key.
+            raise FormatError(f"unknown time zone {key!r}")
         try:
             return hour, minute, second, micro, fold, zoneinfo.ZoneInfo(key)
         except Exception as exc:  # ZoneInfoNotFoundError, a file that is not TZif
@@ -451,7 +478,8 @@ class _Reader:
         try:
             if entry.flag:
                 return entry.cls(self.value(_deeper(depth)))
-            return entry.cls[self.text()]
+            # cast: registered(True) returned an entry without fields, which only enums get.
+            return cast("type[enum.Enum]", entry.cls)[self.text()]
         except (KeyError, ValueError, TypeError) as exc:
             raise FormatError(f"no such member of {entry.name!r}") from exc
 
