@@ -38,6 +38,9 @@ class AsyncCoalescingCache(CacheCore[V]):
     _asynchronous = True
     _flight: AsyncSingleFlight
 
+    def _in_flight(self) -> AsyncSingleFlight:
+        return self._flight
+
     def _setup(self) -> None:
         self._flight = AsyncSingleFlight()
         self._remote = not self._backend.local
@@ -123,9 +126,12 @@ class AsyncCoalescingCache(CacheCore[V]):
                 return self._answer(found)
         started = self._clock()
         try:
-            value = loader()
-            if inspect.isawaitable(value):
-                value = await value
+            value: V
+            result = loader()
+            if inspect.isawaitable(result):
+                value = await result
+            else:
+                value = result
         except BaseException as exc:
             entry, instead, spent = self._failure(k, call, exc, previous, started)
             if entry is not None:

@@ -61,6 +61,9 @@ class CoalescingCache(CacheCore[V]):
 
     _flight: SingleFlight
 
+    def _in_flight(self) -> SingleFlight:
+        return self._flight
+
     def _setup(self) -> None:
         self._flight = SingleFlight()
 

@@ -84,7 +84,6 @@ def _seconds(name: str, value: float, *, positive: bool = False) -> float:
 class CacheCore(Generic[V]):
     """Configuration and shared steps of ``CoalescingCache`` / ``AsyncCoalescingCache``."""
 
-    _flight: _Flight
     _asynchronous = False  # the flavour of store I/O the shell does
 
     def __init__(
@@ -213,6 +212,10 @@ class CacheCore(Generic[V]):
 
     def _setup(self) -> None:
         """The shell's own state (its single-flight), made last in ``__init__``."""
+        raise NotImplementedError
+
+    def _in_flight(self) -> _Flight:
+        """The shell's single-flight (its ``_flight``, of a type each shell declares)."""
         raise NotImplementedError
 
     # -- introspection -------------------------------------------------------
@@ -531,14 +534,14 @@ class CacheCore(Generic[V]):
     def _set_entry(self, k: Hashable, value: V, ttl: float | None) -> None:
         entry = self._new_entry(value, ttl, self._read(k))
         with self._lock_for(k):
-            self._flight.forget(k)
+            self._in_flight().forget(k)
             self._backend.set(k, entry)
             if self._distributed:  # fence the fleet's load of it too
                 self._backend.lease_break(k, drop_value=False)  # type: ignore[union-attr, arg-type]
 
     def _invalidate(self, k: Hashable) -> None:
         with self._lock_for(k):
-            self._flight.forget(k)
+            self._in_flight().forget(k)
             if self._distributed:
                 self._backend.lease_break(k, drop_value=True)  # type: ignore[union-attr, arg-type]
             else:
@@ -548,7 +551,7 @@ class CacheCore(Generic[V]):
         for lock in self._locks:
             lock.acquire()
         try:
-            self._flight._forget_all()
+            self._in_flight()._forget_all()
             if isinstance(self._backend, SharedStore):
                 self._backend.clear()  # a bound store knows its namespace
             else:

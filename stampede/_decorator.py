@@ -308,9 +308,9 @@ def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> str | None:
     if not isinstance(backend, MemoryBackend):
         assert keys.fn_id is not None
         prefix = function_prefix(cache.namespace, keys.fn_id)
-        cache._flight._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
+        cache._in_flight()._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
         return prefix
-    cache._flight._forget_all(keys.owns)  # fence this function's loads in flight too
+    cache._in_flight()._forget_all(keys.owns)  # fence this function's loads in flight too
     for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
         cache._invalidate(k)
     return None

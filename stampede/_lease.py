@@ -290,9 +290,12 @@ async def aload(
     started = cache._clock()
     async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:
         try:
-            value = loader()
-            if inspect.isawaitable(value):
-                value = await value
+            value: V
+            result = loader()
+            if inspect.isawaitable(result):
+                value = await result
+            else:
+                value = result
         except BaseException as exc:
             entry, instead, spent = cache._failure(k, call, exc, previous, started)
             await _acommit(cache, key, token, call, entry)

@@ -70,8 +70,10 @@ def error_filter(
             if not (isinstance(t, type) and issubclass(t, BaseException)):
                 raise TypeError(f"cache_errors must hold exception types, got {t!r}")
 
-        def predicate(exc: BaseException) -> bool:
+        def of_types(exc: BaseException) -> bool:
             return isinstance(exc, types)
+
+        predicate = of_types
 
     def cacheable(exc: BaseException) -> bool:
         if not isinstance(exc, Exception) or isinstance(exc, (TimeoutError, StampedeError)):

@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ._shared import SharedStore
 from .memory import DEFAULT_MAXSIZE, MemoryBackend, is_mapping
+
+if TYPE_CHECKING:  # at run time __getattr__ imports them, with their library, on first use
+    from .disk import DiskBackend
+    from .redis import AsyncRedisBackend, RedisBackend
 
 __all__ = [
     "AsyncRedisBackend",

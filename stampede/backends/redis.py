@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .._keys import key_rest
@@ -94,7 +95,7 @@ def is_redis_client(obj: object) -> bool:
 
 def _check_bytes(client: Any) -> None:
     kwargs: dict[str, Any] = {}
-    get_kwargs = getattr(client, "get_connection_kwargs", None)
+    get_kwargs: Callable[[], dict[str, Any]] | None = getattr(client, "get_connection_kwargs", None)
     if callable(get_kwargs):
         kwargs = get_kwargs()
     elif getattr(client, "connection_pool", None) is not None:
