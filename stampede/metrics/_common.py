@@ -1,0 +1,103 @@
+"""What the Prometheus and OpenTelemetry adapters share: the events, their
+help texts, and the weakly held list of caches whose hits are read at scrape
+time (hits never reach the hook: the hit path makes no calls).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any, TypeVar
+
+from .._acache import AsyncCoalescingCache
+from .._cache import CoalescingCache
+from .._core import CacheCore
+from .._decorator import AsyncCachedFunction, CachedFunction
+from .._stats import _FIELDS
+
+log = logging.getLogger("stampede.metrics")
+
+# What watch() takes, and gives back.
+Watchable = TypeVar(
+    "Watchable",
+    bound=CoalescingCache[Any]
+    | AsyncCoalescingCache[Any]
+    | CachedFunction[..., Any]
+    | AsyncCachedFunction[..., Any],
+)
+
+_HELP = {
+    "hits": "Reads served a fresh value from the cache.",
+    "misses": "Reads that found nothing usable and loaded, or joined a load, in the foreground.",
+    "loads": "Loader calls that returned a value.",
+    "load_errors": "Loader calls that raised.",
+    "coalesced": "Callers that waited for another caller's load instead of loading.",
+    "early_refreshes": "Background refreshes started before expiry (XFetch).",
+    "stale_served": "Expired values served, while revalidating or instead of an error.",
+    "negative_hits": "Cached errors raised again.",
+    "fenced": "Finished loads not stored: the key was invalidated or set meanwhile.",
+    "lease_waits": "Waits for another process's lease (distributed caches).",
+    "lease_takeovers": "Leases taken over after their owner vanished (distributed caches).",
+    "backend_errors": "Backend operations that failed.",
+    "serialization_errors": "Values that could not be encoded, or entries not decoded.",
+}
+
+# The events a hook receives: every Stats counter but hits. Built from the
+# counters themselves, so a counter added to the core is exported too.
+EVENTS: tuple[str, ...] = tuple(name for name in _FIELDS if name != "hits")
+
+# Bucket bounds in seconds (the OpenTelemetry SDK's defaults are meant for
+# milliseconds): loaders range from a sub-millisecond lookup to a long report.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+# Events whose duration goes to the load histogram, with their outcome.
+LOAD_OUTCOMES = {"loads": "ok", "load_errors": "error"}
+# Events whose duration goes to the wait histogram (lease waits carry none yet).
+WAITS = frozenset({"coalesced", "lease_waits"})
+
+
+def describe(event: str) -> str:
+    return _HELP.get(event, f"{event.replace('_', ' ').capitalize()} (a stampede counter).")
+
+
+def resolve(target: object) -> CacheCore[Any]:
+    """The cache behind ``target``: a cache itself, or a ``@cached`` function's ``.cache``."""
+    if isinstance(target, CacheCore):
+        return target
+    inner = getattr(target, "cache", None)
+    if isinstance(inner, CacheCore):
+        return inner
+    raise TypeError(
+        "watch() takes a CoalescingCache, an AsyncCoalescingCache or a @cached function, "
+        f"not {type(target).__name__}"
+    )
+
+
+class Watched:
+    """Caches held by weak reference, their hits summed by cache name on demand."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _caches (watch() and scrapes on any thread)
+        self._caches: weakref.WeakSet[CacheCore[Any]] = weakref.WeakSet()
+
+    def add(self, target: object) -> None:
+        cache = resolve(target)
+        with self._lock:
+            self._caches.add(cache)
+
+    def hits(self) -> dict[str, int]:
+        """Hits per cache name; caches of one name (say two ``"default"``) add up."""
+        with self._lock:
+            caches = list(self._caches)  # strong refs: none dies halfway through
+        totals: dict[str, int] = {}
+        for cache in caches:
+            try:
+                name, hits = cache.name, cache.stats().hits
+            except Exception:  # a scrape must not fail because of one cache
+                log.warning("could not read the stats of %r", cache, exc_info=True)
+                continue
+            totals[name] = totals.get(name, 0) + hits
+        return totals
