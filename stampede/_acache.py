@@ -79,6 +79,10 @@ class AsyncCoalescingCache(CacheCore[V]):
         call, leader = self._flight._join(k, load)
         if leader:
             return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        return await self._join_wait(call)
+
+    async def _join_wait(self, call: Any) -> V:
+        """Wait for another caller's load of the key: counted, and timed for the hook."""
         self._counters.coalesced += 1  # before waiting: tests poll it to see waiters
         if self._metrics is None:
             return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
@@ -243,9 +247,9 @@ class AsyncCoalescingCache(CacheCore[V]):
         k = self._key(key)
         load = functools.partial(self._load, k, loader, await self._io_read(k), force=True)
         call, leader = self._flight._join(k, load)
-        if not leader:
-            self._counters.coalesced += 1
-        return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        if leader:
+            return await self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        return await self._join_wait(call)
 
     async def clear(self) -> None:
         """Drop this cache's entries (its namespace) and fence every in-flight load."""

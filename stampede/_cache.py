@@ -101,6 +101,10 @@ class CoalescingCache(CacheCore[V]):
             previous = self._valid(entry, count_foreign=False)
             load = functools.partial(self._load, k, loader, previous)
             return self._flight._lead(k, call, load)
+        return self._join_wait(call)
+
+    def _join_wait(self, call: Any) -> V:
+        """Wait for another caller's load of the key: counted, and timed for the hook."""
         self._counters.coalesced += 1  # before waiting: tests poll it to see waiters
         if self._metrics is None:
             return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
@@ -217,8 +221,7 @@ class CoalescingCache(CacheCore[V]):
         if leader:
             load = functools.partial(self._load, k, loader, self._read(k), force=True)
             return self._flight._lead(k, call, load)
-        self._counters.coalesced += 1
-        return self._flight._wait(call, self._wait_timeout)  # type: ignore[no-any-return]
+        return self._join_wait(call)
 
     def clear(self) -> None:
         """Drop this cache's entries (its namespace) and fence every in-flight load."""

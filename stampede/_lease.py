@@ -102,11 +102,14 @@ def look(
 
 
 class Patience:
-    """A waiter's bookkeeping: counts the wait once, bounds it by ``wait_timeout``."""
+    """A waiter's bookkeeping: counts the wait once, bounds it by ``wait_timeout``,
+    and tells the metrics hook how long it lasted when it ends (``finish``)."""
 
     def __init__(self, cache: Any) -> None:
         self._cache = cache
         self.waited = False
+        self._since = 0.0
+        self._timed = False
         self.poll: float = min(0.25, cache._lease_ttl / 4)
         timeout = cache._wait_timeout
         self._deadline: float | None = None if timeout is None else time.monotonic() + timeout
@@ -115,13 +118,21 @@ class Patience:
         """Seconds to wait before looking again; ``LoadTimeout`` once out of time."""
         if not self.waited:
             self.waited = True
-            self._cache._count("lease_waits")
+            self._since = self._cache._clock()
+            self._cache._counters.lease_waits += 1  # now; the hook hears of it at the end
         if self._deadline is None:
             return self.poll
         left = min(self.poll, self._deadline - time.monotonic())
         if left <= 0:
             raise LoadTimeout(f"no result after waiting {self._cache._wait_timeout} s for a lease")
         return left
+
+    def finish(self) -> None:
+        """The wait is over (a value, a lease, an error): time it for the hook."""
+        cache = self._cache
+        if self.waited and not self._timed and cache._metrics is not None:
+            self._timed = True
+            cache._emit("lease_waits", cache._clock() - self._since)
 
     def leading(self) -> None:
         if self.waited:
@@ -144,31 +155,35 @@ def load(
     key = str(k)
     token = secrets.token_hex(16)
     patience = Patience(cache)
-    while True:
-        with store.lease_listen(key) as wake:  # listening before looking: no lost wake-up
-            try:
-                taken, data, remaining = store.lease_acquire(key, token, cache._lease_ttl)
-            except StoreBusy:
-                wake.wait(patience.poll)  # the client's pool is full for a moment
-                continue
-            except BackendUnavailable as exc:
-                cache._read_failed(exc)  # counted; raises when configured to
-                return local_load()  # fail open: this process's single-flight only
-            current = cache._decoded(key, data, remaining)
-            step, found, previous = look(
-                cache, taken, current, previous, force=force, background=background
-            )
-            if step is ANSWER:
-                assert found is not None
-                if taken:
-                    _release(cache, key, token)
-                return cache._answer(found)
-            if step is LEAD:
-                break
-            if step is SKIP:
-                assert previous is not None
-                return previous.value  # type: ignore[return-value] # someone else refreshes
-            wake.wait(patience.next_wait())
+    try:
+        while True:
+            with store.lease_listen(key) as wake:  # listening before looking: no lost wake-up
+                try:
+                    taken, data, remaining = store.lease_acquire(key, token, cache._lease_ttl)
+                except StoreBusy:
+                    wake.wait(patience.poll)  # the client's pool is full for a moment
+                    continue
+                except BackendUnavailable as exc:
+                    cache._read_failed(exc)  # counted; raises when configured to
+                    patience.finish()  # not the local load's time
+                    return local_load()  # fail open: this process's single-flight only
+                current = cache._decoded(key, data, remaining)
+                step, found, previous = look(
+                    cache, taken, current, previous, force=force, background=background
+                )
+                if step is ANSWER:
+                    assert found is not None
+                    if taken:
+                        _release(cache, key, token)
+                    return cache._answer(found)
+                if step is LEAD:
+                    break
+                if step is SKIP:
+                    assert previous is not None
+                    return previous.value  # type: ignore[return-value] # someone else refreshes
+                wake.wait(patience.next_wait())
+    finally:
+        patience.finish()
     patience.leading()
     started = cache._clock()
     with Renewer(store, key, token, cache._lease_ttl) as renewer:
@@ -261,31 +276,37 @@ async def aload(
     key = str(k)
     token = secrets.token_hex(16)
     patience = Patience(cache)
-    while True:
-        async with store.alease_listen(key) as wake:
-            try:
-                taken, data, remaining = await store.alease_acquire(key, token, cache._lease_ttl)
-            except StoreBusy:
-                await wake.wait(patience.poll)
-                continue
-            except BackendUnavailable as exc:
-                cache._read_failed(exc)
-                return await local_load()
-            current = cache._decoded(key, data, remaining)
-            step, found, previous = look(
-                cache, taken, current, previous, force=force, background=background
-            )
-            if step is ANSWER:
-                assert found is not None
-                if taken:
-                    await _arelease(cache, key, token)
-                return cache._answer(found)
-            if step is LEAD:
-                break
-            if step is SKIP:
-                assert previous is not None
-                return previous.value  # type: ignore[return-value] # someone else refreshes
-            await wake.wait(patience.next_wait())
+    try:
+        while True:
+            async with store.alease_listen(key) as wake:
+                try:
+                    taken, data, remaining = await store.alease_acquire(
+                        key, token, cache._lease_ttl
+                    )
+                except StoreBusy:
+                    await wake.wait(patience.poll)
+                    continue
+                except BackendUnavailable as exc:
+                    cache._read_failed(exc)
+                    patience.finish()
+                    return await local_load()
+                current = cache._decoded(key, data, remaining)
+                step, found, previous = look(
+                    cache, taken, current, previous, force=force, background=background
+                )
+                if step is ANSWER:
+                    assert found is not None
+                    if taken:
+                        await _arelease(cache, key, token)
+                    return cache._answer(found)
+                if step is LEAD:
+                    break
+                if step is SKIP:
+                    assert previous is not None
+                    return previous.value  # type: ignore[return-value] # someone else refreshes
+                await wake.wait(patience.next_wait())
+    finally:
+        patience.finish()
     patience.leading()
     started = cache._clock()
     async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:

@@ -149,3 +149,67 @@ def test_decorated_function_names_its_cache() -> None:
 
     lookup(1)
     assert {c for c, _, _ in rec.events} == {f"{__name__}.{lookup.__qualname__}"}
+
+
+def test_refresh_joining_a_load_is_a_timed_coalesced_wait() -> None:
+    rec = Recorder()
+    cache: CoalescingCache[str] = CoalescingCache(ttl=10, metrics=rec)
+    gate = Gate("v")
+    leader = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    leader.start()
+    gate.entered.wait(5)
+    joiner = threading.Thread(target=cache.refresh, args=("k", gate))
+    joiner.start()
+    wait_until(lambda: cache.stats().coalesced == 1)
+    gate.open()
+    join_all([leader, joiner])
+    waits = [d for _, e, d in rec.events if e == "coalesced"]
+    assert len(waits) == 1 and waits[0] is not None and waits[0] >= 0
+
+
+def test_async_refresh_joining_a_load_is_a_timed_coalesced_wait() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(ttl=10, metrics=rec)
+        opened = asyncio.Event()
+
+        async def load() -> str:
+            await opened.wait()
+            return "v"
+
+        first = asyncio.create_task(cache.get_or_load("k", load))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(cache.refresh("k", load))
+        while cache.stats().coalesced < 1:
+            await asyncio.sleep(0)
+        opened.set()
+        assert await asyncio.gather(first, second) == ["v", "v"]
+        waits = [d for _, e, d in rec.events if e == "coalesced"]
+        assert len(waits) == 1 and waits[0] is not None and waits[0] >= 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_lease_wait_is_timed_once_when_it_ends(redis_url: str) -> None:
+    """A cache waiting on another one's lease (two caches stand for two processes)."""
+    rec = Recorder()
+    holder: CoalescingCache[str] = CoalescingCache(redis_url, ttl=60, distributed=True)
+    waiter: CoalescingCache[str] = CoalescingCache(
+        redis_url, ttl=60, distributed=True, metrics=rec, name="w"
+    )
+    gate = Gate("v")
+    leader = threading.Thread(target=holder.get_or_load, args=("k", gate))
+    leader.start()
+    gate.entered.wait(5)
+    result: list[str] = []
+    follower = threading.Thread(target=lambda: result.append(waiter.get_or_load("k", gate)))
+    follower.start()
+    wait_until(lambda: waiter.stats().lease_waits == 1)
+    assert "lease_waits" not in rec.names()  # heard of when the wait ends, with its length
+    gate.open()
+    join_all([leader, follower])
+    assert result == ["v"] and gate.calls == 1
+    waits = [(c, d) for c, e, d in rec.events if e == "lease_waits"]
+    assert len(waits) == 1 and waits[0][0] == "w"
+    assert waits[0][1] is not None and waits[0][1] >= 0
