@@ -94,9 +94,12 @@ class MetricsHook(Protocol):
     ``"loads"``, ``"load_errors"``, ``"coalesced"``, ``"early_refreshes"``,
     ``"stale_served"``, ``"negative_hits"``, ``"fenced"``, ``"backend_errors"``,
     ``"serialization_errors"``, ...). ``duration`` is set for ``"loads"`` and
-    ``"load_errors"`` (time in the loader) and ``"coalesced"`` (time spent
-    waiting for another caller's load). Hits are not sent, to keep the hit
-    path free of calls: read them from ``stats()`` at scrape time.
+    ``"load_errors"`` (time in the loader), ``"coalesced"`` (time spent
+    waiting for another caller's load in this process) and ``"lease_waits"``
+    (time spent waiting for another process's lease; sent when the wait
+    ends, while ``stats()`` counts it when it starts). Hits are not sent, to
+    keep the hit path free of calls: read them from ``stats()`` at scrape
+    time (the adapters' ``watch()`` does).
 
     ``record`` runs on the caller's thread: keep it quick and never raise.
     """
