@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from . import _policy
 from ._entry import MISSING, Entry, ErrorData, Missing, error_entry, value_entry
@@ -103,7 +103,7 @@ class CacheCore(Generic[V]):
         maxsize: int | None = None,
         name: str | None = None,
         metrics: MetricsHook | None = None,
-        on_backend_error: str = "fail-open",
+        on_backend_error: Literal["fail-open", "raise"] = "fail-open",
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -435,7 +435,7 @@ class CacheCore(Generic[V]):
         if isinstance(exc, (SerializationError, ValueTooLarge)):
             self._count("serialization_errors")
             log.warning(
-                "%s; the value is returned to its callers but not cached (a serializer= "
+                "%s; the result is given to its callers but not cached (a serializer= "
                 "that supports it, e.g. PickleSerializer(secret=...), would store it)",
                 exc,
             )

@@ -16,7 +16,7 @@ import functools
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._cache import CoalescingCache
@@ -124,6 +124,7 @@ def cached(
     lease_ttl: float | None = None,
     name: str | None = None,
     metrics: MetricsHook | None = None,
+    on_backend_error: Literal["fail-open", "raise"] | None = None,
     clock: Callable[[], float] | None = None,
     random: Callable[[], float] | None = None,
 ) -> _Decorator: ...

@@ -68,3 +68,34 @@ async def async_cache_uses() -> None:
     assert_type(await cache.get_or_load("k", load), str)
     flight = stampede.AsyncSingleFlight()
     assert_type(await flight.do("k", load), tuple[str, bool])
+
+
+@stampede.cached(
+    ttl=5,
+    beta=1.0,
+    stale_ttl=60,
+    cache_errors=(LookupError,),
+    error_ttl=2,
+    wait_timeout=10,
+    namespace="prices",
+    distributed=False,
+    lease_ttl=10,
+    name="prices",
+    metrics=stampede.LoggingMetrics(),
+    on_backend_error="raise",
+    typed=True,
+    maxsize=100,
+)
+def every_option(symbol: str) -> float:
+    return 1.0
+
+
+def options_are_typed() -> None:
+    assert_type(every_option("BTC"), float)
+    cache: stampede.CoalescingCache[int] = stampede.CoalescingCache(
+        None, ttl=3, stale_ttl=1, on_backend_error="fail-open", namespace="n"
+    )
+    assert_type(cache.stats(), stampede.Stats)
+    stampede.CoalescingCache(ttl="3")  # type: ignore[arg-type]
+    stampede.CoalescingCache(on_backend_error="ignore")  # type: ignore[arg-type]
+    stampede.CoalescingCache(tll=3)  # type: ignore[call-arg]
