@@ -225,9 +225,10 @@ class AsyncCoalescingCache(CacheCore[V]):
         entry = self._new_entry(value, ttl, await self._io_read(k))
         async with self._alock_for(k):
             self._flight.forget(k)
-            await self._backend.aset(k, entry)  # type: ignore[union-attr]
-            if self._distributed:  # fence the fleet's load of it too
-                await self._backend.alease_break(str(k), drop_value=False)  # type: ignore[union-attr]
+            if self._distributed:  # write and fence the fleet's load in one step
+                await self._backend.alease_break(str(k), False, entry)  # type: ignore[union-attr]
+            else:
+                await self._backend.aset(k, entry)  # type: ignore[union-attr]
 
     async def invalidate(self, key: Hashable) -> None:
         """Drop ``key``'s entry and fence any in-flight load of it."""

@@ -535,9 +535,10 @@ class CacheCore(Generic[V]):
         entry = self._new_entry(value, ttl, self._read(k))
         with self._lock_for(k):
             self._in_flight().forget(k)
-            self._backend.set(k, entry)
-            if self._distributed:  # fence the fleet's load of it too
-                self._backend.lease_break(k, drop_value=False)  # type: ignore[union-attr, arg-type]
+            if self._distributed:  # write and fence the fleet's load in one step
+                self._backend.lease_break(k, False, entry)  # type: ignore[union-attr, arg-type]
+            else:
+                self._backend.set(k, entry)
 
     def _invalidate(self, k: Hashable) -> None:
         with self._lock_for(k):

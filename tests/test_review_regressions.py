@@ -347,3 +347,72 @@ def test_async_cache_clear_of_a_function_on_a_shared_redis_cache(redis_url: str)
         await client.aclose()
 
     asyncio.run(main())
+
+
+def _store_for(kind: str, redis_url: str, tmp_path: Path) -> Any:
+    return redis_url if kind == "redis" else f"disk://{tmp_path / 'shared'}"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_distributed_set_is_not_overwritten_by_a_load_committing_meanwhile(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """set() with distributed=True wrote the value, then broke the lease in a second
+    step: a leader in another process committing in between overwrote the value
+    just set. Now the write and the break are one atomic step. Two caches stand
+    for two processes; the other leader's commit is let through at the worst moment."""
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    where = _store_for(kind, url, tmp_path)
+    a: CoalescingCache[str] = CoalescingCache(where, ttl=60, distributed=True)
+    b: CoalescingCache[str] = CoalescingCache(where, ttl=60, distributed=True)
+    gate = Gate("loaded-before-set")
+    leader = threading.Thread(target=a.get_or_load, args=("k", gate))
+    leader.start()
+    assert gate.entered.wait(10)
+    store: Any = b.backend
+    original = store._lease_break_raw
+
+    def break_after_the_other_commit(*args: Any) -> None:
+        gate.open()
+        leader.join(10)  # a's commit lands before b's lease break runs
+        original(*args)
+
+    store._lease_break_raw = break_after_the_other_commit
+    b.set("k", "set-by-b")
+    assert not leader.is_alive()
+    assert b.get("k") == "set-by-b"
+    assert a.get("k") == "set-by-b"
+
+
+@pytest.mark.timeout(30)
+def test_async_distributed_set_is_not_overwritten_by_a_load_committing_meanwhile(
+    redis_url: str,
+) -> None:
+    async def main() -> None:
+        a: AsyncCoalescingCache[str] = AsyncCoalescingCache(redis_url, ttl=60, distributed=True)
+        b: AsyncCoalescingCache[str] = AsyncCoalescingCache(redis_url, ttl=60, distributed=True)
+        opened = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def load() -> str:
+            entered.set()
+            await opened.wait()
+            return "loaded-before-set"
+
+        leader = asyncio.create_task(a.get_or_load("k", load))
+        await asyncio.wait_for(entered.wait(), 10)
+        store: Any = b.backend
+        original = store._alease_break_raw
+
+        async def break_after_the_other_commit(*args: Any) -> None:
+            opened.set()
+            await asyncio.wait_for(leader, 10)
+            await original(*args)
+
+        store._alease_break_raw = break_after_the_other_commit
+        await b.set("k", "set-by-b")
+        assert await b.get("k") == "set-by-b"
+        assert await a.get("k") == "set-by-b"
+
+    asyncio.run(main())

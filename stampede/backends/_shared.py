@@ -126,18 +126,30 @@ class SharedStore:
 
     def set(self, key: Hashable, entry: Entry[Any]) -> None:
         """Store ``entry``; ``SerializationError`` or ``ValueTooLarge`` if it cannot be."""
-        assert self.codec is not None and isinstance(key, str)
+        assert isinstance(key, str)
+        encoded = self._encoded(key, entry)
+        if encoded is not None:
+            self._call(self._set_raw, key, *encoded)
+
+    def _break_payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
+        """What a lease break writes in place of the value: nothing, or ``entry``."""
+        encoded = None if entry is None else self._encoded(key, entry)
+        return (None, 0.0) if encoded is None else encoded
+
+    def _encoded(self, key: str, entry: Entry[Any]) -> tuple[bytes, float] | None:
+        """``entry``'s bytes and lifetime, None if already past serving (nothing to keep)."""
+        assert self.codec is not None
         now = self.codec.clock()
         ttl = _envelope.lifetime(entry, now)
         if not ttl > 0:
-            return  # already past serving: nothing to keep
+            return None
         data = self.codec.dumps(key, entry, now)
         if len(data) > self.max_value_size:
             raise ValueTooLarge(
                 f"the entry takes {len(data):,} bytes, more than max_value_size "
                 f"({self.max_value_size:,}): returned to callers, not stored"
             )
-        self._call(self._set_raw, key, data, ttl)
+        return data, ttl
 
     def delete(self, key: Hashable) -> None:
         assert isinstance(key, str)
@@ -177,9 +189,12 @@ class SharedStore:
         data, ttl = self._lease_payload(key, entry)
         return bool(self._call(self._lease_commit_raw, key, token, data, ttl))
 
-    def lease_break(self, key: str, drop_value: bool) -> None:
-        """Free the key's lease whoever holds it (fencing its load), maybe drop the value."""
-        self._call(self._lease_break_raw, key, drop_value)
+    def lease_break(self, key: str, drop_value: bool, entry: Entry[Any] | None = None) -> None:
+        """Free the key's lease whoever holds it (fencing its load) and, in the same
+        atomic step, drop the value or write ``entry`` in its place (``set``: a load
+        that commits between a write and a separate break would overwrite it)."""
+        data, ttl = self._break_payload(key, entry)
+        self._call(self._lease_break_raw, key, drop_value, data, ttl)
 
     def lease_listen(self, key: str) -> Any:
         """A context manager whose ``wait(timeout)`` returns when the key's lease ends."""
@@ -196,7 +211,9 @@ class SharedStore:
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
         raise NotImplementedError
 
-    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
+    def _lease_break_raw(
+        self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
+    ) -> None:
         raise NotImplementedError
 
     # async leases: a local store (disk) runs the sync ones on a worker thread
@@ -213,8 +230,11 @@ class SharedStore:
         data, ttl = self._lease_payload(key, entry)
         return bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
 
-    async def alease_break(self, key: str, drop_value: bool) -> None:
-        await self._acall(self._alease_break_raw, key, drop_value)
+    async def alease_break(
+        self, key: str, drop_value: bool, entry: Entry[Any] | None = None
+    ) -> None:
+        data, ttl = self._break_payload(key, entry)
+        await self._acall(self._alease_break_raw, key, drop_value, data, ttl)
 
     def alease_listen(self, key: str) -> Any:
         return _AsyncPolling()
@@ -232,8 +252,10 @@ class SharedStore:
     ) -> bool:
         return await asyncio.to_thread(self._lease_commit_raw, key, token, data, ttl)
 
-    async def _alease_break_raw(self, key: str, drop_value: bool) -> None:
-        await asyncio.to_thread(self._lease_break_raw, key, drop_value)
+    async def _alease_break_raw(
+        self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
+    ) -> None:
+        await asyncio.to_thread(self._lease_break_raw, key, drop_value, data, ttl)
 
     def _lease_payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
         """The bytes a lease commit writes (None: nothing) and their lifetime."""
@@ -257,18 +279,10 @@ class SharedStore:
         return self.decode(key, data, remaining)
 
     async def aset(self, key: Hashable, entry: Entry[Any]) -> None:
-        assert self.codec is not None and isinstance(key, str)
-        now = self.codec.clock()
-        ttl = _envelope.lifetime(entry, now)
-        if not ttl > 0:
-            return
-        data = self.codec.dumps(key, entry, now)
-        if len(data) > self.max_value_size:
-            raise ValueTooLarge(
-                f"the entry takes {len(data):,} bytes, more than max_value_size "
-                f"({self.max_value_size:,}): returned to callers, not stored"
-            )
-        await self._acall(self._aset_raw, key, data, ttl)
+        assert isinstance(key, str)
+        encoded = self._encoded(key, entry)
+        if encoded is not None:
+            await self._acall(self._aset_raw, key, *encoded)
 
     async def adelete(self, key: Hashable) -> None:
         assert isinstance(key, str)

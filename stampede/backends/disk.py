@@ -163,10 +163,14 @@ class DiskBackend(SharedStore):
             self.cache.delete(lease_key(key))
             return True
 
-    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
+    def _lease_break_raw(
+        self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
+    ) -> None:
         with self.cache.transact():
             self.cache.delete(lease_key(key))
-            if drop_value:
+            if data:
+                self.cache.set(key, data, expire=ttl)
+            elif drop_value:
                 self.cache.delete(key)
 
     def lease_listen(self, key: str) -> _Polling:

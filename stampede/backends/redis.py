@@ -58,7 +58,11 @@ return 1
 """
 _BREAK = """
 redis.call('DEL', KEYS[2])
-if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+elseif ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1])
+end
 redis.call('PUBLISH', ARGV[2], KEYS[1])
 return 1
 """
@@ -150,8 +154,11 @@ class RedisBackend(_RedisStore):
         args = [token, data or b"", ttl_ms(ttl), CHANNEL]
         return bool(self._commit(keys=[key, lease_key(key)], args=args))
 
-    def _lease_break_raw(self, key: str, drop_value: bool) -> None:
-        self._break(keys=[key, lease_key(key)], args=["1" if drop_value else "0", CHANNEL])
+    def _lease_break_raw(
+        self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
+    ) -> None:
+        args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
+        self._break(keys=[key, lease_key(key)], args=args)
 
     def lease_listen(self, key: str) -> _Listening:
         return _Listening(_notifier_for(self.client), key)
@@ -218,8 +225,11 @@ class AsyncRedisBackend(_RedisStore):
         args = [token, data or b"", ttl_ms(ttl), CHANNEL]
         return bool(await self._commit(keys=[key, lease_key(key)], args=args))
 
-    async def _alease_break_raw(self, key: str, drop_value: bool) -> None:
-        await self._break(keys=[key, lease_key(key)], args=["1" if drop_value else "0", CHANNEL])
+    async def _alease_break_raw(
+        self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
+    ) -> None:
+        args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
+        await self._break(keys=[key, lease_key(key)], args=args)
 
     def alease_listen(self, key: str) -> _AsyncListening:
         return _AsyncListening(_async_notifier_for(self.client), key)
