@@ -416,3 +416,40 @@ def test_async_distributed_set_is_not_overwritten_by_a_load_committing_meanwhile
         assert await a.get("k") == "set-by-b"
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(20)
+def test_first_lease_wait_ends_on_the_subscription_not_the_poll(redis_url: str) -> None:
+    """A process's first lease wait began before its pub/sub subscription was
+    confirmed: a commit in that window woke no one and the waiter slept out the
+    poll interval. Now a wait before the subscription returns once subscribed
+    (the caller looks again), and later waits end on the commit's message.
+    The waits below get 60 s timeouts: without the fix they would hang the test."""
+    from stampede.backends.redis import CHANNEL, RedisBackend
+
+    store = RedisBackend(redis.Redis.from_url(redis_url))
+    publisher = redis.Redis.from_url(redis_url)
+    with store.lease_listen("k") as wake:
+        wake.wait(60)  # returns when subscribed
+    with store.lease_listen("k") as wake:
+        publisher.publish(CHANNEL, "k")
+        wake.wait(60)  # returns on the message
+    publisher.close()
+
+
+@pytest.mark.timeout(20)
+def test_first_async_lease_wait_ends_on_the_subscription_not_the_poll(redis_url: str) -> None:
+    from stampede.backends.redis import CHANNEL, AsyncRedisBackend
+
+    async def main() -> None:
+        store = AsyncRedisBackend(redis.asyncio.Redis.from_url(redis_url))
+        publisher = redis.asyncio.Redis.from_url(redis_url)
+        async with store.alease_listen("k") as wake:
+            await wake.wait(60)
+        async with store.alease_listen("k") as wake:
+            await publisher.publish(CHANNEL, "k")
+            await wake.wait(60)
+        await publisher.aclose()
+        await store.client.aclose()
+
+    asyncio.run(main())

@@ -306,6 +306,7 @@ class _AsyncNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
+        self.ready = asyncio.Event()  # subscribed: a commit from now on wakes its waiters
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def register(self, key: str, event: asyncio.Event) -> None:
@@ -323,12 +324,16 @@ class _AsyncNotifier:
         # that outlived its cancellation would hang asyncio.run() at its end.
         while not _cancelling():
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._client.pubsub()
                 await pubsub.subscribe(CHANNEL)
                 try:
                     while not _cancelling():
                         message = await pubsub.get_message(timeout=1.0)
-                        if message is None or message.get("type") != "message":
+                        if message is None:
+                            continue
+                        if message.get("type") == "subscribe":
+                            self.ready.set()  # the server confirmed the subscription
+                        if message.get("type") != "message":
                             continue
                         for event in list(self._waiters.get(message["data"], ())):
                             event.set()
@@ -340,6 +345,7 @@ class _AsyncNotifier:
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
+                self.ready.clear()
                 log.debug("lease notifications interrupted", exc_info=True)
                 await asyncio.sleep(0.5)
 
@@ -380,8 +386,14 @@ class _AsyncListening:
         self._notifier.unregister(self._key, self._event)
 
     async def wait(self, timeout: float) -> None:
+        """Until the key's lease ends (or ``timeout``); then the caller looks again."""
+        ready = self._notifier.ready
+        # Not subscribed yet: a commit now would wake no one. Wait for the
+        # subscription instead, so that the caller's next look is followed by
+        # a wait that a commit does end (not the poll interval).
+        waited_for = self._event if ready.is_set() else ready
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+            await asyncio.wait_for(waited_for.wait(), timeout)
         self._event.clear()
 
 
@@ -412,6 +424,7 @@ class _Notifier:
         self._client = client
         self._lock = threading.Lock()
         self._waiters: dict[bytes, set[threading.Event]] = {}
+        self.ready = threading.Event()  # subscribed: a commit from now on wakes its waiters
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
         self._thread.start()
 
@@ -430,17 +443,22 @@ class _Notifier:
     def _run(self) -> None:
         while True:
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._client.pubsub()
                 pubsub.subscribe(CHANNEL)
                 while True:
                     message = pubsub.get_message(timeout=1.0)
-                    if message is None or message.get("type") != "message":
+                    if message is None:
+                        continue
+                    if message.get("type") == "subscribe":
+                        self.ready.set()  # the server confirmed the subscription
+                    if message.get("type") != "message":
                         continue
                     with self._lock:
                         events = list(self._waiters.get(message["data"], ()))
                     for event in events:
                         event.set()
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
+                self.ready.clear()
                 log.debug("lease notifications interrupted", exc_info=True)
                 time.sleep(0.5)
 
@@ -459,7 +477,11 @@ class _Listening:
         self._notifier.unregister(self._key, self._event)
 
     def wait(self, timeout: float) -> None:
-        self._event.wait(timeout)
+        """Until the key's lease ends (or ``timeout``); then the caller looks again."""
+        ready = self._notifier.ready
+        # Not subscribed yet: wait for the subscription, then look again (see
+        # _AsyncListening.wait).
+        (self._event if ready.is_set() else ready).wait(timeout)
         self._event.clear()
 
 
