@@ -178,10 +178,15 @@ class CacheCore(Generic[V]):
             )
         self._raise_backend_errors = on_backend_error == "raise"
         store = resolve(backend, maxsize=maxsize, asynchronous=self._asynchronous)
-        if distributed and (store.local or not getattr(store, "supports_leases", False)):
+        if distributed and store.local:
             raise ValueError(
                 "distributed=True needs a backend shared between processes (Redis, "
                 f"diskcache); {store!r} lives in this process only"
+            )
+        if distributed and not getattr(store, "supports_leases", False):
+            raise ValueError(
+                f"distributed=True needs leases, which {store!r} cannot hold (a diskcache "
+                "FanoutCache spreads a value and its lease over shards: use a plain Cache)"
             )
         self._distributed = bool(distributed)
         if isinstance(store, SharedStore):

@@ -453,3 +453,14 @@ def test_first_async_lease_wait_ends_on_the_subscription_not_the_poll(redis_url:
         await store.client.aclose()
 
     asyncio.run(main())
+
+
+def test_distributed_on_a_fanout_cache_says_why_it_is_refused(tmp_path: Path) -> None:
+    fanout = diskcache.FanoutCache(str(tmp_path / "fan"), shards=2)
+    try:
+        with pytest.raises(ValueError, match="FanoutCache"):
+            CoalescingCache(fanout, distributed=True)
+        with pytest.raises(ValueError, match="this process only"):
+            CoalescingCache({}, distributed=True)
+    finally:
+        fanout.close()
