@@ -100,6 +100,7 @@ class AsyncCoalescingCache(CacheCore[V]):
         call: _AsyncCall,
         force: bool = False,
         background: bool = False,
+        early: bool = False,
     ) -> V:
         if self._distributed:
             local = functools.partial(self._load_here, k, loader, previous, call, force)
@@ -111,6 +112,7 @@ class AsyncCoalescingCache(CacheCore[V]):
                 call,
                 force=force,
                 background=background,
+                early=early,
                 local_load=local,
             )
         return await self._load_here(k, loader, previous, call, force)
@@ -156,19 +158,22 @@ class AsyncCoalescingCache(CacheCore[V]):
         entry: Entry[V],
         early: bool,
     ) -> None:
-        run = functools.partial(self._run_refresh, k, loader, entry)
-        if self._flight._reserve(k, run) is not None and early:
-            self._count("early_refreshes")
+        if self._distributed and self._refreshing_elsewhere(k):
+            return
+        run = functools.partial(self._run_refresh, k, loader, entry, early)
+        if self._flight._reserve(k, run) is not None and early and not self._distributed:
+            self._count("early_refreshes")  # distributed: counted once the lease is taken
 
     async def _run_refresh(
         self,
         k: Hashable,
         loader: Callable[[], Awaitable[V] | V],
         entry: Entry[V],
+        early: bool,
         call: _AsyncCall,
     ) -> V:
         try:
-            return await self._load(k, loader, entry, call, background=True)
+            return await self._load(k, loader, entry, call, background=True, early=early)
         except Exception:
             log.warning("background refresh of %r failed", k, exc_info=True)
             raise  # callers that joined the refresh share its error

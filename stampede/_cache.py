@@ -122,6 +122,7 @@ class CoalescingCache(CacheCore[V]):
         call: _Call,
         force: bool = False,
         background: bool = False,
+        early: bool = False,
     ) -> V:
         if self._distributed:
             local = functools.partial(self._load_here, k, loader, previous, call, force)
@@ -133,6 +134,7 @@ class CoalescingCache(CacheCore[V]):
                 call,
                 force=force,
                 background=background,
+                early=early,
                 local_load=local,
             )
         return self._load_here(k, loader, previous, call, force)
@@ -167,12 +169,14 @@ class CoalescingCache(CacheCore[V]):
         return self._stored(k, call, value, started)
 
     def _refresh(self, k: Hashable, loader: Callable[[], V], entry: Entry[V], early: bool) -> None:
+        if self._distributed and self._refreshing_elsewhere(k):
+            return
         call = self._flight._reserve(k)
         if call is None:
             return  # a load or refresh of this key is already running
-        if early:
+        if early and not self._distributed:  # distributed: counted once the lease is taken
             self._count("early_refreshes")
-        run = functools.partial(self._run_refresh, k, loader, entry, call)
+        run = functools.partial(self._run_refresh, k, loader, entry, call, early)
         try:
             # In the reader's context, as asyncio tasks would be.
             context = contextvars.copy_context()
@@ -183,10 +187,10 @@ class CoalescingCache(CacheCore[V]):
                 self._flight._lead(k, call, _not_started)
 
     def _run_refresh(
-        self, k: Hashable, loader: Callable[[], V], entry: Entry[V], call: _Call
+        self, k: Hashable, loader: Callable[[], V], entry: Entry[V], call: _Call, early: bool
     ) -> None:
         try:
-            load = functools.partial(self._load, k, loader, entry, background=True)
+            load = functools.partial(self._load, k, loader, entry, background=True, early=early)
             self._flight._lead(k, call, load)
         except Exception:
             log.warning("background refresh of %r failed", k, exc_info=True)

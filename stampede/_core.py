@@ -212,12 +212,30 @@ class CacheCore(Generic[V]):
         # Fencing (see the module docstring), striped by key so that writes of
         # different keys to a remote store do not queue behind each other.
         self._locks = tuple(threading.Lock() for _ in range(16))
+        # distributed: keys whose background refresh another process runs, and
+        # until when this one leaves it alone (no lease attempt on every read).
+        self._elsewhere: dict[Hashable, float] = {}
         self._setup()
         _live.add(self)
 
     def _setup(self) -> None:
         """The shell's own state (its single-flight), made last in ``__init__``."""
         raise NotImplementedError
+
+    def _refreshing_elsewhere(self, k: Hashable) -> bool:
+        """Another process was refreshing ``k`` a moment ago: do not try its lease yet."""
+        until = self._elsewhere.get(k)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        self._elsewhere.pop(k, None)
+        return False
+
+    def _note_refreshing_elsewhere(self, k: Hashable) -> None:
+        if len(self._elsewhere) >= 4096:  # bounded: forgetting costs one lease attempt
+            self._elsewhere.clear()
+        self._elsewhere[k] = self._clock() + min(0.25, self._lease_ttl / 4)
 
     def _in_flight(self) -> _Flight:
         """The shell's single-flight (its ``_flight``, of a type each shell declares)."""

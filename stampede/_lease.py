@@ -148,6 +148,7 @@ def load(
     *,
     force: bool,
     background: bool,
+    early: bool = False,
     local_load: Callable[[], V],
 ) -> V:
     """The leader of this process loads ``k`` for the fleet, or waits for who does."""
@@ -180,11 +181,14 @@ def load(
                     break
                 if step is SKIP:
                     assert previous is not None
+                    cache._note_refreshing_elsewhere(k)
                     return previous.value  # type: ignore[return-value] # someone else refreshes
                 wake.wait(patience.next_wait())
     finally:
         patience.finish()
     patience.leading()
+    if early:
+        cache._count("early_refreshes")  # this process's refresh is the fleet's one
     started = cache._clock()
     with Renewer(store, key, token, cache._lease_ttl) as renewer:
         try:
@@ -269,6 +273,7 @@ async def aload(
     *,
     force: bool,
     background: bool,
+    early: bool = False,
     local_load: Callable[[], Awaitable[V]],
 ) -> V:
     """``load`` for asyncio: the same steps, awaited."""
@@ -303,11 +308,14 @@ async def aload(
                     break
                 if step is SKIP:
                     assert previous is not None
+                    cache._note_refreshing_elsewhere(k)
                     return previous.value  # type: ignore[return-value] # someone else refreshes
                 await wake.wait(patience.next_wait())
     finally:
         patience.finish()
     patience.leading()
+    if early:
+        cache._count("early_refreshes")  # this process's refresh is the fleet's one
     started = cache._clock()
     async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:
         try:

@@ -17,7 +17,8 @@ _FIELDS = (
     "loads",  # loader calls that returned a value
     "load_errors",  # loader calls that raised
     "coalesced",  # callers that waited for another caller's load instead of loading
-    "early_refreshes",  # background refreshes started before expiry (XFetch)
+    "early_refreshes",  # background refreshes started before expiry (XFetch; distributed:
+    # those this process ran, holding the lease)
     "stale_served",  # expired values served (while revalidating, or instead of an error)
     "negative_hits",  # cached errors raised again
     "fenced",  # finished loads not stored because the key was invalidated or set meanwhile

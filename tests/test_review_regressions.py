@@ -464,3 +464,43 @@ def test_distributed_on_a_fanout_cache_says_why_it_is_refused(tmp_path: Path) ->
             CoalescingCache({}, distributed=True)
     finally:
         fanout.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_refresh_run_by_another_process_is_not_retried_on_every_read(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Past its refresh point, every read of a key in a process that does not hold
+    the refresh lease tried the lease again (an extra EVALSHA per read) and counted
+    an early refresh it did not run. Now a process that found the refresh running
+    elsewhere leaves it alone for a moment, and only the refreshing process counts it."""
+    clock = FakeClock()
+    options: dict[str, Any] = dict(ttl=1, stale_ttl=30, distributed=True, clock=clock)
+    a: CoalescingCache[str] = CoalescingCache(redis_url, **options)
+    b: CoalescingCache[str] = CoalescingCache(redis_url, **options)
+
+    def first() -> str:
+        clock.advance(0.3)  # the load time XFetch scales by
+        return "v1"
+
+    assert a.get_or_load("k", first) == "v1"
+    clock.advance(0.95)  # past any refresh point (>= half the ttl), before expiry
+    gate = Gate("v2")
+    assert a.get_or_load("k", gate) == "v1"  # starts a's background refresh
+    assert gate.entered.wait(10)  # a holds the refresh lease
+
+    def evalsha_calls() -> int:
+        stats: Any = redis_client.info("commandstats")
+        return int(stats["cmdstat_evalsha"]["calls"])
+
+    before = evalsha_calls()
+    never = Gate("never loaded by b")
+    for _ in range(30):
+        assert b.get_or_load("k", never) == "v1"
+        wait_until(lambda: len(b._flight) == 0)  # b's refresh attempt, if any, is over
+    assert evalsha_calls() - before <= 31  # 30 reads, one look at the lease
+    assert never.calls == 0
+    gate.open()
+    wait_until(lambda: len(a._flight) == 0)
+    assert (a.stats().early_refreshes, b.stats().early_refreshes) == (1, 0)
+    assert b.get_or_load("k", never) == "v2"
