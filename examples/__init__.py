@@ -1,0 +1,1 @@
+"""Runnable examples of stampede in real programs (not part of the installed package)."""
