@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random as _random
+import sys
 import threading
 import time
 import weakref
@@ -383,7 +384,7 @@ class CacheCore(Generic[V]):
         self._count("negative_hits")
         assert entry.error is not None
         exc = entry.error.rebuild()
-        if hasattr(exc, "add_note"):
+        if sys.version_info >= (3, 11):
             exc.add_note("stampede: negative-cached error, raised again until error_ttl passes")
         return exc
 
