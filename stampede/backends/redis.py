@@ -306,7 +306,8 @@ class _AsyncNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
-        self.ready = asyncio.Event()  # subscribed: a commit from now on wakes its waiters
+        # Set once subscribed: a commit from then on wakes its waiters.
+        self.ready: asyncio.Event = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def register(self, key: str, event: asyncio.Event) -> None:
@@ -424,7 +425,8 @@ class _Notifier:
         self._client = client
         self._lock = threading.Lock()
         self._waiters: dict[bytes, set[threading.Event]] = {}
-        self.ready = threading.Event()  # subscribed: a commit from now on wakes its waiters
+        # Set once subscribed: a commit from then on wakes its waiters.
+        self.ready: threading.Event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
         self._thread.start()
 
