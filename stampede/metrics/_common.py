@@ -55,7 +55,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 # Events whose duration goes to the load histogram, with their outcome.
 LOAD_OUTCOMES = {"loads": "ok", "load_errors": "error"}
-# Events whose duration goes to the wait histogram (lease waits carry none yet).
+# Events whose duration goes to the wait histogram (a lease wait: when it ends).
 WAITS = frozenset({"coalesced", "lease_waits"})
 
 

@@ -187,7 +187,9 @@ class _Instruments:
             meter, f"{prefix}.load.duration", "Time spent in loader calls, by outcome."
         )
         self._wait = _histogram(
-            meter, f"{prefix}.wait.duration", "Time callers waited for another caller's load."
+            meter,
+            f"{prefix}.wait.duration",
+            "Time callers waited for another caller's load or another process's lease.",
         )
         meter.create_observable_counter(
             f"{prefix}.hits", callbacks=[self._observe_hits], description=describe("hits")

@@ -207,7 +207,7 @@ class _Exporter(Collector):
         )
         self._wait = Histogram(
             f"{prefix}_wait_duration_seconds",
-            "Time callers waited for another caller's load.",
+            "Time callers waited for another caller's load or another process's lease.",
             ["cache"],
             registry=None,
             buckets=buckets[1],
