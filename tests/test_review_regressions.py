@@ -504,3 +504,53 @@ def test_a_refresh_run_by_another_process_is_not_retried_on_every_read(
     wait_until(lambda: len(a._flight) == 0)
     assert (a.stats().early_refreshes, b.stats().early_refreshes) == (1, 0)
     assert b.get_or_load("k", never) == "v2"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+@pytest.mark.parametrize("problem", ["too large", "not serializable"])
+def test_distributed_value_that_cannot_be_stored_is_counted_and_frees_the_lease(
+    kind: str, problem: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """With distributed=True, a value over max_value_size was dropped silently (not
+    counted, not logged), and one the serializer refused left the lease held until
+    it expired: the next process waited lease_ttl before loading."""
+    from stampede.backends.disk import DiskBackend
+    from stampede.backends.redis import RedisBackend
+
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    folder = tmp_path / "shared"
+
+    def store() -> Any:
+        if kind == "redis":
+            return RedisBackend(redis.Redis.from_url(url), max_value_size=1000)
+        return DiskBackend(str(folder), max_value_size=1000)
+
+    a: CoalescingCache[Any] = CoalescingCache(store(), ttl=60, distributed=True, lease_ttl=30)
+    b: CoalescingCache[Any] = CoalescingCache(store(), ttl=60, distributed=True, lease_ttl=30)
+    value: Any = "x" * 5000 if problem == "too large" else object()
+    assert a.get_or_load("k", lambda: value) is value  # the callers still get it
+    assert a.stats().serialization_errors == 1
+    # The lease is free: b loads at once instead of waiting out lease_ttl (30 s,
+    # past this test's timeout).
+    assert b.get_or_load("k", lambda: "b's value") == "b's value"
+    assert b.stats().lease_waits == 0
+
+
+@pytest.mark.timeout(30)
+def test_async_distributed_value_that_cannot_be_stored_frees_the_lease(redis_url: str) -> None:
+    from stampede.backends.redis import AsyncRedisBackend
+
+    async def main() -> None:
+        def cache() -> AsyncCoalescingCache[Any]:
+            store = AsyncRedisBackend(redis.asyncio.Redis.from_url(redis_url))
+            return AsyncCoalescingCache(store, ttl=60, distributed=True, lease_ttl=30)
+
+        a, b = cache(), cache()
+        value = object()
+        assert await a.get_or_load("k", lambda: value) is value
+        assert a.stats().serialization_errors == 1
+        assert await b.get_or_load("k", lambda: "b's value") == "b's value"
+        assert b.stats().lease_waits == 0
+
+    asyncio.run(main())

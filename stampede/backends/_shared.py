@@ -24,7 +24,7 @@ from typing import Any
 from .. import _envelope
 from .._breaker import Breaker
 from .._entry import Entry
-from .._errors import BackendUnavailable
+from .._errors import BackendUnavailable, SerializationError
 from .._keys import encode_key, namespace_prefix
 
 log = logging.getLogger("stampede")
@@ -131,8 +131,8 @@ class SharedStore:
         if encoded is not None:
             self._call(self._set_raw, key, *encoded)
 
-    def _break_payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
-        """What a lease break writes in place of the value: nothing, or ``entry``."""
+    def _payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
+        """What a lease commit or break writes: nothing (None), or ``entry``'s bytes."""
         encoded = None if entry is None else self._encoded(key, entry)
         return (None, 0.0) if encoded is None else encoded
 
@@ -185,15 +185,24 @@ class SharedStore:
         return bool(self._call(self._lease_renew_raw, key, token, lease_ttl))
 
     def lease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
-        """Write ``entry`` (None: nothing) and free the lease, only if ``token`` holds it."""
-        data, ttl = self._lease_payload(key, entry)
+        """Write ``entry`` (None: nothing) and free the lease, only if ``token`` holds it.
+
+        An entry that cannot be stored (``SerializationError``, ``ValueTooLarge``)
+        still frees the lease, so that other processes load instead of waiting
+        for it to expire, and the error is raised to be counted and logged.
+        """
+        try:
+            data, ttl = self._payload(key, entry)
+        except (SerializationError, ValueTooLarge):
+            self._call(self._lease_commit_raw, key, token, None, 0.0)
+            raise
         return bool(self._call(self._lease_commit_raw, key, token, data, ttl))
 
     def lease_break(self, key: str, drop_value: bool, entry: Entry[Any] | None = None) -> None:
         """Free the key's lease whoever holds it (fencing its load) and, in the same
         atomic step, drop the value or write ``entry`` in its place (``set``: a load
         that commits between a write and a separate break would overwrite it)."""
-        data, ttl = self._break_payload(key, entry)
+        data, ttl = self._payload(key, entry)
         self._call(self._lease_break_raw, key, drop_value, data, ttl)
 
     def lease_listen(self, key: str) -> Any:
@@ -227,13 +236,17 @@ class SharedStore:
         return bool(await self._acall(self._alease_renew_raw, key, token, lease_ttl))
 
     async def alease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
-        data, ttl = self._lease_payload(key, entry)
+        try:
+            data, ttl = self._payload(key, entry)
+        except (SerializationError, ValueTooLarge):
+            await self._acall(self._alease_commit_raw, key, token, None, 0.0)
+            raise
         return bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
 
     async def alease_break(
         self, key: str, drop_value: bool, entry: Entry[Any] | None = None
     ) -> None:
-        data, ttl = self._break_payload(key, entry)
+        data, ttl = self._payload(key, entry)
         await self._acall(self._alease_break_raw, key, drop_value, data, ttl)
 
     def alease_listen(self, key: str) -> Any:
@@ -256,20 +269,6 @@ class SharedStore:
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
         await asyncio.to_thread(self._lease_break_raw, key, drop_value, data, ttl)
-
-    def _lease_payload(self, key: str, entry: Entry[Any] | None) -> tuple[bytes | None, float]:
-        """The bytes a lease commit writes (None: nothing) and their lifetime."""
-        assert self.codec is not None
-        if entry is None:
-            return None, 0.0
-        now = self.codec.clock()
-        ttl = _envelope.lifetime(entry, now)
-        if not ttl > 0:
-            return None, 0.0
-        data = self.codec.dumps(key, entry, now)
-        if len(data) > self.max_value_size:
-            return None, 0.0  # too large: free the lease, store nothing
-        return data, ttl
 
     # -- the same, for AsyncCoalescingCache ----------------------------------------------
 
