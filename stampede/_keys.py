@@ -114,6 +114,12 @@ class CallKey:
         bound.apply_defaults()
         out: list[Any] = []
         for param in self._signature.parameters.values():
+            if param.name not in bound.arguments:
+                # CPython 3.13.0-3.13.2 (gh-130164): bind() takes a positional-only
+                # parameter passed by keyword into **kwargs instead of refusing it.
+                raise TypeError(
+                    f"missing a required positional-only argument: {param.name!r}"
+                )
             value = bound.arguments[param.name]
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 value = _VarKeyword(sorted(value.items()))

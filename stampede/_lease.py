@@ -242,6 +242,7 @@ class AsyncRenewer:
         self.lost = False
         self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def __aenter__(self) -> AsyncRenewer:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -249,12 +250,15 @@ class AsyncRenewer:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
+        # The flag too: a client library may swallow the cancel (asyncio.wait_for
+        # on Python 3.10 drops one that races its inner call's completion).
+        self._stopped = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self._ttl / 3)
             try:
                 if not await self._store.alease_renew(self._key, self._token, self._ttl):

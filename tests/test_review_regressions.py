@@ -554,3 +554,35 @@ def test_async_distributed_value_that_cannot_be_stored_frees_the_lease(redis_url
         assert b.stats().lease_waits == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_lease_listener_thread_ends_with_its_client_and_at_exit(redis_url: str) -> None:
+    """The sync pub/sub listener held its client for ever and never stopped: one
+    thread per client for the life of the process, reconnecting every 0.5 s once
+    the server was gone, and frozen at interpreter exit, maybe holding the pool's
+    lock (a deadlock in the pool's finalizers, seen on Python 3.13). It now holds
+    the client weakly, ends with it, and is stopped by an atexit hook."""
+    import gc
+
+    from stampede.backends import redis as redis_backend
+
+    def listening_thread() -> tuple[threading.Thread, Any]:
+        client = redis.Redis.from_url(redis_url)
+        store = redis_backend.RedisBackend(client)
+        with store.lease_listen("k") as wake:
+            wake.wait(10)  # returns once subscribed
+        notifier = redis_backend._notifier_for(client)
+        assert notifier._thread.is_alive()
+        return notifier._thread, client
+
+    thread, client = listening_thread()
+    del client
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+    thread, client = listening_thread()
+    redis_backend._stop_listeners()  # what the atexit hook runs
+    assert not thread.is_alive()
+    client.close()

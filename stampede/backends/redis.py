@@ -10,6 +10,7 @@ off): entries are binary.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -308,7 +309,8 @@ class _AsyncNotifier:
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
         # Set once subscribed: a commit from then on wakes its waiters.
         self.ready: asyncio.Event = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._stopped = False
+        self._task = asyncio.get_running_loop().create_task(self._guard())
 
     def register(self, key: str, event: asyncio.Event) -> None:
         self._waiters.setdefault(key.encode(), set()).add(event)
@@ -320,15 +322,34 @@ class _AsyncNotifier:
             if not events:
                 del self._waiters[key.encode()]
 
-    async def _run(self) -> None:
-        # The loops also stop on a cancel the client library swallowed: a listener
-        # that outlived its cancellation would hang asyncio.run() at its end.
-        while not _cancelling():
+    async def _guard(self) -> None:
+        """Run the listener as a child task, and stop it for sure when cancelled.
+
+        A listener that outlived its cancellation would hang ``asyncio.run()`` at
+        its end, and the client library can swallow a cancel: redis-py awaits
+        ``asyncio.wait_for``, which on Python 3.10 drops a cancel that races its
+        inner call's completion. ``asyncio.wait`` here never drops one, and the
+        listener also stops on a flag.
+        """
+        listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            await asyncio.wait([listener])
+        finally:
+            self._stopped = True
+            listener.cancel()
+            # Bounded: the listener sees the flag within one get_message timeout.
+            await asyncio.wait([listener], timeout=2.0)
+
+    def _running(self) -> bool:
+        return not self._stopped and not _cancelling()
+
+    async def _listen(self) -> None:
+        while self._running():
             try:
                 pubsub = self._client.pubsub()
-                await pubsub.subscribe(CHANNEL)
                 try:
-                    while not _cancelling():
+                    await pubsub.subscribe(CHANNEL)
+                    while self._running():
                         message = await pubsub.get_message(timeout=1.0)
                         if message is None:
                             continue
@@ -401,6 +422,7 @@ class _AsyncListening:
 def _after_fork() -> None:
     global _notifiers_lock
     _notifiers.clear()  # their listener threads stayed in the parent
+    _listeners.clear()
     _notifiers_lock = threading.Lock()
 
 
@@ -422,12 +444,16 @@ class _Notifier:
     """
 
     def __init__(self, client: Any) -> None:
-        self._client = client
+        # A weak reference: the listener ends once the client is gone, and a
+        # client dropped by its owner does not keep a thread alive forever.
+        self._client_ref = weakref.ref(client)
         self._lock = threading.Lock()
         self._waiters: dict[bytes, set[threading.Event]] = {}
         # Set once subscribed: a commit from then on wakes its waiters.
         self.ready: threading.Event = threading.Event()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
+        _listeners.add(self)
         self._thread.start()
 
     def register(self, key: str, event: threading.Event) -> None:
@@ -442,13 +468,21 @@ class _Notifier:
                 if not events:
                     del self._waiters[key.encode()]
 
+    def _running(self) -> bool:
+        return not self._stop.is_set() and self._client_ref() is not None
+
     def _run(self) -> None:
-        while True:
+        while self._running():
+            pubsub = None
             try:
-                pubsub = self._client.pubsub()
+                client = self._client_ref()
+                if client is None:
+                    return
+                pubsub = client.pubsub()
+                del client
                 pubsub.subscribe(CHANNEL)
-                while True:
-                    message = pubsub.get_message(timeout=1.0)
+                while self._running():
+                    message = pubsub.get_message(timeout=0.25)
                     if message is None:
                         continue
                     if message.get("type") == "subscribe":
@@ -462,7 +496,29 @@ class _Notifier:
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
                 self.ready.clear()
                 log.debug("lease notifications interrupted", exc_info=True)
-                time.sleep(0.5)
+                self._stop.wait(0.5)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+
+
+# Every live listener, so that they can be stopped before the interpreter exits:
+# a daemon thread frozen at shutdown while it holds the client's connection-pool
+# lock (reconnecting) deadlocks the pool's finalizers (seen on Python 3.13).
+_listeners: weakref.WeakSet[_Notifier] = weakref.WeakSet()
+
+
+def _stop_listeners(timeout: float = 1.0) -> None:
+    listeners = list(_listeners)
+    for listener in listeners:
+        listener._stop.set()
+    deadline = time.monotonic() + timeout
+    for listener in listeners:
+        listener._thread.join(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_listeners)
 
 
 class _Listening:
