@@ -28,6 +28,7 @@ Configuration, from environment variables:
                         different ones (products)
     CACHE_WAIT_TIMEOUT  most seconds a request waits for someone's load (10)
     ORIGIN_TIMEOUT      seconds an origin request may take (5)
+    REDIS_TIMEOUT       seconds a Redis call may take before it counts as failed (1)
 
 Endpoints: ``GET /products/{id}`` (the product and the pid of the worker that
 answered), ``GET /healthz``, ``GET /stats`` (this worker's cache counters).
@@ -74,6 +75,7 @@ class Settings:
     namespace: str = "products"
     wait_timeout: float = 10.0
     origin_timeout: float = 5.0
+    redis_timeout: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +105,7 @@ class Settings:
             namespace=env.get("CACHE_NAMESPACE", "").strip() or cls.namespace,
             wait_timeout=seconds("CACHE_WAIT_TIMEOUT", cls.wait_timeout),
             origin_timeout=seconds("ORIGIN_TIMEOUT", cls.origin_timeout),
+            redis_timeout=seconds("REDIS_TIMEOUT", cls.redis_timeout),
         )
 
 
@@ -172,11 +175,13 @@ class Catalog:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Per worker: read the settings, open the clients, close them at shutdown."""
     settings = Settings.from_env()
-    # Short socket timeouts: a Redis that stops answering costs a second per Redis
-    # call until three have failed; then the circuit breaker makes the cache skip
+    # Short socket timeouts (REDIS_TIMEOUT): a Redis that stops answering costs that
+    # much per Redis call until three have failed; then the circuit breaker makes the cache skip
     # Redis for a while and load through each worker's own single-flight (fail open).
     store = redis.asyncio.Redis.from_url(
-        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
     )
     http = httpx.AsyncClient(
         base_url=settings.origin_url,
