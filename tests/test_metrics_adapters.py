@@ -265,7 +265,7 @@ def test_prometheus_record_never_raises(
     def broken(*args: object) -> None:
         raise RuntimeError("metrics backend down")
 
-    monkeypatch.setattr(metrics._exporter, "record", broken)
+    monkeypatch.setattr(metrics._sink, "record", broken)
     with caplog.at_level(logging.WARNING, logger="stampede.metrics"):
         metrics.record("c", "misses")
     assert "record('c', 'misses') failed" in caplog.text
@@ -483,7 +483,7 @@ def test_otel_record_never_raises(
     def broken(*args: object) -> None:
         raise RuntimeError("collector down")
 
-    monkeypatch.setattr(metrics._instruments, "record", broken)
+    monkeypatch.setattr(metrics._sink, "record", broken)
     with caplog.at_level(logging.WARNING, logger="stampede.metrics"):
         metrics.record("c", "misses")
     assert "record('c', 'misses') failed" in caplog.text
@@ -497,7 +497,7 @@ def test_otel_global_provider_default() -> None:
     # No SDK provider is set in this process: the proxy meter drops everything.
     metrics = OpenTelemetryMetrics()
     again = OpenTelemetryMetrics()
-    assert metrics._instruments is again._instruments
+    assert metrics._sink is again._sink
     metrics.record("x", "loads", 0.1)
     cache: CoalescingCache[int] = metrics.watch(CoalescingCache(name="x", metrics=metrics))
     assert cache.get_or_load("k", lambda: 1) == 1

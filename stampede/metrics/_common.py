@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .._acache import AsyncCoalescingCache
 from .._cache import CoalescingCache
@@ -101,3 +101,54 @@ class Watched:
                 continue
             totals[name] = totals.get(name, 0) + hits
         return totals
+
+
+class Sink(Protocol):
+    """What an adapter feeds: its instruments, shared per registry or meter and prefix."""
+
+    watched: Watched
+
+    def record(self, cache: str, event: str, duration: float | None) -> None: ...
+
+
+class Adapter:
+    """The ``MetricsHook`` surface both adapters share: ``record``, ``watch``, ``prefix``."""
+
+    _sink: Sink
+    _prefix: str
+
+    @property
+    def prefix(self) -> str:
+        """The first part of every metric name."""
+        return self._prefix
+
+    def record(self, cache: str, event: str, duration: float | None = None) -> None:
+        """Count ``event`` for ``cache`` and time it if it carries a duration.
+
+        Never raises. An event that is not a ``Stats`` counter is ignored.
+        """
+        try:
+            self._sink.record(cache, event, duration)
+        except Exception:  # a metrics failure must not fail a cache read
+            log.warning(
+                "%s.record(%r, %r) failed", type(self).__name__, cache, event, exc_info=True
+            )
+
+    def watch(self, cache: Watchable) -> Watchable:
+        """Export the hits of ``cache``, read from its ``stats()`` when metrics are collected.
+
+        ``cache`` is a ``CoalescingCache``, an ``AsyncCoalescingCache`` or a
+        ``@cached`` function (its ``.cache``). It is held by weak reference:
+        once it is garbage-collected it is no longer reported. Watching a cache
+        twice counts it once; caches of one name are summed (if one of them
+        goes, the sum drops: Prometheus reads that as a counter reset). Returns
+        ``cache``, so that ``cache = metrics.watch(CoalescingCache(...))`` works.
+
+        Raises:
+            TypeError: ``cache`` is none of the above.
+        """
+        self._sink.watched.add(cache)
+        return cache
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prefix={self._prefix!r})"

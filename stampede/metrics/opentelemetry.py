@@ -46,10 +46,9 @@ from ._common import (
     EVENTS,
     LOAD_OUTCOMES,
     WAITS,
-    Watchable,
+    Adapter,
     Watched,
     describe,
-    log,
 )
 
 try:
@@ -75,7 +74,7 @@ SCOPE = "stampede"
 _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_./-]{0,233}")
 
 
-class OpenTelemetryMetrics:
+class OpenTelemetryMetrics(Adapter):
     """A ``MetricsHook`` that records a cache's events on OpenTelemetry instruments.
 
     Instances on the same meter and prefix share their instruments and their
@@ -108,39 +107,8 @@ class OpenTelemetryMetrics:
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
         self._prefix = prefix
-        self._instruments = _instruments_for(meter, meter_provider, prefix)
+        self._sink = _instruments_for(meter, meter_provider, prefix)
 
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    def record(self, cache: str, event: str, duration: float | None = None) -> None:
-        """Count ``event`` for ``cache`` and time it if it carries a duration.
-
-        Never raises. An event that is not a ``Stats`` counter is ignored.
-        """
-        try:
-            self._instruments.record(cache, event, duration)
-        except Exception:  # a metrics failure must not fail a cache read
-            log.warning("OpenTelemetryMetrics.record(%r, %r) failed", cache, event, exc_info=True)
-
-    def watch(self, cache: Watchable) -> Watchable:
-        """Report the hits of ``cache`` (read from its ``stats()`` at collection time).
-
-        ``cache`` is a ``CoalescingCache``, an ``AsyncCoalescingCache`` or a
-        ``@cached`` function (its ``.cache``). It is held by weak reference:
-        once it is garbage-collected it is no longer observed. Watching a
-        cache twice counts it once; caches of one name are summed. Returns
-        ``cache``, so that ``cache = metrics.watch(CoalescingCache(...))`` works.
-
-        Raises:
-            TypeError: ``cache`` is none of the above.
-        """
-        self._instruments.watched.add(cache)
-        return cache
-
-    def __repr__(self) -> str:
-        return f"OpenTelemetryMetrics(prefix={self._prefix!r})"
 
 
 # Instruments by meter and prefix. They hold no reference to their meter, so a

@@ -52,10 +52,9 @@ from ._common import (
     EVENTS,
     LOAD_OUTCOMES,
     WAITS,
-    Watchable,
+    Adapter,
     Watched,
     describe,
-    log,
 )
 
 try:
@@ -74,7 +73,7 @@ __all__ = ["DEFAULT_BUCKETS", "PrometheusMetrics"]
 _PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
-class PrometheusMetrics:
+class PrometheusMetrics(Adapter):
     """A ``MetricsHook`` that exports a cache's events as Prometheus metrics.
 
     Instances made for the same registry and prefix share one set of metrics
@@ -112,7 +111,7 @@ class PrometheusMetrics:
             raise ValueError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
         self._registry = prometheus_client.REGISTRY if registry is None else registry
         self._prefix = prefix
-        self._exporter = _exporter_for(
+        self._sink = _exporter_for(
             self._registry, prefix, (tuple(load_buckets), tuple(wait_buckets))
         )
 
@@ -120,38 +119,6 @@ class PrometheusMetrics:
     def registry(self) -> CollectorRegistry:
         return self._registry
 
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    def record(self, cache: str, event: str, duration: float | None = None) -> None:
-        """Count ``event`` for ``cache`` and time it if it carries a duration.
-
-        Never raises. An event that is not a ``Stats`` counter is ignored.
-        """
-        try:
-            self._exporter.record(cache, event, duration)
-        except Exception:  # a metrics failure must not fail a cache read
-            log.warning("PrometheusMetrics.record(%r, %r) failed", cache, event, exc_info=True)
-
-    def watch(self, cache: Watchable) -> Watchable:
-        """Export the hits of ``cache`` (read from its ``stats()`` at scrape time).
-
-        ``cache`` is a ``CoalescingCache``, an ``AsyncCoalescingCache`` or a
-        ``@cached`` function (its ``.cache``). It is held by weak reference:
-        once it is garbage-collected its series leave the scrape. Watching a
-        cache twice counts it once; caches of one name are summed (if one of
-        them goes, the sum drops: Prometheus reads it as a counter reset). Returns
-        ``cache``, so that ``cache = metrics.watch(CoalescingCache(...))`` works.
-
-        Raises:
-            TypeError: ``cache`` is none of the above.
-        """
-        self._exporter.watched.add(cache)
-        return cache
-
-    def __repr__(self) -> str:
-        return f"PrometheusMetrics(prefix={self._prefix!r})"
 
 
 Buckets = tuple[tuple[float, ...], tuple[float, ...]]
