@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
@@ -132,12 +131,7 @@ class AsyncCoalescingCache(CacheCore[V]):
                 return self._answer(found)
         started = self._clock()
         try:
-            value: V
-            result = loader()
-            if inspect.isawaitable(result):
-                value = await result
-            else:
-                value = result
+            value = await _lease.call_loader(loader)
         except BaseException as exc:
             entry, instead, spent = self._failure(k, call, exc, previous, started)
             if entry is not None:
@@ -158,11 +152,11 @@ class AsyncCoalescingCache(CacheCore[V]):
         entry: Entry[V],
         early: bool,
     ) -> None:
-        if self._distributed and self._refreshing_elsewhere(k):
+        if not self._refresh_wanted(k):
             return
         run = functools.partial(self._run_refresh, k, loader, entry, early)
-        if self._flight._reserve(k, run) is not None and early and not self._distributed:
-            self._count("early_refreshes")  # distributed: counted once the lease is taken
+        if self._flight._reserve(k, run) is not None:
+            self._refresh_started(early)
 
     async def _run_refresh(
         self,

@@ -169,13 +169,12 @@ class CoalescingCache(CacheCore[V]):
         return self._stored(k, call, value, started)
 
     def _refresh(self, k: Hashable, loader: Callable[[], V], entry: Entry[V], early: bool) -> None:
-        if self._distributed and self._refreshing_elsewhere(k):
+        if not self._refresh_wanted(k):
             return
         call = self._flight._reserve(k)
         if call is None:
             return  # a load or refresh of this key is already running
-        if early and not self._distributed:  # distributed: counted once the lease is taken
-            self._count("early_refreshes")
+        self._refresh_started(early)
         run = functools.partial(self._run_refresh, k, loader, entry, call, early)
         try:
             # In the reader's context, as asyncio tasks would be.

@@ -223,6 +223,20 @@ class CacheCore(Generic[V]):
         """The shell's own state (its single-flight), made last in ``__init__``."""
         raise NotImplementedError
 
+    def _refresh_wanted(self, k: Hashable) -> bool:
+        """Start a background refresh of ``k`` here (unless one already runs)?
+
+        Not when another process was found refreshing it a moment ago: trying
+        its lease on every read would cost a round trip per read.
+        """
+        return not (self._distributed and self._refreshing_elsewhere(k))
+
+    def _refresh_started(self, early: bool) -> None:
+        """A background refresh was reserved here: count an early one, unless
+        distributed, where it counts once it holds the fleet's lease."""
+        if early and not self._distributed:
+            self._count("early_refreshes")
+
     def _refreshing_elsewhere(self, k: Hashable) -> bool:
         """Another process was refreshing ``k`` a moment ago: do not try its lease yet."""
         until = self._elsewhere.get(k)

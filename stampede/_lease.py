@@ -72,6 +72,14 @@ class Renewer:
                 continue
 
 
+async def call_loader(loader: Callable[[], Awaitable[V] | V]) -> V:
+    """Run ``loader``, a coroutine function or a plain one, and return its value."""
+    result = loader()
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
 # -- the decisions both flavours share --------------------------------------------------
 
 ANSWER, LEAD, SKIP, WAIT = "answer", "lead", "skip", "wait"
@@ -79,6 +87,7 @@ ANSWER, LEAD, SKIP, WAIT = "answer", "lead", "skip", "wait"
 
 def look(
     cache: Any,
+    k: Hashable,
     taken: bool,
     current: Entry[V] | None,
     previous: Entry[V] | None,
@@ -89,7 +98,8 @@ def look(
     """After a lease attempt: (what to do, the entry that answers, the fallback value).
 
     ANSWER: ``found`` answers the call (free the lease first if ``taken``);
-    LEAD: load; SKIP: a background refresh someone else runs; WAIT: wait.
+    LEAD: load; SKIP: a background refresh someone else runs (noted, so that
+    this process leaves it alone for a moment); WAIT: wait.
     """
     found, previous = (None, previous) if force else cache._second_look(current, previous)
     if found is not None:
@@ -97,6 +107,7 @@ def look(
     if taken:
         return LEAD, None, previous
     if background and previous is not None:
+        cache._note_refreshing_elsewhere(k)
         return SKIP, None, previous
     return WAIT, None, previous
 
@@ -134,9 +145,12 @@ class Patience:
             self._timed = True
             cache._emit("lease_waits", cache._clock() - self._since)
 
-    def leading(self) -> None:
+    def leading(self, early: bool) -> None:
+        """This process took the lease and loads for the fleet."""
         if self.waited:
             self._cache._count("lease_takeovers")  # the lease waited on ended with no value
+        if early:
+            self._cache._count("early_refreshes")  # this process's refresh is the fleet's one
 
 
 def load(
@@ -170,7 +184,7 @@ def load(
                     return local_load()  # fail open: this process's single-flight only
                 current = cache._decoded(key, data, remaining)
                 step, found, previous = look(
-                    cache, taken, current, previous, force=force, background=background
+                    cache, k, taken, current, previous, force=force, background=background
                 )
                 if step is ANSWER:
                     assert found is not None
@@ -181,14 +195,11 @@ def load(
                     break
                 if step is SKIP:
                     assert previous is not None
-                    cache._note_refreshing_elsewhere(k)
                     return previous.value  # type: ignore[return-value] # someone else refreshes
                 wake.wait(patience.next_wait())
     finally:
         patience.finish()
-    patience.leading()
-    if early:
-        cache._count("early_refreshes")  # this process's refresh is the fleet's one
+    patience.leading(early)
     started = cache._clock()
     with Renewer(store, key, token, cache._lease_ttl) as renewer:
         try:
@@ -301,7 +312,7 @@ async def aload(
                     return await local_load()
                 current = cache._decoded(key, data, remaining)
                 step, found, previous = look(
-                    cache, taken, current, previous, force=force, background=background
+                    cache, k, taken, current, previous, force=force, background=background
                 )
                 if step is ANSWER:
                     assert found is not None
@@ -312,23 +323,15 @@ async def aload(
                     break
                 if step is SKIP:
                     assert previous is not None
-                    cache._note_refreshing_elsewhere(k)
                     return previous.value  # type: ignore[return-value] # someone else refreshes
                 await wake.wait(patience.next_wait())
     finally:
         patience.finish()
-    patience.leading()
-    if early:
-        cache._count("early_refreshes")  # this process's refresh is the fleet's one
+    patience.leading(early)
     started = cache._clock()
     async with AsyncRenewer(store, key, token, cache._lease_ttl) as renewer:
         try:
-            value: V
-            result = loader()
-            if inspect.isawaitable(result):
-                value = await result
-            else:
-                value = result
+            value = await call_loader(loader)
         except BaseException as exc:
             entry, instead, spent = cache._failure(k, call, exc, previous, started)
             await _acommit(cache, key, token, call, entry)
