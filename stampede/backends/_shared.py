@@ -191,12 +191,21 @@ class SharedStore:
         still frees the lease, so that other processes load instead of waiting
         for it to expire, and the error is raised to be counted and logged.
         """
+        data, ttl, refused = self._commit_payload(key, entry)
+        written = bool(self._call(self._lease_commit_raw, key, token, data, ttl))
+        if refused is not None:
+            raise refused
+        return written
+
+    def _commit_payload(
+        self, key: str, entry: Entry[Any] | None
+    ) -> tuple[bytes | None, float, Exception | None]:
+        """What a lease commit writes, and why not when ``entry`` cannot be stored:
+        the commit then writes nothing but still frees the lease."""
         try:
-            data, ttl = self._payload(key, entry)
-        except (SerializationError, ValueTooLarge):
-            self._call(self._lease_commit_raw, key, token, None, 0.0)
-            raise
-        return bool(self._call(self._lease_commit_raw, key, token, data, ttl))
+            return (*self._payload(key, entry), None)
+        except (SerializationError, ValueTooLarge) as exc:
+            return None, 0.0, exc
 
     def lease_break(self, key: str, drop_value: bool, entry: Entry[Any] | None = None) -> None:
         """Free the key's lease whoever holds it (fencing its load) and, in the same
@@ -236,12 +245,11 @@ class SharedStore:
         return bool(await self._acall(self._alease_renew_raw, key, token, lease_ttl))
 
     async def alease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
-        try:
-            data, ttl = self._payload(key, entry)
-        except (SerializationError, ValueTooLarge):
-            await self._acall(self._alease_commit_raw, key, token, None, 0.0)
-            raise
-        return bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
+        data, ttl, refused = self._commit_payload(key, entry)
+        written = bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
+        if refused is not None:
+            raise refused
+        return written
 
     async def alease_break(
         self, key: str, drop_value: bool, entry: Entry[Any] | None = None
