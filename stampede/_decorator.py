@@ -1,9 +1,9 @@
 """``@cached``: a function's results in a ``CoalescingCache``, keyed by its arguments.
 
-The wrapper is chosen once, when decorating (sync or async), and carries its
-own copy of the hit path: build the key (for the usual call, the ``args``
-tuple itself), one store read, one clock read, one comparison. Anything else
-goes to the cache's slow path, so every decision stays in one place.
+The wrapper is chosen once, when decorating (sync or async): it builds the
+key (for the usual call, the ``args`` tuple itself) and calls the cache's one
+hit path (``peek``: one store read, one clock read, one comparison), then
+the cache's slow path for anything else, so every decision stays in one place.
 
 A function gets a bounded in-process cache of its own unless ``cache=`` names
 one (a backend, a URL, or a ready cache shared by several functions; in a
@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
+from ._base import CacheBase
 from ._cache import CoalescingCache
-from ._core import CacheCore
+from ._entry import MISSING
 from ._keys import FN_MARK, CallKey, function_prefix, key_rest
-from ._policy import ErrorFilter
-from ._stats import MetricsHook, Stats
+from ._stats import Stats
+from .backends import SharedStore
 from .backends.memory import DEFAULT_MAXSIZE, NS_MARK, MemoryBackend
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
+    from ._options import CacheOptions
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -108,25 +118,10 @@ def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 @overload
 def cached(
     *,
-    ttl: float | None = None,
     cache: Any = None,
     key: Callable[..., Hashable] | None = None,
     typed: bool = False,
-    maxsize: int | None = None,
-    beta: float | None = None,
-    stale_ttl: float | None = None,
-    cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter | None = None,
-    error_ttl: float | None = None,
-    wait_timeout: float | None = None,
-    namespace: str | None = None,
-    serializer: Any = None,
-    distributed: bool | None = None,
-    lease_ttl: float | None = None,
-    name: str | None = None,
-    metrics: MetricsHook | None = None,
-    on_backend_error: Literal["fail-open", "raise"] | None = None,
-    clock: Callable[[], float] | None = None,
-    random: Callable[[], float] | None = None,
+    **options: Unpack[CacheOptions],
 ) -> _Decorator: ...
 
 
@@ -134,11 +129,9 @@ def cached(
     fn: Callable[..., Any] | None = None,
     /,
     *,
-    ttl: float | None = None,
     cache: Any = None,
     key: Callable[..., Hashable] | None = None,
     typed: bool = False,
-    maxsize: int | None = None,
     **options: Any,
 ) -> Any:
     """Cache a function's results, loading each missing key once for all callers.
@@ -152,16 +145,16 @@ def cached(
         key: ``key(*args, **kwargs) -> Hashable`` instead of the signature's key.
         typed: arguments of different types are different keys (``1``, ``1.0``, ``True``).
         maxsize: size of the function's own cache (default 4096).
-        options: any other ``CoalescingCache`` parameter (``beta``,
-            ``stale_ttl``, ``cache_errors``, ``error_ttl``, ``wait_timeout``, ...).
+        options: any other ``CoalescingCache`` option (``CacheOptions``:
+            ``beta``, ``stale_ttl``, ``cache_errors``, ``error_ttl``,
+            ``wait_timeout``, ...); ``None`` means "the default".
 
     Raises ``TypeError`` at decoration for a sync cache on an ``async def``
     function (or the reverse), or options given next to a ready cache; at
     call time for an argument that cannot be part of a key.
     """
     options = {name: value for name, value in options.items() if value is not None}
-    if ttl is not None:
-        options["ttl"] = ttl
+    maxsize = options.pop("maxsize", None)
 
     def decorate(fn: Any) -> Any:
         if isinstance(fn, (staticmethod, classmethod)):
@@ -186,10 +179,10 @@ def _cache_for(
     cache: Any,
     maxsize: int | None,
     options: dict[str, Any],
-) -> tuple[CacheCore[Any], bool]:
+) -> tuple[CacheBase[Any], bool]:
     """The cache ``fn`` uses, and whether other functions may share it."""
-    kind: type[CacheCore[Any]] = AsyncCoalescingCache if is_async else CoalescingCache
-    if isinstance(cache, CacheCore):
+    kind: type[CacheBase[Any]] = AsyncCoalescingCache if is_async else CoalescingCache
+    if isinstance(cache, CacheBase):
         if not isinstance(cache, kind):
             raise TypeError(
                 f"{fn.__qualname__} is {'an async' if is_async else 'a sync'} function: "
@@ -211,10 +204,10 @@ def _cache_for(
 # The functions decorated on each shared cache, by name: two live functions of
 # one name (two lambdas, two closures of one factory) would read each other's
 # results, so the second is refused.
-_names: weakref.WeakKeyDictionary[CacheCore[Any], dict[str, Any]] = weakref.WeakKeyDictionary()
+_names: weakref.WeakKeyDictionary[CacheBase[Any], dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _claim(cache: CacheCore[Any], fn_id: str, fn: Callable[..., Any]) -> None:
+def _claim(cache: CacheBase[Any], fn_id: str, fn: Callable[..., Any]) -> None:
     names = _names.setdefault(cache, {})
     holder = names.get(fn_id)
     current = holder() if isinstance(holder, weakref.ref) else holder
@@ -242,7 +235,7 @@ class _Keys:
     def __init__(
         self,
         fn: Callable[..., Any],
-        cache: CacheCore[Any],
+        cache: CacheBase[Any],
         shared: bool,
         key: Callable[..., Hashable] | None,
         typed: bool,
@@ -285,7 +278,7 @@ class _Keys:
         return type(k) is tuple and len(k) == 3 and k[0] is FN_MARK and k[1] == self.fn_id
 
 
-def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
+def _info(cache: CacheBase[Any], keys: _Keys, shared: bool) -> CacheInfo:
     stats = cache.stats()
     backend = cache.backend
     if not isinstance(backend, MemoryBackend):
@@ -300,7 +293,7 @@ def _info(cache: CacheCore[Any], keys: _Keys, shared: bool) -> CacheInfo:
     return CacheInfo(stats.hits, stats.misses, maxsize, currsize, stats)
 
 
-def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> str | None:
+def _drop_own_keys(cache: CacheBase[Any], keys: _Keys) -> str | None:
     """Fence this function's loads in a shared cache and drop its in-memory entries.
 
     For a shared store, returns the key prefix the caller clears (sync or awaited).
@@ -309,11 +302,9 @@ def _drop_own_keys(cache: CacheCore[Any], keys: _Keys) -> str | None:
     if not isinstance(backend, MemoryBackend):
         assert keys.fn_id is not None
         prefix = function_prefix(cache.namespace, keys.fn_id)
-        cache._in_flight()._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
+        cache._flight._forget_all(lambda k: key_rest(str(k)).startswith(prefix))
         return prefix
-    cache._in_flight()._forget_all(keys.owns)  # fence this function's loads in flight too
-    for k in [k for k in list(backend.mapping.keys()) if keys.owns(k)]:
-        cache._invalidate(k)
+    cache._drop_local(keys.owns)  # fencing this function's loads in flight too
     return None
 
 
@@ -325,30 +316,18 @@ def _wrap_sync(
     typed: bool,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    arity, store_key = keys.arity, keys.store
-    get, clock, counters, slow = cache._get, cache._clock, cache._counters, cache._slow
+    arity, store_key, peek, slow = keys.arity, keys.store, cache._peek, cache._slow
     partial = functools.partial
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
         try:
-            entry = get(k)
+            value = peek(k)  # the cache's one hit path
         except TypeError:
             raise keys.unhashable(args, kwargs) from None
-        if entry is not None:
-            try:
-                if clock() < entry.check_at:
-                    counters.hits += 1
-                    return entry.value
-            except (AttributeError, TypeError):  # not an Entry: the slow path drops it
-                pass
-        return slow(k, partial(fn, *args, **kwargs), entry)
-
-    if not cache.backend.local:
-        # A shared store: the hit is a network round trip, so the inlined path
-        # buys nothing; get_or_load handles its failures (fail open, corrupt).
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return cache.get_or_load(keys.user(args, kwargs), partial(fn, *args, **kwargs))
+        if value is MISSING:
+            return slow(k, partial(fn, *args, **kwargs))
+        return value
 
     def invalidate(*args: Any, **kwargs: Any) -> None:
         cache.invalidate(keys.user(args, kwargs))
@@ -360,7 +339,9 @@ def _wrap_sync(
         if not shared:
             cache.clear()
         elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            cache.backend.clear(prefix)
+            backend = cache.backend
+            assert isinstance(backend, SharedStore)
+            backend.clear(prefix)
 
     return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
@@ -373,30 +354,18 @@ def _wrap_async(
     typed: bool,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    arity, store_key = keys.arity, keys.store
-    get, clock, counters, slow = cache._get, cache._clock, cache._counters, cache._slow
+    arity, store_key, peek, slow = keys.arity, keys.store, cache._peek, cache._slow
     partial = functools.partial
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
         try:
-            entry = get(k)
+            value = peek(k)  # the cache's one hit path (in-process stores: no await)
         except TypeError:
             raise keys.unhashable(args, kwargs) from None
-        if entry is not None:
-            try:
-                if clock() < entry.check_at:
-                    counters.hits += 1
-                    return entry.value
-            except (AttributeError, TypeError):
-                pass
-        return await slow(k, partial(fn, *args, **kwargs), entry)
-
-    if not cache.backend.local:
-
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:  # see _wrap_sync
-            user_key = keys.user(args, kwargs)
-            return await cache.get_or_load(user_key, partial(fn, *args, **kwargs))
+        if value is MISSING:
+            return await slow(k, partial(fn, *args, **kwargs))
+        return value
 
     async def invalidate(*args: Any, **kwargs: Any) -> None:
         await cache.invalidate(keys.user(args, kwargs))
@@ -408,7 +377,9 @@ def _wrap_async(
         if not shared:
             await cache.clear()
         elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            await cache.backend.aclear(prefix)  # type: ignore[union-attr]
+            backend = cache.backend
+            assert isinstance(backend, SharedStore)
+            await backend.aclear(prefix)
 
     return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
@@ -416,7 +387,7 @@ def _wrap_async(
 def _finish(
     wrapper: Any,
     fn: Callable[..., Any],
-    cache: CacheCore[Any],
+    cache: CacheBase[Any],
     keys: _Keys,
     shared: bool,
     invalidate: Callable[..., Any],

@@ -77,7 +77,7 @@ def _stampede(distributed: bool) -> Strategy:
             ttl=ttl,
             beta=1.0,
             namespace=setup.namespace,
-            distributed=distributed or None,
+            distributed=distributed,
         )
         def get(key: str) -> str:
             return origin.fetch(key)

@@ -47,28 +47,32 @@ _leading: contextvars.ContextVar[tuple[object, ...]] = contextvars.ContextVar(
 class _Call:
     """One in-flight call of a ``SingleFlight``."""
 
-    __slots__ = ("done", "value", "exc", "dups", "forgotten")
+    __slots__ = ("done", "value", "exc", "dups", "fenced")
 
     def __init__(self) -> None:
         # Made by the first waiter (most loads have none) under the group lock;
         # set once value/exc are final.
         self.done: threading.Event | None = None
+        # Written once by the leader before ``done`` is set; only read after it.
         self.value: Any = None
         self.exc: BaseException | None = None
         self.dups = 0  # callers that joined; guarded by the group lock
-        self.forgotten = False  # set by forget(); the result must not be stored
+        self.fenced = False  # set by forget(): the cache must not store the result
 
 
 class _AsyncCall:
-    """One in-flight call of an ``AsyncSingleFlight``: its task and bookkeeping."""
+    """One in-flight call of an ``AsyncSingleFlight``: its task and bookkeeping.
 
-    __slots__ = ("task", "dups", "forgotten")
+    Confined to the event loop of its map: no lock guards it.
+    """
+
+    __slots__ = ("task", "dups", "fenced")
 
     task: asyncio.Task[Any]
 
     def __init__(self) -> None:
         self.dups = 0
-        self.forgotten = False
+        self.fenced = False
 
 
 def _wake(waiter: asyncio.Future[bool], _task: object) -> None:
@@ -108,7 +112,7 @@ def _after_fork() -> None:
     for flight in list(_live):
         flight._lock = threading.Lock()
         for call in flight._calls.values():
-            call.forgotten = True
+            call.fenced = True
         flight._calls = {}
 
 
@@ -146,11 +150,11 @@ class SingleFlight:
         return value, call.dups > 0
 
     def forget(self, key: Hashable) -> None:
-        """Let the next call of ``key`` start afresh; the running one is marked forgotten."""
+        """Let the next call of ``key`` start afresh; the running one is marked fenced."""
         with self._lock:
             call = self._calls.pop(key, None)
         if call is not None:
-            call.forgotten = True
+            call.fenced = True
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -161,7 +165,7 @@ class SingleFlight:
             keys = [k for k in self._calls if where is None or where(k)]
             calls = [self._calls.pop(k) for k in keys]
         for call in calls:
-            call.forgotten = True
+            call.fenced = True
 
     # The cache uses the pieces below: it needs the call record (for fencing)
     # and needs to start background refreshes without waiting.
@@ -248,11 +252,11 @@ class AsyncSingleFlight:
         return value, call.dups > 0
 
     def forget(self, key: Hashable) -> None:
-        """Let the next call of ``key`` start afresh; the running one is marked forgotten."""
+        """Let the next call of ``key`` start afresh; the running one is marked fenced."""
         for calls in list(self._maps.values()):
             call = calls.pop(key, None)
             if call is not None:
-                call.forgotten = True
+                call.fenced = True
 
     def __len__(self) -> int:
         return sum(len(calls) for calls in list(self._maps.values()))
@@ -262,7 +266,7 @@ class AsyncSingleFlight:
             for key in [k for k in list(calls) if where is None or where(k)]:
                 call = calls.pop(key, None)
                 if call is not None:
-                    call.forgotten = True
+                    call.fenced = True
 
     def _calls(self) -> tuple[asyncio.AbstractEventLoop, dict[Hashable, _AsyncCall]]:
         loop = asyncio.get_running_loop()

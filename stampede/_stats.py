@@ -11,6 +11,8 @@ import dataclasses
 import logging
 from typing import Protocol
 
+log = logging.getLogger("stampede")
+
 _FIELDS = (
     "hits",  # served a fresh value
     "misses",  # found nothing usable and loaded (or joined a load) in the foreground
@@ -122,3 +124,39 @@ class LoggingMetrics:
             self.logger.log(self.level, "%s %s", cache, event)
         else:
             self.logger.log(self.level, "%s %s %.3f ms", cache, event, duration * 1000)
+
+
+class Recorder:
+    """A cache's counters and its metrics hook, told of each slow-path event.
+
+    The hit path bumps ``counters.hits`` itself and calls nothing.
+    """
+
+    __slots__ = ("counters", "metrics", "name")
+
+    def __init__(self, metrics: MetricsHook | None, name: str) -> None:
+        self.counters = Counters()
+        self.metrics = metrics
+        self.name = name
+
+    def count(self, event: str, duration: float | None = None) -> None:
+        """Bump the counter ``event`` and tell the metrics hook."""
+        counters = self.counters
+        setattr(counters, event, getattr(counters, event) + 1)
+        if self.metrics is not None:
+            self.emit(event, duration)
+
+    def count_load(self, event: str, spent: float) -> None:
+        """A finished loader call (``"loads"`` or ``"load_errors"``) and its time."""
+        # Counted once the entry is written: whoever sees the count sees the entry.
+        self.counters.load_time += spent
+        self.count(event, spent)
+
+    def emit(self, event: str, duration: float | None = None) -> None:
+        """Tell the metrics hook only (the counter was bumped earlier, or is not one)."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.record(self.name, event, duration)
+        except Exception:
+            log.warning("metrics hook failed", exc_info=True)

@@ -14,6 +14,7 @@ a lock of this backend's own, unless ``lock=False`` says the mapping is safe.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any
@@ -110,8 +111,31 @@ class MemoryBackend:
             self.set = mapping.__setitem__
             self._pop = mapping.pop
 
+    namespace = ""  # set on the view a cache binds (``bind``): the scope of ``clear()``
+
     def delete(self, key: Hashable) -> None:
         self._pop(key, None)
+
+    def bind(self, namespace: str) -> MemoryBackend:
+        """A view of this store for a cache in ``namespace`` (the same mapping and lock)."""
+        view = copy.copy(self)
+        view.namespace = namespace
+        return view
+
+    # The async cache awaits the same operations (they never suspend): one shape
+    # for every store, so the cache's I/O is written once (stampede/_async/engine.py).
+
+    async def aget(self, key: Hashable) -> Entry[Any] | None:
+        return self.get(key)
+
+    async def aset(self, key: Hashable, entry: Entry[Any]) -> None:
+        self.set(key, entry)
+
+    async def adelete(self, key: Hashable) -> None:
+        self.delete(key)
+
+    async def aclear(self) -> None:
+        self.clear()
 
     @staticmethod
     def key_maker(namespace: str) -> Callable[[Hashable], Hashable] | None:
@@ -124,8 +148,10 @@ class MemoryBackend:
 
         return make
 
-    def clear(self, namespace: str = "") -> None:
-        """Drop the entries of ``namespace`` (keys of other namespaces stay)."""
+    def clear(self, namespace: str | None = None) -> None:
+        """Drop the entries of ``namespace`` (default: the bound one); other keys stay."""
+        if namespace is None:
+            namespace = self.namespace
         if self._guard is None:
             self._clear(namespace)
         else:

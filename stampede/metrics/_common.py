@@ -11,8 +11,8 @@ import weakref
 from typing import Any, Protocol, TypeVar
 
 from .._acache import AsyncCoalescingCache
+from .._base import CacheBase
 from .._cache import CoalescingCache
-from .._core import CacheCore
 from .._decorator import AsyncCachedFunction, CachedFunction
 from .._stats import _FIELDS
 
@@ -63,12 +63,12 @@ def describe(event: str) -> str:
     return _HELP.get(event, f"{event.replace('_', ' ').capitalize()} (a stampede counter).")
 
 
-def resolve(target: object) -> CacheCore[Any]:
+def resolve(target: object) -> CacheBase[Any]:
     """The cache behind ``target``: a cache itself, or a ``@cached`` function's ``.cache``."""
-    if isinstance(target, CacheCore):
+    if isinstance(target, CacheBase):
         return target
     inner = getattr(target, "cache", None)
-    if isinstance(inner, CacheCore):
+    if isinstance(inner, CacheBase):
         return inner
     raise TypeError(
         "watch() takes a CoalescingCache, an AsyncCoalescingCache or a @cached function, "
@@ -81,7 +81,7 @@ class Watched:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards _caches (watch() and scrapes on any thread)
-        self._caches: weakref.WeakSet[CacheCore[Any]] = weakref.WeakSet()
+        self._caches: weakref.WeakSet[CacheBase[Any]] = weakref.WeakSet()
 
     def add(self, target: object) -> None:
         cache = resolve(target)

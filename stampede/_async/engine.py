@@ -1,0 +1,306 @@
+"""The leader's work and the store I/O of a cache, written once.
+
+Written once, as async code, in ``stampede/_async/engine.py``; the sync twin
+``stampede/_sync/engine.py`` is generated from it by ``scripts/make_sync.py``
+(``async``/``await`` dropped, ``a``-prefixed store methods and ``Async``
+names mapped to their sync twins), and CI fails when the generated file
+differs. Edit the async file, then run the script.
+
+What runs here, for one key ``k`` (already a store key):
+
+- ``read``: one store read; a failure follows the store-failure rules
+  (``_failures``), a foreign object is a counted miss.
+- ``load``: the leader's work. Local: a second look (someone may have stored
+  the key since the caller's read), the loader, the entry, the commit under
+  the key's fence unless the call was fenced. Distributed: the same inside
+  the fleet's lease (``_load_leased``): listen, then try the lease and read
+  the value in one round trip; answer, lead, skip or wait (``_leader.look``);
+  load under a renewer; commit with the token (or only free the lease).
+- ``lookup``, ``store_value``, ``invalidate``, ``clear``: ``get``, ``set``,
+  ``invalidate`` and ``clear`` of the cache, fencing in-flight loads.
+
+The decisions are in ``_leader`` (no I/O); what differs by flavour is in
+``_primitives`` (loader calls, lease renewers, fences) and in the shells'
+single-flights.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Hashable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar, cast
+
+from .._entry import MISSING, Entry
+from .._errors import BackendUnavailable
+from .._leader import Fenced, Host, Patience, Step, look
+from .._primitives import ALoader, AsyncRenewer, acall_loader
+from ..backends._shared import StoreBusy
+
+V = TypeVar("V")
+
+
+class AsyncWaker(Protocol):
+    async def wait(self, timeout: float) -> None: ...
+
+
+class AsyncEntryStore(Protocol):
+    """The store operations the cache's I/O needs (in-process or shared)."""
+
+    local: bool
+
+    async def aget(self, key: Hashable) -> Entry[Any] | None: ...
+
+    async def aset(self, key: Hashable, entry: Entry[Any]) -> None: ...
+
+    async def adelete(self, key: Hashable) -> None: ...
+
+    async def aclear(self) -> None: ...
+
+
+class AsyncLeaseStore(AsyncEntryStore, Protocol):
+    """What ``distributed=True`` needs of a shared store: token-fenced leases."""
+
+    def decode(
+        self, key: str, data: bytes | None, remaining: float | None
+    ) -> Entry[Any] | None: ...
+
+    async def alease_acquire(
+        self, key: str, token: str, lease_ttl: float
+    ) -> tuple[bool, bytes | None, float | None]: ...
+
+    async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool: ...
+
+    async def alease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool: ...
+
+    async def alease_break(
+        self, key: str, drop_value: bool, entry: Entry[Any] | None = None
+    ) -> None: ...
+
+    def alease_listen(self, key: str) -> AbstractAsyncContextManager[AsyncWaker]: ...
+
+
+class AsyncFencing(Protocol):
+    def fence(self, k: Hashable) -> AbstractAsyncContextManager[Any]: ...
+
+    def fence_all(self) -> AbstractAsyncContextManager[Any]: ...
+
+
+AsyncHost = Host[AsyncEntryStore, AsyncLeaseStore, AsyncFencing]
+
+
+async def read(host: AsyncHost, k: Hashable, count_foreign: bool = True) -> Entry[Any] | None:
+    """The entry under ``k``, or None (a miss, a failed read, a foreign object)."""
+    try:
+        entry = await host.store.aget(k)
+    except Exception as exc:
+        host.read_failed(exc, count_foreign)
+        return None
+    return host.valid(entry, count_foreign)
+
+
+async def load(
+    host: AsyncHost,
+    k: Hashable,
+    loader: ALoader[V],
+    previous: Entry[V] | None,
+    call: Fenced,
+    *,
+    force: bool = False,
+    background: bool = False,
+    early: bool = False,
+) -> V:
+    """Load ``k`` as its leader: for this process, or for the fleet when distributed.
+
+    ``previous``: the entry the caller read (the value to fall back on);
+    ``force``: load whatever is stored (``refresh``); ``background``: a
+    refresh that readers do not wait for; ``early``: an XFetch refresh.
+    """
+    if host.leases is not None:
+        return await _load_leased(
+            host, host.leases, k, loader, previous, call, force, background, early
+        )
+    return await _load_here(host, k, loader, previous, call, force)
+
+
+async def _load_here(
+    host: AsyncHost,
+    k: Hashable,
+    loader: ALoader[V],
+    previous: Entry[V] | None,
+    call: Fenced,
+    force: bool,
+) -> V:
+    """The leader's work for this process alone."""
+    if not force:
+        current: Entry[V] | None = await read(host, k, count_foreign=False)
+        found, previous = host.second_look(current, previous)
+        if found is not None:
+            return host.answer(found)
+    clock = host.options.clock
+    started = clock()
+    try:
+        value = await acall_loader(loader)
+    except BaseException as exc:
+        entry, instead, spent = host.failure(k, call, exc, previous, started)
+        if entry is not None:
+            await _commit(host, k, call, entry)
+        host.rec.count_load("load_errors", spent)
+        if instead is MISSING:
+            raise
+        return cast(V, instead)  # the previous value, served instead (stale-if-error)
+    stored, delta = host.loaded(value, started)
+    await _commit(host, k, call, stored)
+    host.rec.count_load("loads", delta)
+    return value
+
+
+async def _commit(host: AsyncHost, k: Hashable, call: Fenced, entry: Entry[Any]) -> bool:
+    """Store ``entry`` unless the call was fenced; a failing store is counted, not raised."""
+    failure: Exception | None = None
+    # The fence spans the write: an invalidate of this key either marks the call
+    # fenced before the check, or deletes after the write has landed.
+    async with host.fences.fence(k):
+        fenced = call.fenced
+        if not fenced:
+            try:
+                await host.store.aset(k, entry)
+            except Exception as exc:
+                failure = exc
+    # Counted (and the metrics hook called) once the fence is released.
+    return host.committed(fenced, failure)
+
+
+async def _load_leased(
+    host: AsyncHost,
+    store: AsyncLeaseStore,
+    k: Hashable,
+    loader: ALoader[V],
+    previous: Entry[V] | None,
+    call: Fenced,
+    force: bool,
+    background: bool,
+    early: bool,
+) -> V:
+    """The leader of this process loads ``k`` for the fleet, or waits for who does."""
+    assert isinstance(k, str)  # a shared store's key
+    lease_ttl = host.options.lease_ttl
+    token = secrets.token_hex(16)
+    patience = Patience(host)
+    try:
+        while True:
+            async with store.alease_listen(k) as wake:  # listening before looking: no lost wake-up
+                try:
+                    taken, data, remaining = await store.alease_acquire(k, token, lease_ttl)
+                except StoreBusy:
+                    await wake.wait(patience.poll)  # the client's pool is full for a moment
+                    continue
+                except BackendUnavailable as exc:
+                    host.read_failed(exc)  # counted; raises when configured to
+                    patience.finish()  # not the local load's time
+                    # Fail open: this process's single-flight only.
+                    return await _load_here(host, k, loader, previous, call, force)
+                current: Entry[V] | None = host.decoded(k, data, remaining)
+                step, found, previous = look(
+                    host, k, taken, current, previous, force=force, background=background
+                )
+                if step is Step.ANSWER:
+                    assert found is not None
+                    if taken:
+                        await _release(host, store, k, token)
+                    return host.answer(found)
+                if step is Step.LEAD:
+                    break
+                if step is Step.SKIP:
+                    assert previous is not None
+                    return previous.value  # type: ignore[return-value] # someone else refreshes
+                await wake.wait(patience.next_wait())
+    finally:
+        patience.finish()
+    patience.leading(early)
+    started = host.options.clock()
+    async with AsyncRenewer(store, k, token, lease_ttl) as renewer:
+        try:
+            value = await acall_loader(loader)
+        except BaseException as exc:
+            entry, instead, spent = host.failure(k, call, exc, previous, started)
+            await _commit_leased(host, store, k, token, call, entry)
+            host.rec.count_load("load_errors", spent)
+            if instead is MISSING:
+                raise
+            return cast(V, instead)  # the previous value, served instead
+    stored, delta = host.loaded(value, started)
+    if renewer.lost:
+        await _release(host, store, k, token)
+        host.rec.count("fenced")
+    else:
+        await _commit_leased(host, store, k, token, call, stored)
+    host.rec.count_load("loads", delta)
+    return value
+
+
+async def _commit_leased(
+    host: AsyncHost,
+    store: AsyncLeaseStore,
+    k: str,
+    token: str,
+    call: Fenced,
+    entry: Entry[Any] | None,
+) -> None:
+    """Write ``entry`` and free the lease, if both this process and the fleet allow it."""
+    failure: Exception | None = None
+    written = False
+    async with host.fences.fence(k):
+        fenced = call.fenced  # invalidated here meanwhile: only free the lease
+        try:
+            written = await store.alease_commit(k, token, None if fenced else entry)
+        except Exception as exc:
+            failure = exc
+    if host.committed(fenced, failure) and not written and entry is not None:
+        host.rec.count("fenced")  # the lease was lost: a newer load or an invalidate wins
+
+
+async def _release(host: AsyncHost, store: AsyncLeaseStore, k: str, token: str) -> None:
+    try:
+        await store.alease_commit(k, token, None)
+    except Exception as exc:
+        host.write_failed(exc)
+
+
+# -- get, set, invalidate, clear -----------------------------------------------------
+
+
+async def lookup(host: AsyncHost, k: Hashable, default: Any) -> Any:
+    """``get``: the value under ``k`` if servable (fresh or stale), else ``default``."""
+    return host.looked_up(await read(host, k), default)
+
+
+async def store_value(host: AsyncHost, k: Hashable, value: Any, ttl: float | None) -> None:
+    """``set``: write ``value`` and fence the key's loads in flight (here and, when
+    distributed, in the fleet: the write and the lease break are one step)."""
+    entry = host.set_entry(value, ttl, await read(host, k))
+    async with host.fences.fence(k):
+        host.flight.forget(k)
+        if host.leases is not None:
+            assert isinstance(k, str)
+            await host.leases.alease_break(k, False, entry)
+        else:
+            await host.store.aset(k, entry)
+
+
+async def invalidate(host: AsyncHost, k: Hashable) -> None:
+    """``invalidate``: drop ``k``'s entry and fence its loads in flight."""
+    async with host.fences.fence(k):
+        host.flight.forget(k)
+        if host.leases is not None:
+            assert isinstance(k, str)
+            await host.leases.alease_break(k, drop_value=True)
+        else:
+            await host.store.adelete(k)
+
+
+async def clear(host: AsyncHost) -> None:
+    """``clear``: drop the cache's namespace and fence every load in flight."""
+    async with host.fences.fence_all():  # every stripe: no commit runs meanwhile
+        host.flight._forget_all()
+        await host.store.aclear()

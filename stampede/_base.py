@@ -1,0 +1,247 @@
+"""What ``CoalescingCache`` and ``AsyncCoalescingCache`` are made of: a store,
+checked options, counters, a single-flight, and the one hit path.
+
+The shells (``_cache.py``, ``_acache.py``) add only what differs by flavour:
+how a miss waits for its load (the sync leader loads on the caller's thread;
+every async caller waits for a task) and how a background refresh starts
+(a thread pool or a task). Everything a load does is in the engine
+(``_async/engine.py``, written once; ``_sync/engine.py`` generated) and what
+it decides in ``_leader`` and ``_policy``.
+
+The hit path (``make_peek``) is one function per cache, built once, which
+``get_or_load`` of both shells and both ``@cached`` wrappers call: one store
+read, one clock read, one comparison, one counter. Anything else (a stale,
+negative, missing or foreign entry, a failing read, a shared store whose
+read is a round trip) goes to the shell's slow path, which reads again and
+lets the policy decide.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._entry import MISSING
+from ._leader import Host
+from ._options import Options
+from ._primitives import AsyncFences, Fences
+from ._singleflight import AsyncSingleFlight, SingleFlight
+from ._stats import Counters, Recorder, Stats
+from .backends import SharedStore, Store, resolve
+from .backends._shared import Codec
+from .backends.memory import MemoryBackend
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
+    from ._options import CacheOptions
+
+V = TypeVar("V")
+
+
+def _never(_k: Hashable) -> Any:
+    return MISSING
+
+
+def make_peek(
+    store: Store, clock: Callable[[], float], counters: Counters
+) -> Callable[[Hashable], Any]:
+    """The hit path of a cache on ``store``: ``peek(k)`` is the value of a fresh
+    entry (counted as a hit), else ``MISSING`` (the slow path decides).
+
+    A store shared between processes is read by the slow path only: its read
+    is a round trip, which must be made once per call.
+    """
+    if not store.local:
+        return _never
+    get = store.get
+
+    def peek(k: Hashable) -> Any:
+        try:
+            entry = get(k)
+        except TypeError:
+            raise  # an unhashable key: the caller's mistake, not the store's
+        except Exception:
+            return MISSING  # the slow path reads again and applies the failure rules
+        if entry is not None:
+            try:
+                if clock() < entry.check_at:
+                    counters.hits += 1
+                    return entry.value
+            except (AttributeError, TypeError):  # not an Entry: the slow path counts it
+                pass
+        return MISSING
+
+    return peek
+
+
+class CacheBase(Generic[V]):
+    """Configuration and state of ``CoalescingCache`` / ``AsyncCoalescingCache``."""
+
+    _asynchronous = False  # the flavour of store I/O the shell does
+
+    _flight: Any  # SingleFlight or AsyncSingleFlight, as the shell declares
+
+    def __init__(self, backend: Any = None, **options: Unpack[CacheOptions]) -> None:
+        """Wrap ``backend`` in a single-flight, early-refreshing, failure-aware cache.
+
+        Args:
+            backend: where entries live: ``None`` for a bounded in-process LRU
+                (``maxsize`` entries), a ``dict``, a cachetools or cachebox
+                cache or any mutable mapping, a ``diskcache.Cache`` /
+                ``FanoutCache``, a ``redis.Redis`` (``redis.asyncio.Redis`` for
+                the async cache) or ``RedisCluster`` client, or a URL:
+                ``memory://``, ``disk:///path``, ``redis://``, ``rediss://``, ``unix://``.
+            ttl: seconds a loaded value is fresh (default 60).
+            beta: XFetch eagerness: how early a hot key is refreshed in the
+                background, relative to how long its load took (default 1;
+                ``0`` turns early refresh off).
+            stale_ttl: seconds after ``ttl`` during which an expired value is
+                still served, while one caller refreshes it in the background
+                (stale-while-revalidate) or when the refresh fails
+                (stale-if-error); default 0.
+            cache_errors: exception types (or a predicate on the exception)
+                whose raising by the loader is cached for ``error_ttl``
+                seconds and raised again to readers (negative caching). Other
+                errors are shared by the callers of the load, never stored.
+            error_ttl: seconds a cached error lives; also how long a failed
+                background refresh waits before the next try (default 5).
+            wait_timeout: the most seconds a caller waits for another
+                caller's load (``LoadTimeout`` past it); ``None`` (default): no bound.
+            namespace: prefix of this cache's keys in a shared store, and the
+                scope of ``clear()``.
+            serializer: how values are encoded in shared stores (default
+                ``DataSerializer``, data only); ignored by in-process stores.
+            distributed: single-flight across processes and hosts with a
+                per-key lease in the store (Redis, diskcache).
+            lease_ttl: seconds a lease lives without renewal (default 10); a
+                loader that runs longer keeps it renewed.
+            maxsize: entries of the default in-process LRU (default 4096).
+            name: the cache's name for the metrics hook (default: the
+                namespace, else ``"default"``).
+            metrics: a ``MetricsHook`` told of misses, loads, waits, errors.
+            on_backend_error: ``"fail-open"`` (default: load as if the store
+                were empty, behind a circuit breaker) or ``"raise"``
+                (``BackendUnavailable``).
+            clock: monotonic seconds; tests pass a fake clock.
+            random: uniform draws in ``[0, 1)`` for XFetch; tests script them.
+
+        Raises:
+            TypeError: an unknown option, or an option of the wrong type.
+            ValueError: an option out of range, or ``distributed=True`` on a
+                store that lives in this process only.
+        """
+        opts = Options.parse(options, where=type(self).__name__)
+        store = resolve(backend, maxsize=opts.maxsize, asynchronous=self._asynchronous)
+        if opts.distributed and store.local:
+            raise ValueError(
+                "distributed=True needs a backend shared between processes (Redis, "
+                f"diskcache); {store!r} lives in this process only"
+            )
+        if opts.distributed and not getattr(store, "supports_leases", False):
+            raise ValueError(
+                f"distributed=True needs leases, which {store!r} cannot hold (a diskcache "
+                "FanoutCache spreads a value and its lease over shards: use a plain Cache)"
+            )
+        if isinstance(store, SharedStore):
+            serializer = opts.serializer
+            if serializer is None:
+                from .serializers import DataSerializer
+
+                serializer = opts.serializer = DataSerializer()
+            for attr in ("name", "dumps", "loads"):
+                if not hasattr(serializer, attr):
+                    raise TypeError(f"serializer {serializer!r} has no {attr!r}")
+            codec = Codec(
+                serializer, clock=opts.clock, beta=opts.beta, error_types=opts.error_types
+            )
+            store = store.bind(codec, opts.namespace)
+        else:
+            store = store.bind(opts.namespace)
+        self._options = opts
+        self._backend: Store = store
+        self._rec = Recorder(opts.metrics, opts.name)
+        self._counters = self._rec.counters
+        self._clock = opts.clock
+        # How keys become store keys; None: used as they are (the hit path's fast case).
+        self._make_key = store.key_maker(opts.namespace)
+        self._peek = make_peek(store, opts.clock, self._counters)
+        leases = store if opts.distributed else None
+        # Fencing of in-process stores: thread locks, whatever the flavour.
+        self._thread_fences: Fences | None = None
+        self._host: Host[Any, Any, Any]
+        if self._asynchronous:
+            self._flight = AsyncSingleFlight()
+            fences = AsyncFences(store.local)
+            self._thread_fences = fences.threads
+            self._host = Host(store, leases, opts, self._rec, self._flight, fences)
+        else:
+            self._flight = SingleFlight()
+            self._thread_fences = Fences()
+            self._host = Host(store, leases, opts, self._rec, self._flight, self._thread_fences)
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def ttl(self) -> float:
+        return self._options.ttl
+
+    @property
+    def beta(self) -> float:
+        return self._options.beta
+
+    @property
+    def stale_ttl(self) -> float:
+        return self._options.stale_ttl
+
+    @property
+    def error_ttl(self) -> float:
+        return self._options.error_ttl
+
+    @property
+    def wait_timeout(self) -> float | None:
+        return self._options.wait_timeout
+
+    @property
+    def namespace(self) -> str:
+        return self._options.namespace
+
+    @property
+    def backend(self) -> Store:
+        return self._backend
+
+    @property
+    def name(self) -> str:
+        """The name given to the metrics hook (``name=``, else the namespace)."""
+        return self._options.name
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counters."""
+        return self._counters.snapshot()
+
+    def __repr__(self) -> str:
+        o = self._options
+        return (
+            f"{type(self).__name__}({self._backend!r}, ttl={o.ttl}, beta={o.beta}, "
+            f"stale_ttl={o.stale_ttl}, namespace={o.namespace!r})"
+        )
+
+    # -- for the shells and the decorator ---------------------------------------
+
+    def _key(self, key: Hashable) -> Hashable:
+        return key if self._make_key is None else self._make_key(key)
+
+    def _drop_local(self, where: Callable[[Hashable], bool]) -> None:
+        """Drop the in-process entries whose store key satisfies ``where``, fencing
+        their loads in flight (``cache_clear`` of one function in a shared cache)."""
+        backend = self._backend
+        assert isinstance(backend, MemoryBackend) and self._thread_fences is not None
+        self._flight._forget_all(where)
+        for k in [k for k in list(backend.mapping.keys()) if where(k)]:
+            with self._thread_fences.fence(k):
+                self._flight.forget(k)
+                backend.delete(k)

@@ -1,0 +1,215 @@
+"""What truly differs between the sync and the async flavour, written by hand.
+
+The leader's work is written once (``_async/engine.py``) and its sync twin is
+generated (``_sync/engine.py``); the generated code calls only these:
+
+- how a loader is called: ``call_loader`` runs a plain function and refuses
+  one that returns an awaitable (a sync cache would store it unawaited);
+  ``acall_loader`` awaits whatever needs awaiting;
+- how a lease is kept alive while the loader runs: a thread (``Renewer``) or
+  a task (``AsyncRenewer``);
+- how a key's writes are fenced: a striped ``threading.Lock`` (``Fences``),
+  or, for a store reached over the network from asyncio, an ``asyncio.Lock``
+  per event loop (``AsyncFences``), which is never held across a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from typing import Any, Protocol, TypeVar
+
+V = TypeVar("V")
+
+Loader = Callable[[], V]  # what a sync cache loads with
+ALoader = Callable[[], Awaitable[V] | V]  # what an async cache loads with: may be a coroutine
+
+STRIPES = 16  # fencing locks per cache: writes of different keys rarely queue
+
+
+def call_loader(loader: Callable[[], V]) -> V:
+    """Run a sync cache's ``loader``; refuse an awaitable result with a clear error."""
+    value = loader()
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)  # a coroutine: no "never awaited" warning
+        if close is not None:
+            close()
+        raise TypeError(
+            "the loader returned an awaitable, which a sync cache would store "
+            "unawaited: use AsyncCoalescingCache (or @cached on the async def)"
+        )
+    return value
+
+
+async def acall_loader(loader: Callable[[], Awaitable[V] | V]) -> V:
+    """Run ``loader``, a coroutine function or a plain one, and return its value."""
+    result = loader()
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+class _Renews(Protocol):
+    def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool: ...
+
+
+class _ARenews(Protocol):
+    async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool: ...
+
+
+class Renewer:
+    """Keeps a lease alive while a loader runs (a thread); notices when it was lost."""
+
+    def __init__(self, store: _Renews, key: str, token: str, lease_ttl: float) -> None:
+        self.lost = False
+        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stampede-lease", daemon=True)
+
+    def __enter__(self) -> Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._ttl)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl / 3):
+            try:
+                if not self._store.lease_renew(self._key, self._token, self._ttl):
+                    self.lost = True  # taken over, or fenced: the write will be refused
+                    return
+            except Exception:  # the store is away; the lease may still hold
+                continue
+
+
+class AsyncRenewer:
+    """``Renewer`` for asyncio: a task renewing the lease while the loader runs."""
+
+    def __init__(self, store: _ARenews, key: str, token: str, lease_ttl: float) -> None:
+        self.lost = False
+        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def __aenter__(self) -> AsyncRenewer:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        # The flag too: a client library may swallow the cancel (asyncio.wait_for
+        # on Python 3.10 drops one that races its inner call's completion).
+        self._stopped = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                if not await self._store.alease_renew(self._key, self._token, self._ttl):
+                    self.lost = True
+                    return
+            except Exception:
+                continue
+
+
+_live_fences: weakref.WeakSet[Fences] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for fences in list(_live_fences):  # a lock held by a parent's thread would stay held here
+        fences.locks = tuple(threading.Lock() for _ in fences.locks)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+class Fences:
+    """Striped locks: a key's commit and its invalidation never interleave.
+
+    Held only around a check of the call's fenced flag and the store write
+    that follows; no user code runs under them.
+    """
+
+    def __init__(self) -> None:
+        self.locks = tuple(threading.Lock() for _ in range(STRIPES))
+        _live_fences.add(self)
+
+    def fence(self, k: Hashable) -> threading.Lock:
+        return self.locks[hash(k) % STRIPES]
+
+    @contextlib.contextmanager
+    def fence_all(self) -> Iterator[None]:
+        locks = self.locks
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+class _HeldOnThread:
+    """A ``threading.Lock`` used from a coroutine: for in-process stores, whose
+    writes never await, so the lock is never held across a suspension."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class AsyncFences:
+    """``Fences`` for the async cache.
+
+    An in-process store is fenced by the thread locks (its writes do not
+    await, and another thread's loop may share the store); a store reached
+    over the network by ``asyncio.Lock``s, one set per event loop (an
+    asyncio lock binds to one loop), held across the awaited write.
+    """
+
+    def __init__(self, local: bool) -> None:
+        self.threads = Fences() if local else None
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[asyncio.Lock, ...]
+        ] = weakref.WeakKeyDictionary()
+
+    def _of_loop(self) -> tuple[asyncio.Lock, ...]:
+        loop = asyncio.get_running_loop()
+        locks = self._loops.get(loop)
+        if locks is None:
+            locks = self._loops.setdefault(loop, tuple(asyncio.Lock() for _ in range(STRIPES)))
+        return locks
+
+    def fence(self, k: Hashable) -> contextlib.AbstractAsyncContextManager[Any]:
+        if self.threads is not None:
+            return _HeldOnThread(self.threads.fence(k))
+        return self._of_loop()[hash(k) % STRIPES]
+
+    @contextlib.asynccontextmanager
+    async def fence_all(self) -> AsyncIterator[None]:
+        if self.threads is not None:
+            with self.threads.fence_all():
+                yield
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._of_loop():  # every stripe: no commit runs meanwhile
+                await stack.enter_async_context(lock)
+            yield

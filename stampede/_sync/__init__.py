@@ -1,0 +1,1 @@
+"""Generated sync twins of stampede/_async (see scripts/make_sync.py)."""
