@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             target.parent.mkdir(exist_ok=True)
             init = target.parent / "__init__.py"
             if not init.exists():
-                init.write_text('"""Generated sync twins of stampede/_async (see scripts/make_sync.py)."""\n')
+                init.write_text('"""Generated sync twins of stampede/_async/."""\n')
             if not target.exists() or target.read_text(encoding="utf-8") != expected:
                 target.write_text(expected, encoding="utf-8")
                 print(f"wrote {target.relative_to(ROOT)}")
