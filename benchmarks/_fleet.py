@@ -5,7 +5,7 @@ p99 <= loader + 15 ms; <= 5 Redis commands per process per flight".
 
 Per variant, 4 worker processes (multiprocessing, spawn) are started once and
 build the variant against a private ``redis-server``
-(``stampede.testing.redis_server.RedisServer``). Each trial uses a fresh key:
+(``tests.support.redis_server.RedisServer``). Each trial uses a fresh key:
 every worker readies its 25 callers (threads, or asyncio tasks for the async
 peers), all processes and this one meet at a ``multiprocessing.Barrier``, and
 the callers are released together. Each caller times its own call. The loader
@@ -418,7 +418,7 @@ def bench_fleet(cfg: Config) -> FleetResults:
     try:
         import redis
 
-        from stampede.testing.redis_server import RedisServer
+        from tests.support.redis_server import RedisServer
 
         server = RedisServer()
         server.start()

@@ -7,7 +7,7 @@ XFetch gives e^(1/beta))".
 for the section and reused by every variant) each run ``READERS`` threads
 (asyncio tasks for cashews) that read one hot key in a loop for 5 s (2 s),
 against a private ``redis-server``
-(``stampede.testing.redis_server.RedisServer``). The key has a TTL of 1 s and
+(``tests.support.redis_server.RedisServer``). The key has a TTL of 1 s and
 a 100 ms loader; the processes' warm-up reads just before the window load it
 (not counted), so it expires (or is refreshed ahead of its expiry) several
 times inside the window.
@@ -532,7 +532,7 @@ def bench_refresh(cfg: Config) -> RefreshResults:
     try:
         import redis
 
-        from stampede.testing.redis_server import RedisServer
+        from tests.support.redis_server import RedisServer
 
         server = RedisServer()
         server.start()

@@ -6,7 +6,7 @@ value (a dict of ten str/int fields), already stored; each row is timed in
 interleaved rounds and reports its minimum, like sections 1-2.
 
 Redis rows run against a private ``redis-server`` started for this section
-(``stampede.testing.redis_server.RedisServer``: a free loopback port, no
+(``tests.support.redis_server.RedisServer``: a free loopback port, no
 persistence), never against a Redis already running on the machine. Commands
 per hit are counted by the server: its slow log, set to record every command
 for the count only (not while timing), names each command and the client that
@@ -565,7 +565,7 @@ def bench_shared(cfg: Config) -> SharedResults:
     try:
         import redis  # noqa: F401  (the client rows need it)
 
-        from stampede.testing.redis_server import RedisServer
+        from tests.support.redis_server import RedisServer
 
         server = RedisServer()
         server.start()

@@ -1,6 +1,6 @@
 """Pytest fixtures for tests against a real, private Redis/Valkey server.
 
-Built on ``stampede.testing.redis_server``. Load them in any of these ways:
+Built on ``tests.support.redis_server``. Load them in any of these ways:
 ``pytest_plugins = ["tests.redis_fixtures"]`` in the root ``conftest.py``,
 ``from tests.redis_fixtures import *`` there (``__all__`` lists every
 fixture, including the ``redis_server_pool`` that ``any_redis_server`` needs),
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from stampede.testing.redis_server import (
+from tests.support.redis_server import (
     BINARY_ENV,
     MISSING_BINARY_MESSAGE,
     REQUIRE_ENV,

@@ -23,7 +23,7 @@ import redis
 from stampede import BackendUnavailable, CoalescingCache, cached
 from stampede.backends import DiskBackend, RedisBackend
 from stampede.testing import FakeClock, Gate, wait_until
-from stampede.testing.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 from .helpers import join_all, run_threads
 

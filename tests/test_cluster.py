@@ -25,7 +25,7 @@ from stampede import CoalescingCache
 from stampede._keys import encode_key
 from stampede.backends import redis as redis_backend
 from stampede.testing import Gate, wait_until
-from stampede.testing.redis_server import LocalCluster
+from tests.support.redis_server import LocalCluster
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ import redis
 
 from stampede.backends import DiskBackend, MemoryBackend, RedisBackend
 from stampede.testing.conformance import BackendConformance
-from stampede.testing.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 class TestDict(BackendConformance):

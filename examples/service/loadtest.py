@@ -504,7 +504,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             print("\n" + hot_report(hot, {}), file=out)
         return 0
 
-    from stampede.testing.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     from .origin import OriginServer
 

@@ -4,7 +4,7 @@ The server runs as a child process on a free loopback port, with no
 persistence, in its own temporary directory, so a test can kill, freeze,
 pause and restart it without touching any other Redis on the machine::
 
-    from stampede.testing.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     with RedisServer() as server:          # start(), and stop() on exit
         client = server.client()           # redis.Redis, short timeouts, no retries
@@ -880,7 +880,7 @@ _ADDSLOTS_BATCH = 1024
 class LocalCluster:
     """A private Redis Cluster of ``masters`` nodes (no replicas) on loopback ports::
 
-        from stampede.testing.redis_server import LocalCluster
+        from tests.support.redis_server import LocalCluster
 
         with LocalCluster(masters=3) as cluster:   # start(), and stop() on exit
             client = cluster.client()              # redis.cluster.RedisCluster
