@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import subprocess
 import sys
@@ -34,71 +33,6 @@ def disk(tmp_path: Path) -> diskcache.Cache:
 
 
 # -- the decorator on shared stores -----------------------------------------------------
-
-
-def test_async_cached_on_an_asyncio_redis_client(redis_url: str) -> None:
-    async def main() -> None:
-        client = redis.asyncio.Redis.from_url(redis_url)
-        calls = 0
-
-        @cached(cache=client, ttl=60)
-        async def double(x: int) -> int:
-            nonlocal calls
-            calls += 1
-            return 2 * x
-
-        assert await double(1) == 2 and await double(1) == 2 and calls == 1
-        await client.aclose()
-
-    asyncio.run(main())
-
-
-def test_cached_on_disk_survives_a_corrupt_entry(tmp_path: Path) -> None:
-    store = disk(tmp_path)
-
-    @cached(cache=store, ttl=60)
-    def double(x: int) -> int:
-        return 2 * x
-
-    assert double(1) == 2
-    (key,) = [k for k in store.iterkeys() if isinstance(k, str)]
-    store.set(key, b"garbage", expire=60)
-    assert double(1) == 2
-    assert double.cache_info().stats.serialization_errors == 1
-
-
-def test_same_named_functions_cannot_share_a_cache() -> None:
-    shared: CoalescingCache[Any] = CoalescingCache()
-    inc = cached(cache=shared)(lambda x: x + 1)
-    with pytest.raises(TypeError, match="already uses this shared cache"):
-        cached(cache=shared)(lambda x: x - 1)
-    assert inc(1) == 2
-    assert cached(cache=shared, key=lambda x: ("dec", x))(lambda x: x - 1)(1) == 0
-
-
-def test_callables_without_a_qualname() -> None:
-    def add(a: int, b: int) -> int:
-        return a + b
-
-    inc = cached(functools.partial(add, 1))
-    assert inc(2) == 3 and inc(2) == 3
-
-
-def test_shared_cache_clear_fences_a_load_in_flight() -> None:
-    shared: CoalescingCache[Any] = CoalescingCache()
-    gate = Gate("before-clear")
-
-    @cached(cache=shared)
-    def slow(x: int) -> str:
-        return gate()
-
-    t = threading.Thread(target=slow, args=(1,))
-    t.start()
-    assert gate.entered.wait(5)
-    slow.cache_clear()
-    gate.open()
-    join_all([t])
-    assert slow.cache_info().currsize == 0  # the load did not store after the clear
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -326,27 +260,6 @@ def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
             cache.get_or_load("k", load)
     assert any(t is Gone for t in _envelope._resolved.values())
     assert cache.stats().negative_hits == 2
-
-
-def test_async_cache_clear_of_a_function_on_a_shared_redis_cache(redis_url: str) -> None:
-    async def main() -> None:
-        client = redis.asyncio.Redis.from_url(redis_url)
-        shared: AsyncCoalescingCache[Any] = AsyncCoalescingCache(client, ttl=60)
-
-        @cached(cache=shared)
-        async def f(x: int) -> int:
-            return x
-
-        @cached(cache=shared)
-        async def g(x: int) -> int:
-            return -x
-
-        assert (await f(1), await g(1)) == (1, -1)
-        await f.cache_clear()  # was a sync clear on an asyncio client: TypeError
-        assert len([k async for k in client.scan_iter("stampede:*")]) == 1  # g's stays
-        await client.aclose()
-
-    asyncio.run(main())
 
 
 def _store_for(kind: str, redis_url: str, tmp_path: Path) -> Any:
