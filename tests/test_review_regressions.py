@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from stampede import AsyncCoalescingCache, CoalescingCache, cached
+from stampede import AsyncCoalescingCache, CoalescingCache
 from stampede._breaker import Breaker
 from stampede.testing import FakeClock, Gate, wait_until
 
@@ -36,32 +36,6 @@ def disk(tmp_path: Path) -> diskcache.Cache:
 
 
 # -- keys ---------------------------------------------------------------------------------
-
-
-def test_typed_keys_type_keyword_arguments_too() -> None:
-    @cached(typed=True)
-    def f(**kw: Any) -> str:
-        return repr(kw)
-
-    assert f(a=1) == "{'a': 1}" and f(a=1.0) == "{'a': 1.0}"
-
-
-def test_positional_only_parameters_named_by_keyword_are_refused() -> None:
-    @cached
-    def f(a: int, /, b: int) -> int:
-        return a + b
-
-    assert f(1, 2) == 3
-    with pytest.raises(TypeError):
-        f(a=1, b=2)  # type: ignore[call-arg]
-
-
-def test_keys_with_lone_surrogates_work_on_shared_stores(tmp_path: Path, redis_url: str) -> None:
-    for store in (disk(tmp_path), redis.Redis.from_url(redis_url)):
-        cache: CoalescingCache[int] = CoalescingCache(store, ttl=60)
-        assert cache.get_or_load("\ud800", lambda: 1) == 1
-        assert cache.get_or_load("\\ud800", lambda: 2) == 2  # not the same key
-        assert cache.get("\ud800") == 1
 
 
 # -- loads and their context ------------------------------------------------------------------
