@@ -16,8 +16,6 @@ from stampede import AsyncCoalescingCache, CoalescingCache
 from stampede._breaker import Breaker
 from stampede.testing import FakeClock, Gate, wait_until
 
-from .helpers import join_all
-
 
 class NotFound(LookupError):
     pass
@@ -36,26 +34,6 @@ def disk(tmp_path: Path) -> diskcache.Cache:
 
 
 # -- loads and their context ------------------------------------------------------------------
-
-
-def test_a_metrics_hook_may_call_the_cache() -> None:
-    """No hook runs under the fencing lock: a hook that invalidates does not deadlock."""
-    cache: CoalescingCache[str]
-
-    class Hook:
-        def record(self, name: str, event: str, duration: float | None = None) -> None:
-            if event == "fenced":
-                cache.invalidate("other")
-
-    cache = CoalescingCache(metrics=Hook())
-    gate = Gate("v")
-    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
-    t.start()
-    assert gate.entered.wait(5)
-    cache.invalidate("k")
-    gate.open()
-    join_all([t])
-    assert cache.stats().fenced == 1
 
 
 # -- stores ------------------------------------------------------------------------------------
