@@ -13,19 +13,7 @@ import redis
 import redis.asyncio
 
 from stampede import AsyncCoalescingCache, CoalescingCache
-from stampede._breaker import Breaker
 from stampede.testing import FakeClock, Gate, wait_until
-
-
-class NotFound(LookupError):
-    pass
-
-
-def disk(tmp_path: Path) -> diskcache.Cache:
-    folder = tmp_path / "c"
-    folder.mkdir(mode=0o700)
-    return diskcache.Cache(str(folder))
-
 
 # -- the decorator on shared stores -----------------------------------------------------
 
@@ -37,80 +25,6 @@ def disk(tmp_path: Path) -> diskcache.Cache:
 
 
 # -- stores ------------------------------------------------------------------------------------
-
-
-def test_redis_clear_stays_in_its_namespace(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    x: CoalescingCache[str] = CoalescingCache(client, namespace="x")
-    x.set("}:1:a:v1:", "precious")  # user text that looks like another namespace's keys
-    CoalescingCache(client, namespace="a").clear()
-    assert x.get("}:1:a:v1:") == "precious"
-
-
-def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60, on_backend_error="raise")
-    for name in "abc":
-        client.rpush(cache._key(name), "x")  # type: ignore[arg-type]
-        assert cache.get_or_load(name, lambda: "loaded") == "loaded"
-    s = cache.stats()
-    assert s.serialization_errors == 3 and s.backend_errors == 0
-    assert cache.get_or_load("d", lambda: "d") == "d" and cache.get("d") == "d"
-
-
-def test_breaker_judges_only_the_store() -> None:
-    clock = FakeClock()
-    breaker = Breaker(threshold=1, cooldown=5, clock=clock)
-    breaker.failure()
-    assert not breaker.allow()
-    clock.advance(5)
-    assert breaker.allow()  # the probe
-    breaker.release()  # it was cancelled: says nothing of the store
-    assert breaker.is_open and breaker.allow()  # still open; a new probe may go
-    assert not breaker.allow()  # ... one at a time
-    clock.advance(5)
-    assert breaker.allow()  # a probe that never came back is replaced
-    breaker.success()
-    assert not breaker.is_open
-
-
-def test_async_clear_on_a_remote_store_fences_a_commit(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = disk(tmp_path)
-        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(store, ttl=60)
-        release = asyncio.Event()
-
-        async def load() -> str:
-            await release.wait()
-            return "old"
-
-        task = asyncio.ensure_future(cache.get_or_load("k", load))
-        await asyncio.sleep(0)
-        await cache.clear()
-        release.set()
-        assert await task == "old"
-        assert await cache.get("k") is None
-
-    asyncio.run(asyncio.wait_for(main(), 20))
-
-
-def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
-    from stampede import _envelope
-
-    class Gone(NotFound):
-        pass
-
-    store = disk(tmp_path)
-    cache: CoalescingCache[str] = CoalescingCache(store, ttl=60, cache_errors=(Exception,))
-
-    def load() -> str:
-        raise Gone("x")
-
-    for _ in range(3):
-        with pytest.raises(Gone):
-            cache.get_or_load("k", load)
-    assert any(t is Gone for t in _envelope._resolved.values())
-    assert cache.stats().negative_hits == 2
 
 
 def _store_for(kind: str, redis_url: str, tmp_path: Path) -> Any:
