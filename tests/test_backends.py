@@ -21,11 +21,12 @@ import pytest
 import redis
 
 from stampede import BackendUnavailable, CoalescingCache, cached
+from stampede._breaker import Breaker
 from stampede.backends import DiskBackend, RedisBackend
 from stampede.testing import FakeClock, Gate, wait_until
 from tests.support.redis_server import RedisServer
 
-from .helpers import join_all, run_threads
+from .helpers import disk_store, join_all, run_threads
 
 
 class NotFound(LookupError):
@@ -271,6 +272,45 @@ def test_negative_entry_of_an_unlisted_type_is_a_miss(make: Make) -> None:
     assert reader.get_or_load("k", lambda: "loaded") == "loaded"
 
 
+def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
+    """The type of a negative entry read from a shared store is resolved once, then reused.
+
+    Regression test for c5b4412 (Errors that cannot be rebuilt from their args are not
+    negative-cached; the type of a negative entry read from a shared store is resolved once).
+    """
+    from stampede import _envelope
+
+    class Gone(NotFound):
+        pass
+
+    store = disk_store(tmp_path)
+    cache: CoalescingCache[str] = CoalescingCache(store, ttl=60, cache_errors=(Exception,))
+
+    def load() -> str:
+        raise Gone("x")
+
+    for _ in range(3):
+        with pytest.raises(Gone):
+            cache.get_or_load("k", load)
+    assert any(t is Gone for t in _envelope._resolved.values())
+    assert cache.stats().negative_hits == 2
+
+
+def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:
+    """A Redis key holding a non-string (WRONGTYPE) is a counted foreign entry, not a store error.
+
+    Regression test for 3a21f4a (Review fixes: Redis: WRONGTYPE is a foreign entry).
+    """
+    client = redis.Redis.from_url(redis_url)
+    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60, on_backend_error="raise")
+    for name in "abc":
+        client.rpush(cache._key(name), "x")  # type: ignore[arg-type]
+        assert cache.get_or_load(name, lambda: "loaded") == "loaded"
+    s = cache.stats()
+    assert s.serialization_errors == 3 and s.backend_errors == 0
+    assert cache.get_or_load("d", lambda: "d") == "d" and cache.get("d") == "d"
+
+
 # -- other processes ---------------------------------------------------------------------
 
 _CHILD = """
@@ -368,6 +408,27 @@ def test_raise_mode_gives_backend_unavailable(fresh_redis_server: RedisServer) -
     with pytest.raises(BackendUnavailable) as exc:
         cache.get_or_load("k", lambda: 1)
     assert isinstance(exc.value.__cause__, redis.RedisError | OSError)
+
+
+def test_breaker_judges_only_the_store() -> None:
+    """A cancelled probe says nothing of the store; a probe that never came back is replaced.
+
+    Regression test for 3a21f4a (Review fixes: breaker: client pool exhaustion and
+    cancellation judge nothing, a lost probe is replaced).
+    """
+    clock = FakeClock()
+    breaker = Breaker(threshold=1, cooldown=5, clock=clock)
+    breaker.failure()
+    assert not breaker.allow()
+    clock.advance(5)
+    assert breaker.allow()  # the probe
+    breaker.release()  # it was cancelled: says nothing of the store
+    assert breaker.is_open and breaker.allow()  # still open; a new probe may go
+    assert not breaker.allow()  # ... one at a time
+    clock.advance(5)
+    assert breaker.allow()  # a probe that never came back is replaced
+    breaker.success()
+    assert not breaker.is_open
 
 
 def test_decode_responses_client_is_refused(redis_url: str) -> None:
@@ -484,6 +545,35 @@ def test_async_redis_down_fails_open(fresh_redis_server: RedisServer) -> None:
         await client.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_async_clear_on_a_remote_store_fences_a_commit(tmp_path: Path) -> None:
+    """An async clear() on a shared store fences a load in flight: its commit stores nothing.
+
+    Regression test for 3a21f4a (Review fixes: cache_clear and async clear fence
+    in-flight loads).
+    """
+    import asyncio
+
+    from stampede import AsyncCoalescingCache
+
+    async def main() -> None:
+        store = disk_store(tmp_path)
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(store, ttl=60)
+        release = asyncio.Event()
+
+        async def load() -> str:
+            await release.wait()
+            return "old"
+
+        task = asyncio.ensure_future(cache.get_or_load("k", load))
+        await asyncio.sleep(0)
+        await cache.clear()
+        release.set()
+        assert await task == "old"
+        assert await cache.get("k") is None
+
+    asyncio.run(asyncio.wait_for(main(), 20))
 
 
 # -- more failure shapes ---------------------------------------------------------------------
@@ -637,6 +727,18 @@ def test_memory_clear_drops_only_its_namespace() -> None:
     assert (a.get("k"), b.get("k"), plain.get("k")) == (None, 1, 1)
     plain.clear()
     assert (b.get("k"), plain.get("k")) == (1, None)
+
+
+def test_redis_clear_stays_in_its_namespace(redis_url: str) -> None:
+    """clear() on Redis drops its own namespace only, whatever user text looks like.
+
+    Regression test for 3a21f4a (Review fixes: Redis: ... SCAN pattern exact).
+    """
+    client = redis.Redis.from_url(redis_url)
+    x: CoalescingCache[str] = CoalescingCache(client, namespace="x")
+    x.set("}:1:a:v1:", "precious")  # user text that looks like another namespace's keys
+    CoalescingCache(client, namespace="a").clear()
+    assert x.get("}:1:a:v1:") == "precious"
 
 
 # -- the disk store never unpickles what it finds ------------------------------------------

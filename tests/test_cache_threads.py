@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +22,10 @@ from .helpers import join_all, run_threads
 
 def coalesced(cache: CoalescingCache[Any]) -> int:
     return cache.stats().coalesced
+
+
+class NotFound(LookupError):
+    pass
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -231,6 +238,70 @@ def test_negative_entry_raised_to_concurrent_waiters_too() -> None:
     assert gate.calls == 1
 
 
+class _Unrebuildable(Exception):
+    """An error whose class cannot be made again from its args."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Unrebuildable:
+        if "token" not in kwargs:
+            raise TypeError("needs token=")
+        return super().__new__(cls)
+
+    def __init__(self, message: str, *, token: str) -> None:
+        super().__init__(message)
+
+
+def test_an_error_that_cannot_be_rebuilt_is_not_negative_cached() -> None:
+    """A listed error that cannot be rebuilt from its args is shared, never negative-cached.
+
+    Regression test for c5b4412 (Errors that cannot be rebuilt from their args are not
+    negative-cached).
+    """
+    cache: CoalescingCache[str] = CoalescingCache(cache_errors=(_Unrebuildable,))
+    calls = 0
+
+    def load() -> str:
+        nonlocal calls
+        calls += 1
+        raise _Unrebuildable("nope", token="t")
+
+    for _ in range(2):
+        with pytest.raises(_Unrebuildable):
+            cache.get_or_load("k", load)
+    assert calls == 2  # shared with its callers, never cached
+
+
+def test_a_failed_first_read_does_not_let_an_error_replace_a_stale_value() -> None:
+    """A stale value found on the second read, after a failed first one, beats a listed error.
+
+    Regression test for 3a21f4a (Review fixes: a failed first read no longer lets an
+    error replace a servable stale value).
+    """
+
+    class Flaky(dict[Any, Any]):
+        fail = False
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            if self.fail:
+                self.fail = False
+                raise OSError("the store hiccups")
+            return super().get(key, default)
+
+    store = Flaky()
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        store, ttl=1, stale_ttl=100, beta=0, cache_errors=(NotFound,), clock=clock
+    )
+    cache.get_or_load("k", lambda: "good")
+    clock.advance(2)
+    store.fail = True
+
+    def missing() -> str:
+        raise NotFound("k")
+
+    assert cache.get_or_load("k", missing) == "good"  # the stale value, not the error
+    assert cache.get("k") == "good"
+
+
 def test_recursive_get_or_load_raises() -> None:
     cache: CoalescingCache[int] = CoalescingCache(ttl=60)
 
@@ -277,6 +348,52 @@ def test_refresh_in_reader_context() -> None:
     assert seen == ["req-42"]
 
 
+def test_a_refresh_started_inside_a_loader_is_not_recursive() -> None:
+    """A background refresh started inside a loader does not inherit that loader's loads.
+
+    Regression test for 3a21f4a (Review fixes: background refreshes start with no
+    inherited loads).
+    """
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(ttl=1, stale_ttl=100, beta=0, clock=clock)
+    cache.get_or_load("b", lambda: "b1")
+    clock.advance(2)  # "b" is stale now
+
+    def load_a() -> str:
+        return "a:" + cache.get_or_load("b", lambda: "b2:" + cache.get_or_load("a", load_a))
+
+    assert cache.get_or_load("a", load_a) == "a:b1"
+    wait_until(lambda: cache.stats().loads + cache.stats().load_errors == 3)
+    assert cache.stats().load_errors == 0
+    assert cache.get("b") == "b2:a:b1"
+
+
+def test_a_stale_read_at_interpreter_exit_still_serves(tmp_path: Path) -> None:
+    """A stale read at interpreter exit (refresh pool shut down) still gets the stale value.
+
+    Regression test for 3a21f4a (Review fixes: ...). Its subject does not list this
+    one: the fix is the RuntimeError a refresh that cannot start now swallows (_cache.py).
+    """
+    script = (
+        "import atexit, stampede\n"
+        "from stampede.testing import FakeClock\n"
+        "clock = FakeClock()\n"
+        "cache = stampede.CoalescingCache(ttl=1, stale_ttl=100, beta=0, clock=clock)\n"
+        "cache.get_or_load('k', lambda: 'old')\n"
+        "clock.advance(2)\n"
+        "atexit.register(lambda: print(cache.get_or_load('k', lambda: 'new')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "old"
+
+
 def test_invalid_parameters_are_rejected() -> None:
     for bad in (
         {"ttl": 0},
@@ -310,6 +427,22 @@ def test_async_loader_in_sync_cache_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="AsyncCoalescingCache"):
         cache.get_or_load("k", fetch)
     assert cache.get("k") is None  # nothing cached
+
+
+def test_a_foreign_object_with_a_bad_check_at_is_a_miss() -> None:
+    """An object in the store with a non-numeric ``check_at`` is a miss, not a TypeError.
+
+    Regression test for 3a21f4a (Review fixes: ...). Its subject does not list this
+    one: the fix is the hit path taking a TypeError, like an AttributeError, for "not
+    an entry".
+    """
+
+    class Impostor:
+        check_at = "later"
+        value = "not ours"
+
+    cache: CoalescingCache[str] = CoalescingCache({"k": Impostor()})
+    assert cache.get_or_load("k", lambda: "loaded") == "loaded"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

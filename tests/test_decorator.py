@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 import stampede
 from stampede import AsyncCoalescingCache, CoalescingCache, cached
 from stampede.testing import AsyncGate, FakeClock, Gate, async_wait_until, wait_until
 
-from .helpers import join_all, run_threads
+from .helpers import disk_store, join_all, run_threads
 
 
 def test_plain_function_keeps_identity_and_caches() -> None:
@@ -212,6 +215,56 @@ def test_shared_cache_keeps_functions_apart() -> None:
     assert shared.get("plain") == 1
 
 
+def test_same_named_functions_cannot_share_a_cache() -> None:
+    """Two live functions of one name are refused on one shared cache (keys would mix).
+
+    Regression test for 3a21f4a (Review fixes: same-named functions refused on a
+    shared cache).
+    """
+    shared: CoalescingCache[Any] = CoalescingCache()
+    inc = cached(cache=shared)(lambda x: x + 1)
+    with pytest.raises(TypeError, match="already uses this shared cache"):
+        cached(cache=shared)(lambda x: x - 1)
+    assert inc(1) == 2
+    assert cached(cache=shared, key=lambda x: ("dec", x))(lambda x: x - 1)(1) == 0
+
+
+def test_callables_without_a_qualname() -> None:
+    """A callable with no ``__qualname__`` (a ``functools.partial``) can be decorated.
+
+    Regression test for 3a21f4a (Review fixes: same-named functions refused on a
+    shared cache).
+    """
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    inc = cached(functools.partial(add, 1))
+    assert inc(2) == 3 and inc(2) == 3
+
+
+def test_shared_cache_clear_fences_a_load_in_flight() -> None:
+    """cache_clear() on a shared cache fences the function's load in flight: it stores nothing.
+
+    Regression test for 3a21f4a (Review fixes: cache_clear and async clear fence
+    in-flight loads).
+    """
+    shared: CoalescingCache[Any] = CoalescingCache()
+    gate = Gate("before-clear")
+
+    @cached(cache=shared)
+    def slow(x: int) -> str:
+        return gate()
+
+    t = threading.Thread(target=slow, args=(1,))
+    t.start()
+    assert gate.entered.wait(5)
+    slow.cache_clear()
+    gate.open()
+    join_all([t])
+    assert slow.cache_info().currsize == 0  # the load did not store after the clear
+
+
 def test_cache_argument_forms() -> None:
     store: dict[Any, Any] = {}
 
@@ -366,6 +419,78 @@ def test_async_method_and_unhashable() -> None:
         assert await s.get(1) == 2
         with pytest.raises(TypeError, match="'items'"):
             await s.bad([1])
+
+    asyncio.run(main())
+
+
+# -- on shared stores (Redis, diskcache) -------------------------------------------------
+
+
+def test_async_cached_on_an_asyncio_redis_client(redis_url: str) -> None:
+    """An async function decorated on a redis.asyncio client loads once, then hits.
+
+    Regression test for 3a21f4a (Review fixes: @cached on shared stores goes through
+    get_or_load (async Redis hit path, store failures)).
+    """
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        calls = 0
+
+        @cached(cache=client, ttl=60)
+        async def double(x: int) -> int:
+            nonlocal calls
+            calls += 1
+            return 2 * x
+
+        assert await double(1) == 2 and await double(1) == 2 and calls == 1
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_cached_on_disk_survives_a_corrupt_entry(tmp_path: Path) -> None:
+    """A decorated function on diskcache reads a corrupt entry as a counted miss, not an error.
+
+    Regression test for 3a21f4a (Review fixes: @cached on shared stores goes through
+    get_or_load (async Redis hit path, store failures)).
+    """
+    store = disk_store(tmp_path)
+
+    @cached(cache=store, ttl=60)
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert double(1) == 2
+    (key,) = [k for k in store.iterkeys() if isinstance(k, str)]
+    store.set(key, b"garbage", expire=60)
+    assert double(1) == 2
+    assert double.cache_info().stats.serialization_errors == 1
+
+
+def test_async_cache_clear_of_a_function_on_a_shared_redis_cache(redis_url: str) -> None:
+    """An async function's cache_clear() on a shared redis.asyncio cache drops its keys only.
+
+    Regression test for 534c4d9 (@cached cache_clear on a shared async store awaits
+    the store's clear).
+    """
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        shared: AsyncCoalescingCache[Any] = AsyncCoalescingCache(client, ttl=60)
+
+        @cached(cache=shared)
+        async def f(x: int) -> int:
+            return x
+
+        @cached(cache=shared)
+        async def g(x: int) -> int:
+            return -x
+
+        assert (await f(1), await g(1)) == (1, -1)
+        await f.cache_clear()  # was a sync clear on an asyncio client: TypeError
+        assert len([k async for k in client.scan_iter("stampede:*")]) == 1  # g's stays
+        await client.aclose()
 
     asyncio.run(main())
 

@@ -9,12 +9,15 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stampede import CoalescingCache, cached
 from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key, key_rest
 
 scalars = st.one_of(
@@ -154,6 +157,22 @@ def test_same_call_same_key_in_another_process() -> None:
         assert json.loads(out.stdout) == here
 
 
+def test_keys_with_lone_surrogates_work_on_shared_stores(tmp_path: Path, redis_url: str) -> None:
+    """Text keys with lone surrogates are stored on diskcache and Redis, apart from their escapes.
+
+    Regression test for 3a21f4a (Review fixes: keys with lone surrogates escaped).
+    """
+    # Imported here: test_same_call_same_key_in_another_process imports this module
+    # as a top-level one, where a relative import fails.
+    from .helpers import disk_store
+
+    for store in (disk_store(tmp_path), redis.Redis.from_url(redis_url)):
+        cache: CoalescingCache[int] = CoalescingCache(store, ttl=60)
+        assert cache.get_or_load("\ud800", lambda: 1) == 1
+        assert cache.get_or_load("\\ud800", lambda: 2) == 2  # not the same key
+        assert cache.get("\ud800") == 1
+
+
 # -- call keys ------------------------------------------------------------------------
 
 
@@ -196,3 +215,33 @@ def test_typed_call_keys() -> None:
     key = CallKey(f, typed=True)
     assert len({key((v, 0, 0), {}) for v in (1, 1.0, True)}) == 3
     assert key((1,), {}) == key((1, 2, 3), {})
+
+
+def test_typed_keys_type_keyword_arguments_too() -> None:
+    """With typed=True, arguments caught by ``**kwargs`` are typed as well: 1 and 1.0 differ.
+
+    Regression test for 3a21f4a (Review fixes: typed **kwargs, positional-only keywords).
+    """
+
+    @cached(typed=True)
+    def f(**kw: Any) -> str:
+        return repr(kw)
+
+    assert f(a=1) == "{'a': 1}" and f(a=1.0) == "{'a': 1.0}"
+
+
+def test_positional_only_parameters_named_by_keyword_are_refused() -> None:
+    """A positional-only parameter passed by keyword is a TypeError, as in a plain call.
+
+    Regression test for 3a21f4a (Review fixes: typed **kwargs, positional-only keywords);
+    on Python 3.13.0 it also needs 6393671 (Python 3.10 and 3.13: ... a positional-only
+    argument passed by keyword raises TypeError on 3.13.0's Signature.bind too).
+    """
+
+    @cached
+    def f(a: int, /, b: int) -> int:
+        return a + b
+
+    assert f(1, 2) == 3
+    with pytest.raises(TypeError):
+        f(a=1, b=2)  # type: ignore[call-arg]

@@ -129,6 +129,30 @@ def test_a_failing_hook_never_breaks_a_call(caplog: pytest.LogCaptureFixture) ->
     assert "metrics hook failed" in caplog.text
 
 
+def test_a_metrics_hook_may_call_the_cache() -> None:
+    """No hook runs under the fencing lock: a hook that invalidates does not deadlock.
+
+    Regression test for 3a21f4a (Review fixes: store writes counted outside the
+    fencing lock).
+    """
+    cache: CoalescingCache[str]
+
+    class Hook:
+        def record(self, name: str, event: str, duration: float | None = None) -> None:
+            if event == "fenced":
+                cache.invalidate("other")
+
+    cache = CoalescingCache(metrics=Hook())
+    gate = Gate("v")
+    t = threading.Thread(target=cache.get_or_load, args=("k", gate))
+    t.start()
+    assert gate.entered.wait(5)
+    cache.invalidate("k")
+    gate.open()
+    join_all([t])
+    assert cache.stats().fenced == 1
+
+
 def test_logging_metrics(caplog: pytest.LogCaptureFixture) -> None:
     cache: CoalescingCache[int] = CoalescingCache(name="orders", metrics=LoggingMetrics())
     with caplog.at_level(logging.DEBUG, logger="stampede.metrics"):
