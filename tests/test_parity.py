@@ -257,12 +257,15 @@ def test_beta_zero_never_refreshes_early(make: Callable[..., Driver]) -> None:
 
 def test_failed_early_refresh_keeps_value_and_backs_off(make: Callable[..., Driver]) -> None:
     clock = FakeClock()
-    d = make(ttl=10, beta=1.0, error_ttl=2, clock=clock, random=Draws(then=0.99))
-    origin = Origin(clock, duration=0.1)
+    d = make(ttl=100, beta=1.0, error_ttl=2, clock=clock, random=Draws(then=0.99))
+    origin = Origin(clock, duration=20)
     d.get_or_load("k", origin)
     origin.fail_with = ConnectionError("origin down")
     origin.duration = 0.0  # the failing refresh must end while the value is still fresh
-    clock.advance(9.95)  # past the refresh point whatever the draw (the lead is >= delta)
+    # Past the refresh point whatever the draw (the lead is >= delta), 15 s before
+    # expiry: a shared store keeps the entry rewritten now (with its backoff) for
+    # the 15 s it has left, in real time; they must not run out before the next read.
+    clock.advance(85)
     assert d.get_or_load("k", origin) == "v1"
     d.settle()
     assert origin.calls == 2
