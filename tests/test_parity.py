@@ -1,13 +1,23 @@
-"""One list of scenarios run through both CoalescingCache and AsyncCoalescingCache.
+"""One list of scenarios run through every entry point of the cache.
 
-This is how the two shells are kept from drifting: every decision (hit,
-XFetch, stale, negative, fencing, get/set/invalidate) must come out the same.
-Time is a FakeClock; the random draw is scripted.
+The same logic has several copies: ``CoalescingCache`` and
+``AsyncCoalescingCache``, the ``@cached`` wrappers of a sync and of an
+``async def`` function (each with its own hit path), and the lease path of
+``distributed=True``. Each scenario runs through every one of them, on every
+kind of store, and every decision (hit, XFetch, stale, negative, fencing,
+get/set/invalidate/refresh/clear) must come out the same. Time is a
+FakeClock; the random draw is scripted.
+
+A driver exposes the operations every entry point has, through that entry
+point's public API only: ``get_or_load``, ``get``, ``set``, ``invalidate``,
+``refresh``, ``clear``, and ``loader_doing`` (a loader that calls one of them
+while it runs, the way a loader of that flavour can).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,27 +29,65 @@ import pytest
 import redis
 import redis.asyncio
 
+import stampede
 from stampede import AsyncCoalescingCache, CoalescingCache
 from stampede.testing import Draws, FakeClock, async_wait_until, wait_until
 
 
-class SyncDriver:
-    flavour = "sync"
+class Driver:
+    """The operations of one entry point, run to completion.
 
-    def __init__(self, **options: Any) -> None:
-        self.cache: CoalescingCache[Any] = CoalescingCache(**options)
+    Subclasses give each operation as ``_op_<name>``: its result for a sync
+    entry point, an awaitable for an async one (``_run`` runs it).
+    """
+
+    entry = ""  # "cache" or "cached"
+    flavour = ""  # "sync" or "async"
+    cache: Any  # the CoalescingCache / AsyncCoalescingCache behind the entry point
+
+    def __init__(self, distributed: bool) -> None:
+        self.distributed = distributed
+        self.during: list[Any] = []  # what loader_doing's operations returned or raised
+
+    def _run(self, result: Any) -> Any:
+        return result
+
+    def _op(self, name: str, *args: Any) -> Any:
+        return getattr(self, f"_op_{name}")(*args)
 
     def get_or_load(self, key: Any, loader: Callable[[], Any]) -> Any:
-        return self.cache.get_or_load(key, loader)
+        return self._run(self._op("get_or_load", key, loader))
 
     def get(self, key: Any, default: Any = None) -> Any:
-        return self.cache.get(key, default)
+        return self._run(self._op("get", key, default))
 
     def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
-        self.cache.set(key, value, ttl)
+        self._run(self._op("set", key, value, ttl))
 
     def invalidate(self, key: Any) -> None:
-        self.cache.invalidate(key)
+        self._run(self._op("invalidate", key))
+
+    def refresh(self, key: Any, loader: Callable[[], Any]) -> Any:
+        return self._run(self._op("refresh", key, loader))
+
+    def clear(self) -> None:
+        self._run(self._op("clear"))
+
+    def mapping_key(self, key: Any) -> Any:
+        """The key under which an in-memory store without namespace holds ``key``."""
+        return key
+
+    def loader_doing(self, value: Any, op: str, *args: Any) -> Callable[[], Any]:
+        """A loader that runs ``op(*args)`` (recorded in ``during``), then returns ``value``."""
+
+        def load() -> Any:
+            try:
+                self.during.append(self._op(op, *args))
+            except Exception as exc:
+                self.during.append(exc)
+            return value
+
+        return load
 
     def settle(self) -> None:
         """Wait until no load or background refresh is running."""
@@ -49,52 +97,189 @@ class SyncDriver:
         self.settle()
 
 
-class AsyncDriver:
+class AsyncDriverBase(Driver):
     flavour = "async"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, distributed: bool) -> None:
+        super().__init__(distributed)
         self.loop = asyncio.new_event_loop()
-        self.cache: AsyncCoalescingCache[Any] = AsyncCoalescingCache(**options)
 
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(asyncio.wait_for(coro, 10))
+    def _run(self, result: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(result, 10))
 
-    def get_or_load(self, key: Any, loader: Callable[[], Any]) -> Any:
-        return self.run(self.cache.get_or_load(key, loader))
+    def loader_doing(self, value: Any, op: str, *args: Any) -> Callable[[], Any]:
+        async def load() -> Any:
+            try:
+                self.during.append(await self._op(op, *args))
+            except Exception as exc:
+                self.during.append(exc)
+            return value
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self.run(self.cache.get(key, default))
-
-    def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
-        self.run(self.cache.set(key, value, ttl))
-
-    def invalidate(self, key: Any) -> None:
-        self.run(self.cache.invalidate(key))
+        return load
 
     def settle(self) -> None:
-        self.run(async_wait_until(lambda: len(self.cache._flight) == 0))
+        self._run(async_wait_until(lambda: len(self.cache._flight) == 0))
 
     def close(self) -> None:
         self.settle()
         self.loop.close()
 
 
-Driver = SyncDriver | AsyncDriver
+class SyncDriver(Driver):
+    """``CoalescingCache``."""
+
+    entry, flavour = "cache", "sync"
+
+    def __init__(self, distributed: bool = False, **options: Any) -> None:
+        super().__init__(distributed)
+        self.cache: CoalescingCache[Any] = CoalescingCache(distributed=distributed, **options)
+
+    def _op_get_or_load(self, key: Any, loader: Callable[[], Any]) -> Any:
+        return self.cache.get_or_load(key, loader)
+
+    def _op_get(self, key: Any, default: Any) -> Any:
+        return self.cache.get(key, default)
+
+    def _op_set(self, key: Any, value: Any, ttl: float | None) -> Any:
+        return self.cache.set(key, value, ttl)
+
+    def _op_invalidate(self, key: Any) -> Any:
+        return self.cache.invalidate(key)
+
+    def _op_refresh(self, key: Any, loader: Callable[[], Any]) -> Any:
+        return self.cache.refresh(key, loader)
+
+    def _op_clear(self) -> Any:
+        return self.cache.clear()
 
 
-FLAVOURS = {"sync": SyncDriver, "async": AsyncDriver}
+class AsyncDriver(AsyncDriverBase):
+    """``AsyncCoalescingCache``."""
+
+    entry = "cache"
+
+    def __init__(self, distributed: bool = False, **options: Any) -> None:
+        super().__init__(distributed)
+        self.cache: AsyncCoalescingCache[Any] = AsyncCoalescingCache(
+            distributed=distributed, **options
+        )
+
+    # The same calls as SyncDriver's, giving awaitables.
+    _op_get_or_load = SyncDriver._op_get_or_load
+    _op_get = SyncDriver._op_get
+    _op_set = SyncDriver._op_set
+    _op_invalidate = SyncDriver._op_invalidate
+    _op_refresh = SyncDriver._op_refresh
+    _op_clear = SyncDriver._op_clear
+
+
+def _cached_options(backend: Any, distributed: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """``CoalescingCache`` options as ``@cached`` takes them (the store is ``cache=``)."""
+    if distributed:
+        options["distributed"] = True
+    return {"cache": backend, **options}
+
+
+class CachedDriver(Driver):
+    """``@cached`` on a plain function ``f(key)`` calling the loader given for ``key``."""
+
+    entry, flavour = "cached", "sync"
+
+    def __init__(self, distributed: bool = False, backend: Any = None, **options: Any) -> None:
+        super().__init__(distributed)
+        self.loaders: dict[Any, Callable[[], Any]] = {}
+
+        def f(key: Any) -> Any:
+            return self.loaders[key]()
+
+        self.fn: Any = stampede.cached(**_cached_options(backend, distributed, options))(f)
+        self.cache = self.fn.cache
+
+    def _op_get_or_load(self, key: Any, loader: Callable[[], Any]) -> Any:
+        self.loaders[key] = loader
+        return self.fn(key)
+
+    def _op_get(self, key: Any, default: Any) -> Any:
+        return self.cache.get(self.fn.cache_key(key), default)
+
+    def _op_set(self, key: Any, value: Any, ttl: float | None) -> Any:
+        return self.cache.set(self.fn.cache_key(key), value, ttl)
+
+    def _op_invalidate(self, key: Any) -> Any:
+        return self.fn.invalidate(key)
+
+    def _op_refresh(self, key: Any, loader: Callable[[], Any]) -> Any:
+        self.loaders[key] = loader
+        return self.fn.refresh(key)
+
+    def _op_clear(self) -> Any:
+        return self.fn.cache_clear()
+
+    def mapping_key(self, key: Any) -> Any:
+        return self.fn.cache_key(key)
+
+
+class AsyncCachedDriver(AsyncDriverBase):
+    """``@cached`` on an ``async def f(key)`` awaiting the loader given for ``key``."""
+
+    entry = "cached"
+
+    def __init__(self, distributed: bool = False, backend: Any = None, **options: Any) -> None:
+        super().__init__(distributed)
+        self.loaders: dict[Any, Callable[[], Any]] = {}
+
+        async def f(key: Any) -> Any:
+            result = self.loaders[key]()
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        self.fn: Any = stampede.cached(**_cached_options(backend, distributed, options))(f)
+        self.cache = self.fn.cache
+
+    _op_get_or_load = CachedDriver._op_get_or_load
+    _op_get = CachedDriver._op_get
+    _op_set = CachedDriver._op_set
+    _op_invalidate = CachedDriver._op_invalidate
+    _op_refresh = CachedDriver._op_refresh
+    _op_clear = CachedDriver._op_clear
+    mapping_key = CachedDriver.mapping_key
+
+
+DRIVERS: dict[tuple[str, str], type[Driver]] = {
+    ("cache", "sync"): SyncDriver,
+    ("cache", "async"): AsyncDriver,
+    ("cached", "sync"): CachedDriver,
+    ("cached", "async"): AsyncCachedDriver,
+}
 STORES = ["memory", "disk", "redis"]
+# distributed=True needs a store shared between processes: not memory.
+COMBOS = [
+    (entry, flavour, store, distributed)
+    for store in STORES
+    for distributed in ([False] if store == "memory" else [False, True])
+    for entry, flavour in DRIVERS
+]
+
+SHARED = object()  # make(backend=SHARED): one store for the test's drivers, whatever its kind
 
 
-@pytest.fixture(params=[(f, s) for s in STORES for f in FLAVOURS], ids=lambda p: f"{p[0]}-{p[1]}")
+def _combo_id(combo: tuple[str, str, str, bool]) -> str:
+    entry, flavour, store, distributed = combo
+    return f"{entry}-{flavour}-{store}" + ("-distributed" if distributed else "")
+
+
+@pytest.fixture(params=COMBOS, ids=_combo_id)
 def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Driver]]:
-    """Drivers of one flavour on one kind of store; the scenarios run on every pair."""
-    flavour, store = request.param
+    """Drivers of one entry point on one kind of store; the scenarios run on every one."""
+    entry, flavour, store, distributed = request.param
     made: list[Driver] = []
-    closers: list[Callable[[Driver], None]] = []
+    clients: list[tuple[Driver, Any]] = []  # each Redis client, with the driver using it
     shared: dict[str, Any] = {}
 
     def backend() -> Any:
+        if store == "memory":
+            return shared.setdefault("memory", {})
         if store == "disk":
             if "disk" not in shared:
                 folder = tmp_path / "cache"
@@ -103,27 +288,27 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..
             return shared["disk"]
         url = request.getfixturevalue("redis_url")
         if flavour == "sync":
-            client = redis.Redis.from_url(url)
-            closers.append(lambda _d: client.close())
-        else:
-            client = redis.asyncio.Redis.from_url(url)
-            closers.append(lambda d: d.run(client.aclose()))  # type: ignore[union-attr]
-        return client
+            return redis.Redis.from_url(url)
+        return redis.asyncio.Redis.from_url(url)
 
     def factory(**options: Any) -> Driver:
-        if store != "memory":
+        if options.get("backend") is SHARED:
+            options["backend"] = backend()
+        elif store != "memory":
             if "backend" in options:
                 pytest.skip("a scenario about in-memory mappings")
             options["backend"] = backend()
-        driver: Driver = FLAVOURS[flavour](**options)
+        driver = DRIVERS[entry, flavour](distributed=distributed, **options)
         made.append(driver)
+        if store == "redis" and options["backend"] is not shared.get("memory"):
+            clients.append((driver, options["backend"]))
         return driver
 
     yield factory
     for d in made:
         d.settle()
-    for close in closers:
-        close(made[-1])
+    for d, client in clients:  # an async client is closed on the loop that used it
+        d._run(client.aclose()) if d.flavour == "async" else client.close()
     for d in made:
         d.close()
     if "disk" in shared:
@@ -403,10 +588,9 @@ def test_get_does_not_raise_cached_errors(make: Callable[..., Driver]) -> None:
 
 
 def test_namespaces_do_not_collide_in_a_shared_store(make: Callable[..., Driver]) -> None:
-    store: dict[Any, Any] = {}
-    a = make(backend=store, namespace="a")
-    b = make(backend=store, namespace="b")
-    plain = make(backend=store)
+    a = make(backend=SHARED, namespace="a")
+    b = make(backend=SHARED, namespace="b")
+    plain = make(backend=SHARED)
     a.set("k", 1)
     b.set("k", 2)
     plain.set("k", 3)
@@ -415,8 +599,10 @@ def test_namespaces_do_not_collide_in_a_shared_store(make: Callable[..., Driver]
 
 
 def test_foreign_object_in_store_is_a_counted_miss(make: Callable[..., Driver]) -> None:
-    store: dict[Any, Any] = {"k": "not an entry", "j": None}
+    store: dict[Any, Any] = {}
     d = make(backend=store)
+    store[d.mapping_key("k")] = "not an entry"
+    store[d.mapping_key("j")] = None
     assert d.get_or_load("k", lambda: "loaded") == "loaded"
     assert d.get_or_load("j", lambda: "loaded") == "loaded"
     assert d.cache.stats().serialization_errors == 1
@@ -442,7 +628,7 @@ def test_wraps_user_mappings_as_they_are(
     assert d.get_or_load("c", lambda: "again") == "C"
     assert 1 <= len(mapping) <= 3
     if isinstance(mapping, cachetools.LRUCache):
-        assert "a" not in mapping  # the user's own maxsize still evicts
+        assert d.mapping_key("a") not in mapping  # the user's own maxsize still evicts
 
 
 def test_store_write_failure_still_returns_the_value(make: Callable[..., Driver]) -> None:
