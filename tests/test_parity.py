@@ -30,7 +30,7 @@ import redis
 import redis.asyncio
 
 import stampede
-from stampede import AsyncCoalescingCache, CoalescingCache
+from stampede import AsyncCoalescingCache, CoalescingCache, RecursiveLoad
 from stampede.testing import Draws, FakeClock, async_wait_until, wait_until
 
 
@@ -645,3 +645,223 @@ def test_memory_url_and_maxsize(make: Callable[..., Driver]) -> None:
     for key in "abc":
         d.get_or_load(key, lambda: 1)
     assert len(d.cache.backend) == 2
+
+
+def test_get_serves_a_stale_value_and_never_loads(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=1, stale_ttl=10, beta=0, clock=clock)
+    origin = Origin(clock)
+    d.get_or_load("k", origin)
+    clock.advance(5)
+    assert d.get("k") == "v1"  # stale, still servable
+    d.settle()
+    assert origin.calls == 1  # get starts no refresh
+    assert d.cache.stats().stale_served == 1
+    clock.advance(6)  # past ttl + stale_ttl
+    assert d.get("k", "gone") == "gone"
+    assert origin.calls == 1
+
+
+def test_set_uses_the_cache_ttl_unless_given_one(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, beta=0, clock=clock)
+    d.set("k", "x")
+    d.set("short", "y", ttl=2)
+    clock.advance(1.999)
+    assert (d.get("k"), d.get("short")) == ("x", "y")
+    clock.advance(0.001)
+    assert (d.get("k"), d.get("short")) == ("x", None)
+    clock.advance(7.999)
+    assert d.get("k") == "x"
+    clock.advance(0.001)
+    assert d.get("k") is None
+
+
+# -- refresh ------------------------------------------------------------------
+
+
+def test_refresh_replaces_a_fresh_value_and_returns_it(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, beta=0, clock=clock)
+    origin = Origin(clock)
+    assert d.get_or_load("k", origin) == "v1"
+    assert d.refresh("k", origin) == "v2"
+    assert d.get("k") == "v2"
+    assert d.get_or_load("k", origin) == "v2"
+    assert origin.calls == 2
+    assert d.cache.stats().loads == 2
+
+
+def test_refresh_of_a_missing_key_loads_and_stores(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, clock=clock)
+    origin = Origin(clock)
+    assert d.refresh("k", origin) == "v1"
+    assert d.get_or_load("k", origin) == "v1"
+    assert origin.calls == 1
+
+
+def test_refresh_restarts_the_ttl(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, beta=0, clock=clock)
+    origin = Origin(clock)
+    d.get_or_load("k", origin)
+    clock.advance(5)
+    assert d.refresh("k", origin) == "v2"
+    clock.advance(9.999)  # past the first value's expiry, not the refreshed one's
+    assert d.get_or_load("k", origin) == "v2"
+    clock.advance(0.001)
+    assert d.get_or_load("k", origin) == "v3"
+
+
+def test_failed_refresh_keeps_and_returns_the_cached_value(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, beta=0, error_ttl=2, clock=clock)
+    origin = Origin(clock)
+    d.get_or_load("k", origin)
+    origin.fail_with = ConnectionError("origin down")
+    assert d.refresh("k", origin) == "v1"  # stale-if-error, as for background refreshes
+    assert d.get("k") == "v1"
+    assert d.get_or_load("k", origin) == "v1"
+    assert origin.calls == 2
+    s = d.cache.stats()
+    assert (s.loads, s.load_errors) == (1, 1)
+    origin.fail_with = None
+    clock.advance(10)  # the kept value expires when it would have
+    assert d.get_or_load("k", origin) == "v3"
+
+
+def test_failed_refresh_serves_a_stale_value_until_it_is_too_old(
+    make: Callable[..., Driver],
+) -> None:
+    clock = FakeClock()
+    d = make(ttl=1, stale_ttl=10, beta=0, error_ttl=2, clock=clock)
+    origin = Origin(clock)
+    d.get_or_load("k", origin)
+    clock.advance(5)  # stale, still servable
+    origin.fail_with = ConnectionError("origin down")
+    assert d.refresh("k", origin) == "v1"
+    assert d.get("k") == "v1"
+    clock.advance(6)  # past ttl + stale_ttl: nothing servable is left
+    with pytest.raises(ConnectionError):
+        d.refresh("k", origin)
+    assert d.get("k", "gone") == "gone"
+    assert origin.calls == 3
+
+
+def test_failed_refresh_of_a_missing_key_raises_and_may_cache_the_error(
+    make: Callable[..., Driver],
+) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, cache_errors=(KeyError,), error_ttl=5, clock=clock)
+    origin = Origin(clock)
+    origin.fail_with = ValueError("transient")
+    with pytest.raises(ValueError):
+        d.refresh("k", origin)
+    assert d.get("k", "none") == "none"
+    origin.fail_with = KeyError("gone")
+    with pytest.raises(KeyError):
+        d.refresh("k", origin)
+    with pytest.raises(KeyError):
+        d.get_or_load("k", origin)  # negative-cached by the refresh
+    assert origin.calls == 2
+    origin.fail_with = None
+    assert d.refresh("k", origin) == "v3"  # a refresh replaces a cached error
+    assert d.get_or_load("k", origin) == "v3"
+    s = d.cache.stats()
+    assert (s.negative_hits, s.load_errors, s.loads) == (1, 2, 1)
+
+
+# -- clear --------------------------------------------------------------------
+
+
+def test_clear_drops_every_entry_and_the_next_read_loads(make: Callable[..., Driver]) -> None:
+    clock = FakeClock()
+    d = make(ttl=10, cache_errors=(KeyError,), clock=clock)
+    origin = Origin(clock)
+    assert d.get_or_load("a", origin) == "v1"
+    assert d.get_or_load("b", origin) == "v2"
+    d.set("c", "manual")
+
+    def missing() -> None:
+        raise KeyError("n")
+
+    with pytest.raises(KeyError):
+        d.get_or_load("n", missing)
+    d.clear()
+    assert [d.get(k, "-") for k in "abc"] == ["-", "-", "-"]
+    assert d.get_or_load("a", origin) == "v3"
+    assert d.get_or_load("n", lambda: "found") == "found"  # the cached error went too
+    d.clear()
+    d.clear()  # on an empty cache: nothing to do, no error
+    assert d.get("a", "-") == "-"
+
+
+def test_clear_keeps_other_namespaces(make: Callable[..., Driver]) -> None:
+    a = make(backend=SHARED, namespace="a")
+    b = make(backend=SHARED, namespace="b")
+    plain = make(backend=SHARED)
+    for value, d in enumerate((a, b, plain)):
+        d.set("k", value)
+    a.clear()
+    assert (a.get("k"), b.get("k"), plain.get("k")) == (None, 1, 2)
+    plain.clear()
+    assert (b.get("k"), plain.get("k")) == (1, None)
+
+
+# -- operations during a load (fencing, recursion) ------------------------------
+
+
+def test_invalidate_during_a_load_fences_its_result(make: Callable[..., Driver]) -> None:
+    d = make(ttl=10)
+    assert d.get_or_load("k", d.loader_doing("loaded", "invalidate", "k")) == "loaded"
+    assert d.during == [None]
+    assert d.get("k", "-") == "-"  # the load's callers got it; the cache did not keep it
+    assert d.cache.stats().fenced == 1
+    assert d.get_or_load("k", lambda: "again") == "again"
+    assert d.get("k") == "again"
+
+
+def test_set_during_a_load_wins_over_the_load(make: Callable[..., Driver]) -> None:
+    d = make(ttl=10)
+    loader = d.loader_doing("loaded", "set", "k", "manual", None)
+    assert d.get_or_load("k", loader) == "loaded"
+    assert d.get("k") == "manual"
+    assert d.get_or_load("k", lambda: "again") == "manual"
+    assert d.cache.stats().fenced == 1
+
+
+def test_clear_during_a_load_fences_its_result(make: Callable[..., Driver]) -> None:
+    d = make(ttl=10)
+    d.set("other", 1)
+    assert d.get_or_load("k", d.loader_doing("loaded", "clear")) == "loaded"
+    assert (d.get("k", "-"), d.get("other", "-")) == ("-", "-")
+    assert d.cache.stats().fenced == 1
+
+
+def test_refresh_during_a_load_fences_neither_and_the_later_write_wins(
+    make: Callable[..., Driver],
+) -> None:
+    d = make(ttl=10)
+    d.set("k", "old")
+    # refresh("j") inside the load of "k": another key, so no recursion, no fencing.
+    loader = d.loader_doing("k-value", "refresh", "j", lambda: "j-value")
+    assert d.refresh("k", loader) == "k-value"
+    assert d.during == ["j-value"]
+    assert (d.get("k"), d.get("j")) == ("k-value", "j-value")
+    assert d.cache.stats().fenced == 0
+
+
+def test_a_loader_asking_for_its_own_key_gets_recursive_load(make: Callable[..., Driver]) -> None:
+    d = make(ttl=10)
+    loader = d.loader_doing("outer", "get_or_load", "k", lambda: "inner")
+    assert d.get_or_load("k", loader) == "outer"
+    [inner] = d.during
+    assert isinstance(inner, RecursiveLoad)
+    assert d.get("k") == "outer"
+    d.during.clear()
+    loader = d.loader_doing("again", "refresh", "k", lambda: "inner")
+    assert d.refresh("k", loader) == "again"
+    [inner] = d.during
+    assert isinstance(inner, RecursiveLoad)
+    assert d.get("k") == "again"
