@@ -17,8 +17,10 @@ while it runs, the way a loader of that flavour can).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -865,3 +867,82 @@ def test_a_loader_asking_for_its_own_key_gets_recursive_load(make: Callable[...,
     [inner] = d.during
     assert isinstance(inner, RecursiveLoad)
     assert d.get("k") == "again"
+
+
+# -- known drifts: entry points that do not behave like the others yet ----------
+
+
+def drift(request: pytest.FixtureRequest, reason: str) -> None:
+    """Expect this combination to fail, until the drift is fixed (then the mark must go)."""
+    request.applymarker(
+        pytest.mark.xfail(strict=True, reason=f"drift: {reason} (fixed by the one-engine work)")
+    )
+
+
+class Flaky(dict):  # type: ignore[type-arg]
+    """A user mapping whose reads fail (writes work)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        raise RuntimeError("mapping read failed")
+
+
+def test_a_failing_mapping_read_is_a_counted_miss(
+    make: Callable[..., Driver], request: pytest.FixtureRequest
+) -> None:
+    d = make(backend=Flaky(), ttl=10)
+    if d.entry == "cached":
+        drift(
+            request,
+            "@cached's own hit path reads the store outside the cache's error handling: "
+            "a user mapping's read error is raised instead of counted (backend_errors) "
+            "and loaded through",
+        )
+    assert d.get_or_load("k", lambda: "v1") == "v1"
+    assert d.cache.stats().backend_errors >= 1
+    assert d.get_or_load("k", lambda: "v2") == "v2"  # never readable: every call loads
+    assert d.get("k", "-") == "-"
+    assert d.cache.stats().loads == 2
+
+
+@pytest.mark.parametrize("op", ["get_or_load", "refresh"])
+def test_a_sync_loader_returning_a_coroutine_is_refused(
+    make: Callable[..., Driver], request: pytest.FixtureRequest, op: str
+) -> None:
+    d = make(ttl=10)
+    if d.flavour == "async":
+        pytest.skip("an async cache awaits what its loader returns")
+    if d.distributed:
+        drift(
+            request,
+            "the sync lease path (distributed=True) calls the loader without the "
+            "awaitable check: it returns an un-awaited coroutine instead of raising TypeError",
+        )
+
+    async def fetch() -> str:
+        return "v"
+
+    # Named after the test: a coroutine of an earlier test, collected late (a log
+    # record of its failed store write may hold it), is not this test's concern.
+    fetch.__qualname__ = f"fetch[{request.node.name}]"
+    raised: TypeError | None = None
+    got = "nothing"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = getattr(d, op)("k", fetch)
+        except TypeError as exc:
+            raised = exc
+        else:
+            got = type(result).__name__
+            del result
+        gc.collect()  # an un-awaited coroutine warns when it is collected
+    never_awaited = [
+        str(w.message)
+        for w in caught
+        if "never awaited" in str(w.message) and fetch.__qualname__ in str(w.message)
+    ]
+    assert raised is not None, f"no TypeError; {op} returned a {got}"
+    assert "awaitable" in str(raised)
+    assert never_awaited == []
+    assert d.get("k", "nothing") == "nothing"  # nothing stored
+    assert d.get_or_load("k", lambda: "plain") == "plain"
