@@ -869,14 +869,7 @@ def test_a_loader_asking_for_its_own_key_gets_recursive_load(make: Callable[...,
     assert d.get("k") == "again"
 
 
-# -- known drifts: entry points that do not behave like the others yet ----------
-
-
-def drift(request: pytest.FixtureRequest, reason: str) -> None:
-    """Expect this combination to fail, until the drift is fixed (then the mark must go)."""
-    request.applymarker(
-        pytest.mark.xfail(strict=True, reason=f"drift: {reason} (fixed by the one-engine work)")
-    )
+# -- the two drifts the one-engine work fixed (each entry point used to have its own copy) --
 
 
 class Flaky(dict):  # type: ignore[type-arg]
@@ -886,17 +879,13 @@ class Flaky(dict):  # type: ignore[type-arg]
         raise RuntimeError("mapping read failed")
 
 
-def test_a_failing_mapping_read_is_a_counted_miss(
-    make: Callable[..., Driver], request: pytest.FixtureRequest
-) -> None:
+def test_a_failing_mapping_read_is_a_counted_miss(make: Callable[..., Driver]) -> None:
+    """A user mapping whose read raises is a counted miss through every entry point.
+
+    Regression test for the one-engine commit: @cached had its own copy of the
+    hit path, which let the mapping's error reach the caller.
+    """
     d = make(backend=Flaky(), ttl=10)
-    if d.entry == "cached":
-        drift(
-            request,
-            "@cached's own hit path reads the store outside the cache's error handling: "
-            "a user mapping's read error is raised instead of counted (backend_errors) "
-            "and loaded through",
-        )
     assert d.get_or_load("k", lambda: "v1") == "v1"
     assert d.cache.stats().backend_errors >= 1
     assert d.get_or_load("k", lambda: "v2") == "v2"  # never readable: every call loads
@@ -908,15 +897,14 @@ def test_a_failing_mapping_read_is_a_counted_miss(
 def test_a_sync_loader_returning_a_coroutine_is_refused(
     make: Callable[..., Driver], request: pytest.FixtureRequest, op: str
 ) -> None:
+    """A sync cache refuses a loader that returns a coroutine, with distributed=True too.
+
+    Regression test for the one-engine commit: the lease path had its own copy
+    of the leader's work and returned the un-awaited coroutine.
+    """
     d = make(ttl=10)
     if d.flavour == "async":
         pytest.skip("an async cache awaits what its loader returns")
-    if d.distributed:
-        drift(
-            request,
-            "the sync lease path (distributed=True) calls the loader without the "
-            "awaitable check: it returns an un-awaited coroutine instead of raising TypeError",
-        )
 
     async def fetch() -> str:
         return "v"
