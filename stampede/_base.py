@@ -8,12 +8,11 @@ every async caller waits for a task) and how a background refresh starts
 (``_async/engine.py``, written once; ``_sync/engine.py`` generated) and what
 it decides in ``_leader`` and ``_policy``.
 
-The hit path (``make_peek``) is one function per cache, built once, which
-``get_or_load`` of both shells and both ``@cached`` wrappers call: one store
-read, one clock read, one comparison, one counter. Anything else (a stale,
-negative, missing or foreign entry, a failing read, a shared store whose
-read is a round trip) goes to the shell's slow path, which reads again and
-lets the policy decide.
+The hit path is written once (``_hitpath``): ``peek``, built per cache, is
+what ``get_or_load`` of both shells calls; each ``@cached`` wrapper is built
+from the same template. Anything else (a stale, negative, missing or foreign
+entry, a failing read, a shared store whose read is a round trip) goes to
+the shell's slow path, which reads again and lets the policy decide.
 """
 
 from __future__ import annotations
@@ -22,12 +21,12 @@ import sys
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._entry import MISSING
+from ._hitpath import make_peek
 from ._leader import Host
 from ._options import Options
 from ._primitives import AsyncFences, Fences
 from ._singleflight import AsyncSingleFlight, SingleFlight
-from ._stats import Counters, Recorder, Stats
+from ._stats import Recorder, Stats
 from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
 from .backends.memory import MemoryBackend
@@ -41,42 +40,6 @@ if TYPE_CHECKING:
     from ._options import CacheOptions
 
 V = TypeVar("V")
-
-
-def _never(_k: Hashable) -> Any:
-    return MISSING
-
-
-def make_peek(
-    store: Store, clock: Callable[[], float], counters: Counters
-) -> Callable[[Hashable], Any]:
-    """The hit path of a cache on ``store``: ``peek(k)`` is the value of a fresh
-    entry (counted as a hit), else ``MISSING`` (the slow path decides).
-
-    A store shared between processes is read by the slow path only: its read
-    is a round trip, which must be made once per call.
-    """
-    if not store.local:
-        return _never
-    get = store.get
-
-    def peek(k: Hashable) -> Any:
-        try:
-            entry = get(k)
-        except TypeError:
-            raise  # an unhashable key: the caller's mistake, not the store's
-        except Exception:
-            return MISSING  # the slow path reads again and applies the failure rules
-        if entry is not None:
-            try:
-                if clock() < entry.check_at:
-                    counters.hits += 1
-                    return entry.value
-            except (AttributeError, TypeError):  # not an Entry: the slow path counts it
-                pass
-        return MISSING
-
-    return peek
 
 
 class CacheBase(Generic[V]):
@@ -169,7 +132,7 @@ class CacheBase(Generic[V]):
         self._clock = opts.clock
         # How keys become store keys; None: used as they are (the hit path's fast case).
         self._make_key = store.key_maker(opts.namespace)
-        self._peek = make_peek(store, opts.clock, self._counters)
+        self._peek = make_peek(store.get if store.local else None, opts.clock, self._counters)
         leases = store if opts.distributed else None
         # Fencing of in-process stores: thread locks, whatever the flavour.
         self._thread_fences: Fences | None = None

@@ -1,9 +1,9 @@
 """``@cached``: a function's results in a ``CoalescingCache``, keyed by its arguments.
 
-The wrapper is chosen once, when decorating (sync or async): it builds the
-key (for the usual call, the ``args`` tuple itself) and calls the cache's one
-hit path (``peek``: one store read, one clock read, one comparison), then
-the cache's slow path for anything else, so every decision stays in one place.
+The wrapper is built once, when decorating (sync or async), from the hit
+path's one template (``_hitpath``): the key (for the usual call, the ``args``
+tuple itself), one store read, one clock read, one comparison, then the
+cache's slow path for anything else, so every decision stays in one place.
 
 A function gets a bounded in-process cache of its own unless ``cache=`` names
 one (a backend, a URL, or a ready cache shared by several functions; in a
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, Protocol, TypeVar,
 from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
 from ._cache import CoalescingCache
-from ._entry import MISSING
+from ._hitpath import make_wrapper
 from ._keys import FN_MARK, CallKey, function_prefix, key_rest
 from ._stats import Stats
 from .backends import SharedStore
@@ -308,6 +308,24 @@ def _drop_own_keys(cache: CacheBase[Any], keys: _Keys) -> str | None:
     return None
 
 
+def _hit_path(
+    fn: Callable[..., Any], cache: CacheBase[Any], keys: _Keys, *, asynchronous: bool
+) -> Callable[..., Any]:
+    """The wrapper of ``fn``: its key, the hit path, else the cache's slow path."""
+    backend = cache.backend
+    return make_wrapper(
+        fn,
+        asynchronous=asynchronous,
+        get=backend.get if backend.local else None,
+        clock=cache._clock,
+        counters=cache._counters,
+        arity=keys.arity,
+        store_key=keys.store,
+        unhashable=keys.unhashable,
+        slow=cache._slow,  # type: ignore[attr-defined]
+    )
+
+
 def _wrap_sync(
     fn: Callable[..., Any],
     cache: CoalescingCache[Any],
@@ -316,18 +334,8 @@ def _wrap_sync(
     typed: bool,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    arity, store_key, peek, slow = keys.arity, keys.store, cache._peek, cache._slow
+    wrapper = _hit_path(fn, cache, keys, asynchronous=False)
     partial = functools.partial
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
-        try:
-            value = peek(k)  # the cache's one hit path
-        except TypeError:
-            raise keys.unhashable(args, kwargs) from None
-        if value is MISSING:
-            return slow(k, partial(fn, *args, **kwargs))
-        return value
 
     def invalidate(*args: Any, **kwargs: Any) -> None:
         cache.invalidate(keys.user(args, kwargs))
@@ -354,18 +362,8 @@ def _wrap_async(
     typed: bool,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    arity, store_key, peek, slow = keys.arity, keys.store, cache._peek, cache._slow
+    wrapper = _hit_path(fn, cache, keys, asynchronous=True)
     partial = functools.partial
-
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
-        try:
-            value = peek(k)  # the cache's one hit path (in-process stores: no await)
-        except TypeError:
-            raise keys.unhashable(args, kwargs) from None
-        if value is MISSING:
-            return await slow(k, partial(fn, *args, **kwargs))
-        return value
 
     async def invalidate(*args: Any, **kwargs: Any) -> None:
         await cache.invalidate(keys.user(args, kwargs))
