@@ -56,7 +56,7 @@ class AsyncCoalescingCache(CacheBase[V]):
         """Everything but a plain hit: read, decide, serve, refresh, or load."""
         host = self._host
         entry = await engine.read(host, k)
-        decision = host.served(entry)
+        decision = host.served(entry)  # counted; a negative entry raises its error here
         if decision is Decision.MISS:
             load = functools.partial(engine.load, host, k, loader, entry)
             call, leader = self._flight._join(k, load)
@@ -64,8 +64,6 @@ class AsyncCoalescingCache(CacheBase[V]):
                 return await self._flight._wait(call, self._options.wait_timeout)  # type: ignore[no-any-return]
             return await self._join_wait(call)
         assert entry is not None
-        if decision is Decision.NEGATIVE:
-            raise host.negative(entry)
         if decision is Decision.REFRESH or decision is Decision.STALE:
             self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
         return entry.value  # type: ignore[return-value]

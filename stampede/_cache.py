@@ -87,7 +87,7 @@ class CoalescingCache(CacheBase[V]):
         """Everything but a plain hit: read, decide, serve, refresh, or load."""
         host = self._host
         entry = engine.read(host, k)
-        decision = host.served(entry)
+        decision = host.served(entry)  # counted; a negative entry raises its error here
         if decision is Decision.MISS:
             call, leader = self._flight._join(k)
             if leader:
@@ -95,8 +95,6 @@ class CoalescingCache(CacheBase[V]):
                 return self._flight._lead(k, call, load)  # type: ignore[no-any-return]
             return self._join_wait(call)
         assert entry is not None
-        if decision is Decision.NEGATIVE:
-            raise host.negative(entry)
         if decision is Decision.REFRESH or decision is Decision.STALE:
             self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
         return entry.value  # type: ignore[return-value]

@@ -153,7 +153,8 @@ class Host(Generic[S, L, F]):
             return None
 
     def served(self, entry: Entry[Any] | None) -> Decision:
-        """Classify a read and count it: a hit, a stale or negative read, or a miss."""
+        """Classify a read and count it: a hit, a stale read or a miss; a negative
+        entry raises its error (a new instance)."""
         decision = _policy.decide(entry, self.options.clock())
         if decision is Decision.HIT or decision is Decision.REFRESH:
             self.rec.counters.hits += 1
@@ -161,6 +162,9 @@ class Host(Generic[S, L, F]):
             self.rec.count("stale_served")
         elif decision is Decision.MISS:
             self.rec.count("misses")
+        else:
+            assert entry is not None
+            raise self.negative(entry)
         return decision
 
     def negative(self, entry: Entry[Any]) -> Exception:
@@ -178,7 +182,7 @@ class Host(Generic[S, L, F]):
         if entry is None or decision is Decision.MISS or decision is Decision.NEGATIVE:
             self.rec.count("misses")
             return default
-        self.served(entry)
+        self.served(entry)  # fresh or stale here
         return entry.value
 
     # -- the leader's decisions -------------------------------------------------
