@@ -59,39 +59,42 @@ class CacheBase(Generic[V]):
                 ``FanoutCache``, a ``redis.Redis`` (``redis.asyncio.Redis`` for
                 the async cache) or ``RedisCluster`` client, or a URL:
                 ``memory://``, ``disk:///path``, ``redis://``, ``rediss://``, ``unix://``.
-            ttl: seconds a loaded value is fresh (default 60).
-            beta: XFetch eagerness: how early a hot key is refreshed in the
+            **options: the keyword options below (``CacheOptions``; all optional).
+
+        Other Parameters:
+            ttl (float): seconds a loaded value is fresh (default 60).
+            beta (float): XFetch eagerness: how early a hot key is refreshed in the
                 background, relative to how long its load took (default 1;
                 ``0`` turns early refresh off).
-            stale_ttl: seconds after ``ttl`` during which an expired value is
+            stale_ttl (float): seconds after ``ttl`` during which an expired value is
                 still served, while one caller refreshes it in the background
                 (stale-while-revalidate) or when the refresh fails
                 (stale-if-error); default 0.
-            cache_errors: exception types (or a predicate on the exception)
-                whose raising by the loader is cached for ``error_ttl``
+            cache_errors (type | tuple | Callable): exception types (or a
+                predicate on the exception) whose raising by the loader is cached for ``error_ttl``
                 seconds and raised again to readers (negative caching). Other
                 errors are shared by the callers of the load, never stored.
-            error_ttl: seconds a cached error lives; also how long a failed
+            error_ttl (float): seconds a cached error lives; also how long a failed
                 background refresh waits before the next try (default 5).
-            wait_timeout: the most seconds a caller waits for another
+            wait_timeout (float | None): the most seconds a caller waits for another
                 caller's load (``LoadTimeout`` past it); ``None`` (default): no bound.
-            namespace: prefix of this cache's keys in a shared store, and the
+            namespace (str): prefix of this cache's keys in a shared store, and the
                 scope of ``clear()``.
-            serializer: how values are encoded in shared stores (default
+            serializer (Serializer): how values are encoded in shared stores (default
                 ``DataSerializer``, data only); ignored by in-process stores.
-            distributed: single-flight across processes and hosts with a
+            distributed (bool): single-flight across processes and hosts with a
                 per-key lease in the store (Redis, diskcache).
-            lease_ttl: seconds a lease lives without renewal (default 10); a
+            lease_ttl (float): seconds a lease lives without renewal (default 10); a
                 loader that runs longer keeps it renewed.
-            maxsize: entries of the default in-process LRU (default 4096).
-            name: the cache's name for the metrics hook (default: the
+            maxsize (int): entries of the default in-process LRU (default 4096).
+            name (str): the cache's name for the metrics hook (default: the
                 namespace, else ``"default"``).
-            metrics: a ``MetricsHook`` told of misses, loads, waits, errors.
-            on_backend_error: ``"fail-open"`` (default: load as if the store
+            metrics (MetricsHook): a ``MetricsHook`` told of misses, loads, waits, errors.
+            on_backend_error ('fail-open' | 'raise'): ``"fail-open"`` (default: load as if the store
                 were empty, behind a circuit breaker) or ``"raise"``
                 (``BackendUnavailable``).
-            clock: monotonic seconds; tests pass a fake clock.
-            random: uniform draws in ``[0, 1)`` for XFetch; tests script them.
+            clock (Callable[[], float]): monotonic seconds; tests pass a fake clock.
+            random (Callable[[], float]): uniform draws in ``[0, 1)`` for XFetch; tests script them.
 
         Raises:
             TypeError: an unknown option, or an option of the wrong type.

@@ -137,17 +137,17 @@ def cached(
     """Cache a function's results, loading each missing key once for all callers.
 
     Args:
-        ttl: seconds a result is fresh (default 60).
         cache: where results go: ``None`` for a bounded in-process cache of
             this function's own (``maxsize`` entries), a backend or URL (a new
             cache on it), or a ready ``CoalescingCache``/``AsyncCoalescingCache``
             (shared: this function's keys carry its qualified name).
         key: ``key(*args, **kwargs) -> Hashable`` instead of the signature's key.
         typed: arguments of different types are different keys (``1``, ``1.0``, ``True``).
-        maxsize: size of the function's own cache (default 4096).
-        options: any other ``CoalescingCache`` option (``CacheOptions``:
-            ``beta``, ``stale_ttl``, ``cache_errors``, ``error_ttl``,
-            ``wait_timeout``, ...); ``None`` means "the default".
+        **options: the options of ``CoalescingCache`` (``CacheOptions``), for
+            the cache made for this function: ``ttl`` (seconds a result is
+            fresh, default 60), ``maxsize`` (the size of the function's own
+            cache, default 4096), ``beta``, ``stale_ttl``, ``cache_errors``,
+            ``error_ttl``, ``wait_timeout``, ...; ``None`` means "the default".
 
     Raises ``TypeError`` at decoration for a sync cache on an ``async def``
     function (or the reverse), or options given next to a ready cache; at
