@@ -5,8 +5,8 @@ test in one of these backticked forms:
 
 - ``tests/test_x.py::test_name``: a test defined in that file;
 - ``Class::test_name``: a method of that class (or of one of its bases);
-- ``test_name``: a test defined anywhere in ``tests/`` or in
-  ``stampede/testing/conformance.py``;
+- ``test_name``: a test defined anywhere in ``tests/`` or in the suites
+  ``stampede/testing`` ships (``conformance.py``, ``leases.py``);
 - ``test_prefix_...``: at least one such test whose name starts with the prefix.
 
 A backticked file path (``tests/test_x.py``, or a bare ``test_x.py`` taken
@@ -25,6 +25,7 @@ DOC = ROOT / "docs" / "guarantees.md"
 SOURCES = [
     *sorted((ROOT / "tests").rglob("test_*.py")),
     ROOT / "stampede" / "testing" / "conformance.py",
+    ROOT / "stampede" / "testing" / "leases.py",
 ]
 
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
@@ -107,7 +108,7 @@ def problem(index: Index, match: re.Match[str]) -> str | None:
             return f"no test file {file}"
         pool, where = index.functions[file], file
     else:
-        pool, where = index.everywhere(), "tests/ or stampede/testing/conformance.py"
+        pool, where = index.everywhere(), "tests/ or stampede/testing's suites"
     if more is not None:
         if not any(n.startswith(name) for n in pool):
             return f"no test in {where} starts with {name}"

@@ -378,6 +378,12 @@ class _AsyncPolling:
         await asyncio.sleep(min(timeout, self.poll_interval))
 
 
+def lease_key(key: str) -> str:
+    """Where the lease of the entry under ``key`` lives (Redis: the same hash tag, so
+    the same Cluster slot as the value)."""
+    return key + ":lease"
+
+
 def ttl_ms(seconds: float) -> int:
     """A positive whole number of milliseconds, rounded up."""
     return max(1, math.ceil(seconds * 1000))

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .._keys import key_rest
-from ._shared import SharedStore
+from ._shared import SharedStore, lease_key
 
 
 def _diskcache() -> Any:
@@ -178,10 +178,6 @@ class DiskBackend(SharedStore):
 
     def __repr__(self) -> str:
         return f"DiskBackend({self.cache.directory!r})"
-
-
-def lease_key(key: str) -> str:
-    return key + ":lease"
 
 
 # diskcache's own get() unpickles rows stored in its pickle mode: anyone who can

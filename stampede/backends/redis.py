@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._keys import key_rest
-from ._shared import SharedStore, ttl_ms
+from ._shared import SharedStore, lease_key, ttl_ms
 
 # GET and PTTL in one round trip. A Lua table stops at its first nil, so a
 # missing key answers nil rather than {nil, -2}; something that is not a string
@@ -428,10 +428,6 @@ def _after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
-
-
-def lease_key(key: str) -> str:
-    return key + ":lease"  # the same hash tag: the same slot
 
 
 class _Notifier:
