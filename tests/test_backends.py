@@ -547,37 +547,44 @@ def test_async_redis_down_fails_open(fresh_redis_server: RedisServer) -> None:
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_async_clear_on_a_remote_store_fences_a_commit(tmp_path: Path) -> None:
-    """An async clear() on a shared store fences a load in flight: its commit stores nothing.
+def test_async_clear_on_a_remote_store_fences_a_commit() -> None:
+    """An async clear() on a shared store waits for a commit already writing: the
+    value it writes does not outlive the clear.
 
     Regression test for 3a21f4a (Review fixes: cache_clear and async clear fence
-    in-flight loads).
+    in-flight loads): clear() took no fencing lock, so a commit suspended in its
+    store write landed after the clear.
     """
     import asyncio
+    import threading
 
     from stampede import AsyncCoalescingCache
+    from stampede.testing import async_wait_until
+    from tests.support.fake_leases import DictLeaseStore
+
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowWrites(DictLeaseStore):
+        def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
+            writing.set()
+            release.wait(10)
+            super()._set_raw(key, data, ttl)
 
     async def main() -> None:
-        store = disk_store(tmp_path)
-        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(store, ttl=60)
-        release = asyncio.Event()
-
-        async def load() -> str:
-            await release.wait()
-            return "old"
-
-        task = asyncio.ensure_future(cache.get_or_load("k", load))
-        await asyncio.sleep(0)
-        await cache.clear()
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(SlowWrites(), ttl=60)
+        task = asyncio.ensure_future(cache.get_or_load("k", lambda: "old"))
+        await async_wait_until(writing.is_set, what="the commit is writing")
+        clearing = asyncio.ensure_future(cache.clear())
+        # clear() must wait for the write in progress (a bounded wait, not ordering:
+        # the bug let it finish at once, before the write landed).
+        done, _ = await asyncio.wait({clearing}, timeout=0.2)
+        assert not done, "clear() did not wait for the commit that was writing"
         release.set()
         assert await task == "old"
+        await asyncio.wait_for(clearing, 10)
         assert await cache.get("k") is None
 
-    asyncio.run(asyncio.wait_for(main(), 20))
-
-
-# -- more failure shapes ---------------------------------------------------------------------
-
+    asyncio.run(main())
 
 def test_redis_down_at_start_still_serves(tmp_path: Path) -> None:
     import socket

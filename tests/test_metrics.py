@@ -130,7 +130,8 @@ def test_a_failing_hook_never_breaks_a_call(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_a_metrics_hook_may_call_the_cache() -> None:
-    """No hook runs under the fencing lock: a hook that invalidates does not deadlock.
+    """No hook runs under the fencing lock: a hook that invalidates the very key
+    being committed (so the same, non-reentrant stripe) does not deadlock.
 
     Regression test for 3a21f4a (Review fixes: store writes counted outside the
     fencing lock).
@@ -139,8 +140,8 @@ def test_a_metrics_hook_may_call_the_cache() -> None:
 
     class Hook:
         def record(self, name: str, event: str, duration: float | None = None) -> None:
-            if event == "fenced":
-                cache.invalidate("other")
+            if event in ("fenced", "loads"):
+                cache.invalidate("k")
 
     cache = CoalescingCache(metrics=Hook())
     gate = Gate("v")
@@ -151,6 +152,8 @@ def test_a_metrics_hook_may_call_the_cache() -> None:
     gate.open()
     join_all([t])
     assert cache.stats().fenced == 1
+    assert cache.get_or_load("k", lambda: "v2") == "v2"  # its "loads" event invalidated it too
+    assert cache.get("k") is None
 
 
 def test_logging_metrics(caplog: pytest.LogCaptureFixture) -> None:
