@@ -26,7 +26,7 @@ class Breaker:
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock
-        self._lock = threading.Lock()  # guards the fields below on the failure path
+        self._lock = threading.RLock()  # guards the fields below; reentrant (a finalizer)
         self._failures = 0
         self._open_until = -1.0  # < now: closed (or half-open once the cooldown ran out)
         self._probing = False

@@ -31,7 +31,7 @@ log = logging.getLogger("stampede")
 REFRESH_WORKERS = 8
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pool_lock = threading.RLock()  # reentrant: a finalizer run while the pool is made
 
 
 def _refresher() -> concurrent.futures.ThreadPoolExecutor:
@@ -49,7 +49,7 @@ def _after_fork() -> None:
     # The parent's pool threads do not exist in the child: start a new pool lazily.
     global _pool, _pool_lock
     _pool = None
-    _pool_lock = threading.Lock()
+    _pool_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -127,7 +127,7 @@ _live_fences: weakref.WeakSet[Fences] = weakref.WeakSet()
 
 def _after_fork() -> None:
     for fences in list(_live_fences):  # a lock held by a parent's thread would stay held here
-        fences.locks = tuple(threading.Lock() for _ in fences.locks)
+        fences.locks = tuple(threading.RLock() for _ in fences.locks)
 
 
 if hasattr(os, "register_at_fork"):
@@ -138,14 +138,15 @@ class Fences:
     """Striped locks: a key's commit and its invalidation never interleave.
 
     Held only around a check of the call's fenced flag and the store write
-    that follows; no user code runs under them.
+    that follows. Reentrant: what runs on the thread meanwhile (a user
+    mapping's write, a finalizer, a signal handler) may call the cache again.
     """
 
     def __init__(self) -> None:
-        self.locks = tuple(threading.Lock() for _ in range(STRIPES))
+        self.locks = tuple(threading.RLock() for _ in range(STRIPES))
         _live_fences.add(self)
 
-    def fence(self, k: Hashable) -> threading.Lock:
+    def fence(self, k: Hashable) -> threading.RLock:
         return self.locks[hash(k) % STRIPES]
 
     @contextlib.contextmanager
@@ -166,7 +167,7 @@ class _HeldOnThread:
 
     __slots__ = ("_lock",)
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.RLock) -> None:
         self._lock = lock
 
     async def __aenter__(self) -> None:

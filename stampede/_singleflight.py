@@ -110,7 +110,7 @@ def _after_fork() -> None:
     # The child has one thread: the parent's leaders do not exist here, so their
     # calls would never finish, and a lock held by one of them stays held.
     for flight in list(_live):
-        flight._lock = threading.Lock()
+        flight._lock = threading.RLock()
         for call in flight._calls.values():
             call.fenced = True
         flight._calls = {}
@@ -129,7 +129,10 @@ class SingleFlight:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _calls and _Call.dups
+        # Guards _calls and _Call.dups. Reentrant: code that runs on this thread
+        # while it holds the lock (a finalizer, a signal handler, a key's __eq__)
+        # may call the flight again instead of deadlocking (cachebox #67/#68).
+        self._lock = threading.RLock()
         self._calls: dict[Hashable, _Call] = {}
         _live.add(self)
 

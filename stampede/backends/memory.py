@@ -88,9 +88,11 @@ class MemoryBackend:
         if lock is not None:
             needs_lock = lock
         self.mapping = mapping
-        self._guard: threading.Lock | None = None
+        self._guard: threading.RLock | None = None
         if needs_lock:
-            guard = self._guard = threading.Lock()
+            # Reentrant: the mapping's own code, a finalizer or a signal handler
+            # run on this thread may call the cache (and so the mapping) again.
+            guard = self._guard = threading.RLock()
 
             def get(key: Hashable) -> Entry[Any] | None:
                 with guard:

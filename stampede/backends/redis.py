@@ -288,7 +288,7 @@ def is_async_redis_client(obj: object) -> bool:
 
 # One subscription per client and process, whatever the number of caches on it.
 _notifiers: weakref.WeakKeyDictionary[Any, _Notifier] = weakref.WeakKeyDictionary()
-_notifiers_lock = threading.Lock()
+_notifiers_lock = threading.RLock()  # reentrant, as every lock here: a finalizer may call in
 
 
 def _notifier_for(client: Any) -> _Notifier:
@@ -423,7 +423,7 @@ def _after_fork() -> None:
     global _notifiers_lock
     _notifiers.clear()  # their listener threads stayed in the parent
     _listeners.clear()
-    _notifiers_lock = threading.Lock()
+    _notifiers_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -443,7 +443,7 @@ class _Notifier:
         # A weak reference: the listener ends once the client is gone, and a
         # client dropped by its owner does not keep a thread alive forever.
         self._client_ref = weakref.ref(client)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a finalizer run under it may wait too
         self._waiters: dict[bytes, set[threading.Event]] = {}
         # Set once subscribed: a commit from then on wakes its waiters.
         self.ready: threading.Event = threading.Event()
