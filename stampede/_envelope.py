@@ -33,6 +33,7 @@ processes, and the earliest of them refreshes for all (``_entry.refresh_point``)
 
 Errors are rebuilt only as types already imported by the reader that are
 subclasses of its ``cache_errors`` types: nothing is imported, nothing runs.
+An error its type cannot be rebuilt from (its args) is a corrupt entry.
 """
 
 from __future__ import annotations
@@ -203,7 +204,14 @@ def decode(
     args = _loads(serializer, data[offset:], context + b"\x00error\x00" + raw_type)
     if type(args) is not tuple:
         raise CorruptEntry("error args are not a tuple")
-    return Entry(MISSING, ErrorData(exc_type, args), fresh_until, fresh_until, 0.0, -math.inf)
+    error = ErrorData(exc_type, args)
+    # stampede never stores an error it cannot rebuild (the leader checks), but a
+    # foreign entry may name one whose args do not fit (ExceptionGroup("m", [])):
+    # refuse it here, where every read path turns it into a counted miss, instead
+    # of a TypeError when the negative hit is raised.
+    if not error.rebuildable():
+        raise CorruptEntry(f"an error {type_name} cannot be rebuilt from its args")
+    return Entry(MISSING, error, fresh_until, fresh_until, 0.0, -math.inf)
 
 
 def _loads(serializer: Any, payload: bytes, context: bytes) -> Any:

@@ -23,6 +23,18 @@ the rest (``stampede:{3f2a...}:5:users:v1:...``): keys that belong together
 (a value and its lease) share a slot, and no user text can choose the slot,
 since Redis only looks at the first ``{...}``. ``key_rest`` strips the tag
 for matching by namespace or function.
+
+A function's key in a shared cache, ``(FN_MARK, fn_id, key)``, is written
+``@``, a 16-digit digest of ``fn_id``, then ``fn_id`` and ``key`` as usual:
+``5:users:v1:@6f0f3c02a3f6fae9s12:app.get_usert1(i12;)``. ``function_prefix``
+is the namespace and that ``@<digest>``: short whatever the name's length, and
+always inside the head a hashed key keeps, so ``cache_clear()`` finds every
+key of the function (hashed ones included) and fences its loads. The digest
+has a fixed length and no other value's encoding starts with ``@``, so the
+encoding stays injective; the whole name follows it, so keys stay readable,
+and two functions whose digests met would still have distinct keys (a clear
+of one would take both). The earlier layout (``t3(@s5:app.f...``, unreleased)
+is never produced now: entries under it are misses until they expire.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import inspect
 import uuid
@@ -39,6 +52,7 @@ from typing import Any
 KEY_VERSION = 1
 
 FN_MARK = object()  # marks a function's keys in a shared cache: no user key can contain it
+_FN_DIGEST_LENGTH = 16  # hex digits: 64 bits, like the hash tag
 MAX_KEY_LENGTH = 200  # longer encodings keep a head and add the SHA-256 of the whole
 _KEPT_HEAD = 120
 
@@ -219,18 +233,23 @@ def namespace_prefix(namespace: str) -> str:
 
 
 def function_prefix(namespace: str, fn_id: str) -> str:
-    """What the rest of every text key of the function ``fn_id`` starts with."""
-    whole = key_rest(encode_key(namespace, (FN_MARK, fn_id, None)))
-    assert whole.endswith("N)") and len(whole) < MAX_KEY_LENGTH + 80, "fn_id too long"
-    return whole[: -len("N)")]
+    """What the rest of every text key of the function ``fn_id`` starts with.
+
+    Short whatever ``fn_id``'s length, so hashed keys keep it in their head.
+    """
+    return f"{namespace_prefix(namespace)}@{_fn_digest(fn_id)}"
+
+
+@functools.lru_cache(maxsize=1024)  # one per decorated function; every call asks again
+def _fn_digest(fn_id: str) -> str:
+    data = fn_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=_FN_DIGEST_LENGTH // 2).hexdigest()
 
 
 def _encode(value: Any) -> str:
     t = type(value)
     if value is None:
         return "N"
-    if value is FN_MARK:
-        return "@"
     if t is bool:
         return "T" if value else "F"
     if t is int:
@@ -246,6 +265,9 @@ def _encode(value: Any) -> str:
         return f"s{len(value)}:{value}"
     if t is bytes:
         return f"b{len(value)}:{value.hex()}"
+    if t is tuple and len(value) == 3 and value[0] is FN_MARK and type(value[1]) is str:
+        # A function's key: its digest first, so its prefix is short (module docstring).
+        return f"@{_fn_digest(value[1])}{_encode(value[1])}{_encode(value[2])}"
     if t is tuple or t is _VarPositional or t is _VarKeyword:
         tag = {tuple: "t", _VarPositional: "a", _VarKeyword: "k"}[t]
         return f"{tag}{len(value)}(" + "".join(_encode(v) for v in value) + ")"

@@ -5,6 +5,8 @@ Redis tests use a private server (tests/redis_fixtures.py), never the shared one
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import os
 import stat
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any
 import diskcache
 import pytest
 import redis
+import redis.asyncio
 
 from stampede import BackendUnavailable, CoalescingCache, cached
 from stampede._breaker import Breaker
@@ -294,6 +297,75 @@ def test_negative_entries_of_a_subclass_resolve_once(tmp_path: Path) -> None:
             cache.get_or_load("k", load)
     assert any(t is Gone for t in _envelope._resolved.values())
     assert cache.stats().negative_hits == 2
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is new in Python 3.11")
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_a_planted_error_that_cannot_be_rebuilt_is_a_counted_miss(
+    kind: str, flavour: str, distributed: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A foreign negative entry naming a type its args cannot rebuild (ExceptionGroup
+    wants a non-empty list of exceptions) is a counted miss on every read path.
+
+    Before the fix, get_or_load raised TypeError (rebuilding the error to raise it)
+    on the plain read and on the read alongside a lease, sync and async.
+    """
+    import math
+
+    from stampede import AsyncCoalescingCache
+    from stampede._entry import MISSING, Entry, ErrorData
+
+    if kind == "disk":
+        sync_store: Any = disk_store(tmp_path)
+        read_store: Any = sync_store
+    else:
+        url = request.getfixturevalue("redis_url")
+        sync_store = redis.Redis.from_url(url)
+        read_store = redis.asyncio.Redis.from_url(url) if flavour == "async" else sync_store
+    errors = (Exception,)
+    writer: CoalescingCache[str] = CoalescingCache(sync_store, ttl=60, cache_errors=errors)
+
+    def plant() -> None:
+        now = writer._clock()
+        error = ErrorData(builtins.ExceptionGroup, ("boom", []))
+        assert not error.rebuildable()
+        entry = Entry(MISSING, error, now + 60, now + 60, 0.0, -math.inf)
+        writer.backend.set(writer._key("k"), entry)  # as a foreign writer could
+
+    options: dict[str, Any] = {"ttl": 60, "cache_errors": errors, "distributed": distributed}
+    reads = 2 if distributed else 1  # distributed: the plain read, then the one with the lease
+
+    def check_sync() -> None:
+        cache: CoalescingCache[str] = CoalescingCache(read_store, **options)
+        plant()
+        assert cache.get_or_load("k", lambda: "loaded") == "loaded"
+        assert cache.stats().serialization_errors == reads
+        assert cache.get("k") == "loaded"
+        plant()
+        assert cache.get("k") is None and cache.stats().serialization_errors == reads + 1
+
+    async def check_async() -> None:
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(read_store, **options)
+
+        async def load() -> str:
+            return "loaded"
+
+        plant()
+        assert await cache.get_or_load("k", load) == "loaded"
+        assert cache.stats().serialization_errors == reads
+        assert await cache.get("k") == "loaded"
+        plant()
+        assert await cache.get("k") is None and cache.stats().serialization_errors == reads + 1
+        if read_store is not sync_store:
+            await read_store.aclose()
+
+    if flavour == "sync":
+        check_sync()
+    else:
+        asyncio.run(check_async())
+    sync_store.close()
 
 
 def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:

@@ -265,6 +265,73 @@ def test_shared_cache_clear_fences_a_load_in_flight() -> None:
     assert slow.cache_info().currsize == 0  # the load did not store after the clear
 
 
+def _store_keys(store: Any) -> list[str]:
+    """Every key in a diskcache store or on a Redis server, as text."""
+    if isinstance(store, redis.Redis):
+        return [k.decode() for k in store.scan_iter("*")]
+    return [k for k in store.iterkeys() if isinstance(k, str)]
+
+
+@pytest.mark.parametrize("length", [50, 150, 300])
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_cache_clear_on_a_shared_store_whatever_the_name_length(
+    kind: str, length: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """cache_clear() drops every entry of a function on a shared store, hashed keys
+    included, and fences its loads in flight, however long ``module.qualname`` is.
+
+    Before the fix the function's key prefix held its whole name: past ~114
+    characters, entries with long (hashed) arguments survived the clear and
+    their loads in flight stored; past ~190, cache_clear() raised AssertionError.
+    """
+    if kind == "redis":
+        store: Any = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        store = disk_store(tmp_path)
+    shared: CoalescingCache[Any] = CoalescingCache(store, ttl=60)
+    calls: list[str] = []
+    gates = {"short": Gate("stale"), "x" * 500: Gate("stale")}
+
+    def f(x: str) -> str:
+        calls.append(x)
+        gate = gates.get(x)
+        return gate() if gate is not None else f"f{len(x)}"
+
+    f.__qualname__ = "N" * (length - len(f"{__name__}."))  # module.qualname: `length` chars
+    fn = cached(cache=shared)(f)
+
+    @cached(cache=shared)
+    def other(x: str) -> str:
+        return f"g{len(x)}"
+
+    assert len(f"{fn.__module__}.{fn.__qualname__}") == length
+    args = ["a", "y" * 500]  # a short key, and a long one (hashed)
+    for a in args:
+        assert (fn(a), other(a)) == (f"f{len(a)}", f"g{len(a)}")
+    assert len(_store_keys(store)) == 4
+    # One load in flight per kind of key, each gated until after the clear.
+    threads = [threading.Thread(target=fn, args=(x,), daemon=True) for x in gates]
+    for t in threads:
+        t.start()
+    for gate in gates.values():
+        assert gate.entered.wait(10)
+
+    fn.cache_clear()
+    for gate in gates.values():
+        gate.open()
+    join_all(threads)
+
+    assert len(_store_keys(store)) == 2  # only other()'s entries are left
+    calls.clear()
+    for a in [*args, *gates]:
+        gates.pop(a, None)  # loaded again now: no gate
+        fn(a)
+        assert other(a) == f"g{len(a)}"
+    assert calls == [*args, "short", "x" * 500]  # every call of fn() was a miss
+    assert len(_store_keys(store)) == 8
+    store.close()
+
+
 def test_cache_argument_forms() -> None:
     store: dict[Any, Any] = {}
 

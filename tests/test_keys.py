@@ -94,13 +94,54 @@ def test_long_keys_are_hashed_and_short_ones_readable() -> None:
     assert len(encode_key("", "x" * (MAX_KEY_LENGTH - 10))) < MAX_KEY_LENGTH + 40
 
 
-def test_a_functions_keys_share_a_prefix_even_when_hashed() -> None:
+@pytest.mark.parametrize("length", [5, 50, 150, 300])
+def test_a_functions_keys_share_a_prefix_even_when_hashed(length: int) -> None:
+    """A function's keys all start with its prefix, a short one, however long its name.
+
+    Before the fix the prefix held the whole name: a hashed key (its head cut at
+    120 characters) lost it past ~114 characters, and function_prefix raised
+    AssertionError past ~190.
+    """
     from stampede._keys import FN_MARK, function_prefix
 
-    prefix = function_prefix("ns", "mod.f")
+    name = "mod." + "f" * (length - 4)
+    prefix = function_prefix("ns", name)
+    assert len(prefix) < 40
     for args in [(1,), ("x" * 500,), (None, b"y" * 300)]:
-        assert key_rest(encode_key("ns", (FN_MARK, "mod.f", args))).startswith(prefix)
-    assert not key_rest(encode_key("ns", (FN_MARK, "mod.fg", (1,)))).startswith(prefix)
+        text = encode_key("ns", (FN_MARK, name, args))
+        assert key_rest(text).startswith(prefix) and name[:60] in text  # readable head
+    for other in (name + "g", name[:-1], "ns." + name[3:]):
+        assert not key_rest(encode_key("ns", (FN_MARK, other, (1,)))).startswith(prefix)
+    assert not key_rest(encode_key("ns", ("@", name, (1,)))).startswith(prefix)
+
+
+def test_entries_under_the_earlier_function_key_layout_are_misses(tmp_path: Path) -> None:
+    """An entry under a function key of the layout before the short function prefix
+    (``t3(@s<len>:<name>...)``) is a miss, not a hit nor an error."""
+    import hashlib
+
+    from stampede._keys import _encode, namespace_prefix
+
+    from .helpers import disk_store
+
+    shared: CoalescingCache[Any] = CoalescingCache(disk_store(tmp_path), ttl=60)
+    calls: list[int] = []
+
+    @cached(cache=shared)
+    def h(x: int) -> int:
+        calls.append(x)
+        return x
+
+    fn_id = f"{h.__module__}.{h.__qualname__}"
+    rest = f"{namespace_prefix('')}t3(@{_encode(fn_id)}{_encode((1,))})"
+    tag = hashlib.blake2b(rest.encode(), digest_size=8).hexdigest()
+    earlier = f"stampede:{{{tag}}}:{rest}"
+    assert h(1) == 1
+    entry = shared.backend.get(shared._key(h.cache_key(1)))
+    assert entry is not None
+    shared.backend.delete(shared._key(h.cache_key(1)))
+    shared.backend.set(earlier, entry)  # what the earlier layout stored for h(1)
+    assert h(1) == 1 and calls == [1, 1]
 
 
 def test_user_text_cannot_choose_the_cluster_slot() -> None:
