@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._hitpath import make_peek
 from ._leader import Host
-from ._options import Options
+from ._options import CacheOptions, Options
 from ._primitives import AsyncFences, Fences
 from ._singleflight import AsyncSingleFlight, SingleFlight
 from ._stats import Recorder, Stats
@@ -31,13 +31,11 @@ from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
 from .backends.memory import MemoryBackend
 
-if TYPE_CHECKING:
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
-
-    from ._options import CacheOptions
+# At run time too: tools read these hints (typing.get_type_hints, inspect).
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
 
 V = TypeVar("V")
 

@@ -17,24 +17,23 @@ import inspect
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
 from ._cache import CoalescingCache
 from ._hitpath import make_wrapper
 from ._keys import FN_MARK, CallKey, function_prefix, key_rest
+from ._options import CacheOptions
 from ._stats import Stats
 from .backends import SharedStore
 from .backends.memory import DEFAULT_MAXSIZE, NS_MARK, MemoryBackend
 
-if TYPE_CHECKING:
-    if sys.version_info >= (3, 11):
-        from typing import Unpack
-    else:
-        from typing_extensions import Unpack
-
-    from ._options import CacheOptions
+# At run time too: tools read these hints (typing.get_type_hints, inspect).
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
 
 P = ParamSpec("P")
 R = TypeVar("R")

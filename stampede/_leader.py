@@ -155,7 +155,9 @@ class Host(Generic[S, L, F]):
     def served(self, entry: Entry[Any] | None) -> Decision:
         """Classify a read and count it: a hit, a stale read or a miss; a negative
         entry raises its error (a new instance)."""
-        decision = _policy.decide(entry, self.options.clock())
+        return self._count_read(entry, _policy.decide(entry, self.options.clock()))
+
+    def _count_read(self, entry: Entry[Any] | None, decision: Decision) -> Decision:
         if decision is Decision.HIT or decision is Decision.REFRESH:
             self.rec.counters.hits += 1
         elif decision is Decision.STALE or decision is Decision.STALE_QUIET:
@@ -182,7 +184,7 @@ class Host(Generic[S, L, F]):
         if entry is None or decision is Decision.MISS or decision is Decision.NEGATIVE:
             self.rec.count("misses")
             return default
-        self.served(entry)  # fresh or stale here
+        self._count_read(entry, decision)  # fresh or stale here
         return entry.value
 
     # -- the leader's decisions -------------------------------------------------

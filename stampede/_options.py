@@ -23,25 +23,25 @@ from ._stats import MetricsHook
 class CacheOptions(TypedDict, total=False):
     """The keyword options of ``CoalescingCache``, ``AsyncCoalescingCache`` and ``@cached``.
 
-    Every one is optional; the defaults are in ``Options.parse``.
+    Every one is optional, and ``None`` means its default (given here).
     """
 
-    ttl: float  # seconds a loaded value is fresh (60)
-    beta: float  # XFetch eagerness; 0 turns early refresh off (1.0)
-    stale_ttl: float  # seconds past ttl an expired value may still be served (0)
-    cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter
-    error_ttl: float  # seconds a cached error lives; a failed refresh's backoff (5)
+    ttl: float | None  # seconds a loaded value is fresh (60)
+    beta: float | None  # XFetch eagerness; 0 turns early refresh off (1.0)
+    stale_ttl: float | None  # seconds past ttl an expired value may still be served (0)
+    cache_errors: type[BaseException] | tuple[type[BaseException], ...] | ErrorFilter | None
+    error_ttl: float | None  # seconds a cached error lives; a failed refresh's backoff (5)
     wait_timeout: float | None  # the longest wait for another caller's load (None: no bound)
-    namespace: str  # key prefix in a shared store, and the scope of clear() ("")
+    namespace: str | None  # key prefix in a shared store, and the scope of clear() ("")
     serializer: Any  # how shared stores encode values (DataSerializer)
-    distributed: bool  # single-flight across processes through the store (False)
-    lease_ttl: float  # seconds a lease lives unrenewed (10)
+    distributed: bool | None  # single-flight across processes through the store (False)
+    lease_ttl: float | None  # seconds a lease lives unrenewed (10)
     maxsize: int | None  # entries of the default in-process LRU (4096)
-    name: str | None  # the cache's name for the metrics hook
-    metrics: MetricsHook | None  # told of misses, loads, waits, errors
-    on_backend_error: Literal["fail-open", "raise"]  # what a failing store does ("fail-open")
-    clock: Callable[[], float]  # monotonic seconds (time.monotonic); tests pass a fake
-    random: Callable[[], float]  # uniform draws in [0, 1) for XFetch (random.random)
+    name: str | None  # the cache's name for the metrics hook (the namespace, or "default")
+    metrics: MetricsHook | None  # told of misses, loads, waits, errors (none)
+    on_backend_error: Literal["fail-open", "raise"] | None  # a failing store's effect (fail-open)
+    clock: Callable[[], float] | None  # monotonic seconds (time.monotonic); tests pass a fake
+    random: Callable[[], float] | None  # uniform draws in [0, 1) for XFetch (random.random)
 
 
 OPTION_NAMES: frozenset[str] = frozenset(CacheOptions.__annotations__)
@@ -122,7 +122,10 @@ class Options:
                 f"{where}() got unexpected keyword argument(s): {', '.join(unknown)} "
                 f"(options are: {', '.join(sorted(OPTION_NAMES))})"
             )
-        get = options.get
+        def get(name: str, default: Any = None) -> Any:
+            value = options.get(name)
+            return default if value is None else value  # None: the default
+
         self = cls()
         self.ttl = seconds("ttl", get("ttl", 60.0), positive=True)
         self.beta = seconds("beta", get("beta", 1.0))

@@ -589,3 +589,23 @@ def test_public_api_is_pinned() -> None:
     )
     for name in stampede.__all__:
         assert hasattr(stampede, name)
+
+
+def test_options_are_one_typed_list_readable_at_run_time() -> None:
+    """The options' annotations resolve at run time (tools read them), and ``None``
+    means an option's default, for the caches and for @cached alike."""
+    import typing
+
+    hints = typing.get_type_hints(stampede.CoalescingCache.__init__, include_extras=True)
+    assert "options" in hints
+    typing.get_type_hints(stampede.AsyncCoalescingCache.__init__)
+    cache: stampede.CoalescingCache[int] = stampede.CoalescingCache(ttl=None, beta=None)
+    assert (cache.ttl, cache.beta) == (60.0, 1.0)
+    with pytest.raises(TypeError, match="tll"):
+        stampede.CoalescingCache(tll=3)  # type: ignore[call-arg]
+
+    @stampede.cached(ttl=None, maxsize=None)
+    def f(x: int) -> int:
+        return x
+
+    assert f(1) == 1 and f.cache.ttl == 60.0

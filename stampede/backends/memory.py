@@ -119,13 +119,18 @@ class MemoryBackend:
         self._pop(key, None)
 
     def bind(self, namespace: str) -> MemoryBackend:
-        """A view of this store for a cache in ``namespace`` (the same mapping and lock)."""
+        """A view of this store for a cache in ``namespace`` (the same mapping and lock);
+        the store itself when it is bound to that namespace already."""
+        if namespace == self.namespace:
+            return self
         view = copy.copy(self)
         view.namespace = namespace
         return view
 
-    # The async cache awaits the same operations (they never suspend): one shape
-    # for every store, so the cache's I/O is written once (stampede/_async/engine.py).
+    # The async cache awaits the same operations: one shape for every store, so
+    # the cache's I/O is written once (stampede/_async/engine.py). They never
+    # suspend, and a subclass must keep it so: the async cache holds a thread
+    # lock (the key's fence) across an in-process store's write.
 
     async def aget(self, key: Hashable) -> Entry[Any] | None:
         return self.get(key)

@@ -99,3 +99,13 @@ def options_are_typed() -> None:
     stampede.CoalescingCache(ttl="3")  # type: ignore[arg-type]
     stampede.CoalescingCache(on_backend_error="ignore")  # type: ignore[arg-type]
     stampede.CoalescingCache(tll=3)  # type: ignore[call-arg]
+
+
+@stampede.cached(ttl=None, beta=None, stale_ttl=None, maxsize=None, distributed=None)
+def none_means_the_default(x: int) -> int:
+    return x
+
+
+def none_options_keep_the_signature() -> None:
+    assert_type(none_means_the_default(1), int)
+    none_means_the_default("1")  # type: ignore[arg-type]
