@@ -15,10 +15,11 @@ is made (``bind``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from typing import Any
 
 from .. import _envelope
@@ -299,27 +300,23 @@ class SharedStore:
         await self._acall(self._aclear_raw, prefix or namespace_prefix(self.namespace))
 
     async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        if not self.breaker.allow():
-            raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
-        try:
-            result = await op(*args)
-        except self.busy_errors as exc:
-            self.breaker.release()
-            raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
-        except self.errors as exc:
-            self.breaker.failure()
-            raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
-        except BaseException:
-            self.breaker.release()  # cancelled, or not the store's doing
-            raise
-        self.breaker.success()
-        return result
+        with self._judged():
+            return await op(*args)
 
     def _call(self, op: Callable[..., Any], *args: Any) -> Any:
+        with self._judged():
+            return op(*args)
+
+    @contextlib.contextmanager
+    def _judged(self) -> Iterator[None]:
+        """One operation on the store, behind the breaker: the library's errors are
+        wrapped in ``BackendUnavailable`` and judged; anything else (cancellation,
+        an exhausted client pool, an error not of the store's doing) frees the
+        probe and judges nothing."""
         if not self.breaker.allow():
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
         try:
-            result = op(*args)
+            yield
         except self.busy_errors as exc:
             self.breaker.release()
             raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
@@ -327,10 +324,9 @@ class SharedStore:
             self.breaker.failure()
             raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
         except BaseException:
-            self.breaker.release()  # not the store's doing: free the probe, judge nothing
+            self.breaker.release()
             raise
         self.breaker.success()
-        return result
 
     # -- what a subclass supplies --------------------------------------------------
 
