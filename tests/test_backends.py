@@ -6,6 +6,7 @@ Redis tests use a private server (tests/redis_fixtures.py), never the shared one
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -787,6 +788,75 @@ def test_a_folder_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(folder, 65534, 65534)
     with pytest.raises(PermissionError, match="another user"):
         CoalescingCache(f"disk://{folder}")
+
+
+# The whole path to a folder is checked, not only the folder (an outside audit:
+# a symlink or a parent others can change let them repoint a running cache).
+
+
+def test_a_symlinked_folder_is_read_where_the_link_led_when_opened(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(mode=0o700)
+    second.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(first)
+    cache: CoalescingCache[str] = CoalescingCache(f"disk://{link}", ttl=60, namespace="n")
+    cache.set("k", "first")
+    link.unlink()
+    link.symlink_to(second)  # repointed: a new thread must still read the first folder
+    seen: list[str | None] = []
+    reader = threading.Thread(target=lambda: seen.append(cache.get("k")))
+    reader.start()
+    join_all([reader])
+    assert seen == ["first"]
+    assert not any(second.iterdir())
+    backend: Any = cache._backend
+    assert backend.cache.directory == str(first)  # diskcache got the resolved path
+
+
+def test_a_parent_writable_by_others_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "open"
+    parent.mkdir()
+    os.chmod(parent, 0o777)  # no sticky bit: anyone may rename "cache" away
+    (parent / "cache").mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match="writable by group or others") as refused:
+        CoalescingCache(f"disk://{parent / 'cache'}")
+    assert repr(str(parent)) in str(refused.value)
+    with pytest.raises(PermissionError, match=re.escape(repr(str(parent)))):
+        CoalescingCache(f"disk://{parent / 'new'}")  # nor made there
+
+
+def test_a_sticky_parent_like_tmp_is_accepted(tmp_path: Path) -> None:
+    parent = tmp_path / "sticky"
+    parent.mkdir()
+    os.chmod(parent, 0o1777)
+    cache: CoalescingCache[int] = CoalescingCache(f"disk://{parent / 'cache'}", ttl=60)
+    assert cache.get_or_load("k", lambda: 1) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs chown")
+def test_a_symlink_of_another_user_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    os.lchown(link, 65534, 65534)  # as if "nobody" made it: they could repoint it
+    with pytest.raises(PermissionError, match=r"symlink .* another user"):
+        CoalescingCache(f"disk://{link}")
+    store = diskcache.Cache(str(link))  # a cache opened by the user: checked the same way
+    with pytest.raises(PermissionError, match="symlink"):
+        CoalescingCache(store)
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs chown")
+def test_a_parent_of_another_user_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    (parent / "cache").mkdir(mode=0o700)
+    os.chown(parent, 65534, 65534)  # they may not write "cache", but may rename it
+    with pytest.raises(PermissionError, match="another user"):
+        CoalescingCache(f"disk://{parent / 'cache'}")
 
 
 def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ as bytes, with diskcache's own ``expire`` set to how long it may be served;
 a read asks diskcache for the expiry too (``expire_time=True``) and learns
 how long the entry has left from this host's clock, which every process of
 the host shares. Folders stampede creates are owner-only (0700); a folder
-that other users may write to is refused: whoever can write the cache can
-make this process believe anything it reads there.
+that other users may write to, or reach through a path others could change,
+is refused (``_folder``): whoever can write the cache can make this process
+believe anything it reads there.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import stat
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .._keys import key_rest
+from ._folder import resolve_folder
 from ._shared import SharedStore, lease_key
 
 
@@ -41,24 +42,6 @@ def is_disk_cache(obj: object) -> bool:
     return isinstance(obj, (diskcache.Cache, diskcache.FanoutCache))
 
 
-def check_folder(path: str | os.PathLike[str]) -> None:
-    """Refuse a cache folder that users other than this process's may write to."""
-    info = os.stat(path)
-    mode = info.st_mode
-    geteuid = getattr(os, "geteuid", None)
-    if geteuid is not None and info.st_uid != geteuid():
-        raise PermissionError(
-            f"refusing the cache folder {os.fspath(path)!r}: it belongs to another user "
-            f"(uid {info.st_uid}), who could then decide what this process reads"
-        )
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(
-            f"refusing the cache folder {os.fspath(path)!r}: it is writable by group or others "
-            f"(mode {stat.S_IMODE(mode):o}); whoever writes there controls what this process "
-            f"reads. Use a folder with mode 0700 (chmod go-w)."
-        )
-
-
 class DiskBackend(SharedStore):
     """Entries in a diskcache folder shared by the processes of one host."""
 
@@ -69,9 +52,14 @@ class DiskBackend(SharedStore):
         diskcache = _diskcache()
         if isinstance(cache, (str, os.PathLike)):
             cache = self._open(diskcache, Path(cache))
-        elif not isinstance(cache, (diskcache.Cache, diskcache.FanoutCache)):
+        elif isinstance(cache, (diskcache.Cache, diskcache.FanoutCache)):
+            # Already open, under the path its maker chose: the path is checked
+            # as it is now, but diskcache opens each thread's connection through
+            # it, so a symlink in it must stay put (only this user or root can
+            # repoint one the check accepts). Pass a path to have it resolved.
+            resolve_folder(cache.directory)
+        else:
             raise TypeError(f"DiskBackend needs a diskcache Cache or a path, got {cache!r}")
-        check_folder(cache.directory)
         self.cache = cache
         # A FanoutCache spreads a value and its lease over shards, with no
         # transaction across them: leases need a plain Cache.
@@ -90,8 +78,9 @@ class DiskBackend(SharedStore):
                 path.mkdir(mode=0o700, parents=True)
             finally:
                 os.umask(old)
-        check_folder(path)
-        return diskcache.Cache(str(path))
+        # Opened through the path checked, symlinks resolved once: repointing a
+        # link later does not move where this process (each new thread) reads.
+        return diskcache.Cache(resolve_folder(path))
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DiskBackend:
