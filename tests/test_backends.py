@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -859,6 +862,148 @@ def test_a_folder_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(folder, 65534, 65534)
     with pytest.raises(PermissionError, match="another user"):
         CoalescingCache(f"disk://{folder}")
+
+
+# The whole path to a folder is checked, not only the folder (an outside audit:
+# a symlink or a parent others can change let them repoint a running cache).
+
+
+def test_a_symlinked_folder_is_read_where_the_link_led_when_opened(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(mode=0o700)
+    second.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(first)
+    cache: CoalescingCache[str] = CoalescingCache(f"disk://{link}", ttl=60, namespace="n")
+    cache.set("k", "first")
+    link.unlink()
+    link.symlink_to(second)  # repointed: a new thread must still read the first folder
+    seen: list[str | None] = []
+    reader = threading.Thread(target=lambda: seen.append(cache.get("k")))
+    reader.start()
+    join_all([reader])
+    assert seen == ["first"]
+    assert not any(second.iterdir())
+    backend: Any = cache._backend
+    assert backend.cache.directory == str(first)  # diskcache got the resolved path
+
+
+def test_a_parent_writable_by_others_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "open"
+    parent.mkdir()
+    os.chmod(parent, 0o777)  # no sticky bit: anyone may rename "cache" away
+    (parent / "cache").mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match="writable by group or others") as refused:
+        CoalescingCache(f"disk://{parent / 'cache'}")
+    assert repr(str(parent)) in str(refused.value)
+    with pytest.raises(PermissionError, match=re.escape(repr(str(parent)))):
+        CoalescingCache(f"disk://{parent / 'new'}")  # nor made there
+
+
+def test_a_sticky_parent_like_tmp_is_accepted(tmp_path: Path) -> None:
+    parent = tmp_path / "sticky"
+    parent.mkdir()
+    os.chmod(parent, 0o1777)
+    cache: CoalescingCache[int] = CoalescingCache(f"disk://{parent / 'cache'}", ttl=60)
+    assert cache.get_or_load("k", lambda: 1) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs chown")
+def test_a_symlink_of_another_user_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    os.lchown(link, 65534, 65534)  # as if "nobody" made it: they could repoint it
+    with pytest.raises(PermissionError, match=r"symlink .* another user"):
+        CoalescingCache(f"disk://{link}")
+    store = diskcache.Cache(str(link))  # a cache opened by the user: checked the same way
+    with pytest.raises(PermissionError, match="symlink"):
+        CoalescingCache(store)
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs chown")
+def test_a_parent_of_another_user_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "theirs"
+    parent.mkdir(mode=0o755)
+    (parent / "cache").mkdir(mode=0o700)
+    os.chown(parent, 65534, 65534)  # they may not write "cache", but may rename it
+    with pytest.raises(PermissionError, match="another user"):
+        CoalescingCache(f"disk://{parent / 'cache'}")
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_disk_write_fails_fast_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    """SQLite keeps a process's locks in process memory: a child forked while
+    another thread wrote inherits that write lock, held for good by a
+    connection no thread of the child can close (an outside audit: the
+    child's first write waited the busy timeout, diskcache's 60 s). The
+    store is then unavailable in the child, at once and saying why."""
+    folder = tmp_path / "c"
+    folder.mkdir(mode=0o700)
+    # Before the fix the child's write waited this busy timeout (diskcache's
+    # default is 60 s), then failed; 3 s makes that run fail in seconds.
+    store = diskcache.Cache(str(folder), timeout=3)
+    cache: CoalescingCache[str] = CoalescingCache(store, ttl=60, namespace="n")
+    strict: CoalescingCache[str] = CoalescingCache(
+        store, ttl=60, namespace="n", on_backend_error="raise"
+    )
+    cache.set("before", "x")
+    writing, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.transact():  # the user's own transaction, in another thread
+            store.set("other", b"y")
+            writing.set()
+            release.wait(30)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    assert writing.wait(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: the writer thread does not exist here, its lock does
+        code = 1
+        try:
+            start = time.monotonic()
+            code = 2
+            assert cache.get_or_load("k", lambda: "child") == "child"  # fails open
+            assert time.monotonic() - start < 2.5, "the child waited the busy timeout"
+            code = 3
+            try:
+                strict.set("k", "child")
+            except BackendUnavailable as exc:
+                assert "fork" in str(exc), exc
+            else:
+                raise AssertionError("the store must refuse")
+            code = 4
+            with pytest.raises(BackendUnavailable, match="fork"):
+                CoalescingCache(f"disk://{folder}")  # a new cache on the folder too
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung on its parent's write lock")
+        time.sleep(0.01)
+    release.set()
+    join_all([t])
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get("other") == b"y"  # the parent's transaction went on
+    assert cache.get_or_load("k", lambda: "parent") == "parent"  # the parent is unaffected
 
 
 def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:

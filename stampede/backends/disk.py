@@ -5,8 +5,21 @@ as bytes, with diskcache's own ``expire`` set to how long it may be served;
 a read asks diskcache for the expiry too (``expire_time=True``) and learns
 how long the entry has left from this host's clock, which every process of
 the host shares. Folders stampede creates are owner-only (0700); a folder
-that other users may write to is refused: whoever can write the cache can
-make this process believe anything it reads there.
+that other users may write to, or reach through a path others could change,
+is refused (``_folder``): whoever can write the cache can make this process
+believe anything it reads there.
+
+Fork: SQLite keeps a process's locks in process memory, shared by every
+connection to a file, not in the connection. A child forked while another
+thread of its parent is inside a diskcache transaction inherits that write
+lock, held for good by a connection no thread of the child can close
+(Python refuses another thread's connection, and SQLite says not to close
+a parent's connection in a child). Its every write would wait the busy
+timeout (diskcache's 60 s) and fail. So the child marks such a folder
+unusable (``_after_fork``) and every operation on it raises
+``ForkedDuringWrite`` at once, a ``BackendUnavailable``: the cache fails
+open (or raises, as configured) instead of hanging. A child forked while no
+thread writes opens fresh connections (diskcache notices the new pid).
 """
 
 from __future__ import annotations
@@ -14,13 +27,15 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import stat
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .._errors import BackendUnavailable
 from .._keys import key_rest
+from ._folder import resolve_folder
 from ._shared import SharedStore, lease_key
 
 
@@ -41,21 +56,37 @@ def is_disk_cache(obj: object) -> bool:
     return isinstance(obj, (diskcache.Cache, diskcache.FanoutCache))
 
 
-def check_folder(path: str | os.PathLike[str]) -> None:
-    """Refuse a cache folder that users other than this process's may write to."""
-    info = os.stat(path)
-    mode = info.st_mode
-    geteuid = getattr(os, "geteuid", None)
-    if geteuid is not None and info.st_uid != geteuid():
-        raise PermissionError(
-            f"refusing the cache folder {os.fspath(path)!r}: it belongs to another user "
-            f"(uid {info.st_uid}), who could then decide what this process reads"
-        )
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(
-            f"refusing the cache folder {os.fspath(path)!r}: it is writable by group or others "
-            f"(mode {stat.S_IMODE(mode):o}); whoever writes there controls what this process "
-            f"reads. Use a folder with mode 0700 (chmod go-w)."
+class ForkedDuringWrite(BackendUnavailable):
+    """This process was forked while its parent wrote to the folder: see the module docstring."""
+
+
+# Every diskcache.Cache (a FanoutCache's shards each) a DiskBackend uses, and
+# the resolved folder it lies in: what a child looks at after a fork.
+_live: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+# Folders this process cannot use: its parent was writing there when it forked.
+_unusable: set[str] = set()
+
+
+def _after_fork() -> None:
+    for shard, folder in list(_live.items()):
+        # diskcache (5.x) sets _txn_id right after its BEGIN IMMEDIATE and clears
+        # it right before COMMIT: a fork during those two statements goes unseen
+        # (the child then waits the busy timeout, as it did before this check).
+        if getattr(shard, "_txn_id", None) is not None:
+            _unusable.add(folder)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _refuse_if_unusable(folder: str) -> None:
+    if folder in _unusable:
+        raise ForkedDuringWrite(
+            f"diskcache folder {folder!r} cannot be used in this process: it was forked "
+            f"while another thread of its parent was writing there, and SQLite keeps that "
+            f"write lock in the child for good. Fork when no thread writes to the store, "
+            f"or start processes with 'spawn' or 'forkserver'."
         )
 
 
@@ -68,11 +99,23 @@ class DiskBackend(SharedStore):
         super().__init__(**options)
         diskcache = _diskcache()
         if isinstance(cache, (str, os.PathLike)):
-            cache = self._open(diskcache, Path(cache))
-        elif not isinstance(cache, (diskcache.Cache, diskcache.FanoutCache)):
+            self.folder = self._checked_folder(Path(cache))
+            _refuse_if_unusable(self.folder)  # before opening: that would wait for the lock
+            # Opened through the path checked, symlinks resolved once: repointing a
+            # link later does not move where this process (each new thread) reads.
+            cache = diskcache.Cache(self.folder)
+        elif isinstance(cache, (diskcache.Cache, diskcache.FanoutCache)):
+            # Already open, under the path its maker chose: the path is checked
+            # as it is now, but diskcache opens each thread's connection through
+            # it, so a symlink in it must stay put (only this user or root can
+            # repoint one the check accepts). Pass a path to have it resolved.
+            self.folder = resolve_folder(cache.directory)
+            _refuse_if_unusable(self.folder)
+        else:
             raise TypeError(f"DiskBackend needs a diskcache Cache or a path, got {cache!r}")
-        check_folder(cache.directory)
         self.cache = cache
+        for shard in self._shards():
+            _live[shard] = self.folder
         # A FanoutCache spreads a value and its lease over shards, with no
         # transaction across them: leases need a plain Cache.
         self.supports_leases: bool = not hasattr(cache, "_shards")
@@ -83,15 +126,15 @@ class DiskBackend(SharedStore):
         )
 
     @staticmethod
-    def _open(diskcache: Any, path: Path) -> Any:
+    def _checked_folder(path: Path) -> str:
+        """``path`` resolved and checked, made owner-only first if missing."""
         if not path.exists():
             old = os.umask(0o077)
             try:
                 path.mkdir(mode=0o700, parents=True)
             finally:
                 os.umask(old)
-        check_folder(path)
-        return diskcache.Cache(str(path))
+        return resolve_folder(path)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DiskBackend:
@@ -104,6 +147,8 @@ class DiskBackend(SharedStore):
         return cls(path, **options)
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         found = _read_row(self._shard(key), key)
         if found is None:
             return None, None
@@ -124,12 +169,18 @@ class DiskBackend(SharedStore):
         return list(getattr(self.cache, "_shards", None) or [self.cache])
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         self.cache.set(key, data, expire=ttl)
 
     def _delete_raw(self, key: str) -> None:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         self.cache.delete(key)
 
     def _clear_raw(self, prefix: str) -> None:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         for shard in self._shards():
             # Only keys stored as text (raw): reading others would unpickle them.
             rows = shard._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()
@@ -144,17 +195,23 @@ class DiskBackend(SharedStore):
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | None, float | None]:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         got = self.cache.add(lease_key(key), token, expire=lease_ttl)
         data, remaining = self._get_raw(key)
         return bool(got), data, remaining
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
@@ -166,6 +223,8 @@ class DiskBackend(SharedStore):
     def _lease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
+        if _unusable:
+            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             self.cache.delete(lease_key(key))
             if data:
