@@ -99,7 +99,7 @@ class DiskBackend(SharedStore):
         super().__init__(**options)
         diskcache = _diskcache()
         if isinstance(cache, (str, os.PathLike)):
-            self.folder = self._checked_folder(Path(cache))
+            self.folder: str = self._checked_folder(Path(cache))
             _refuse_if_unusable(self.folder)  # before opening: that would wait for the lock
             # Opened through the path checked, symlinks resolved once: repointing a
             # link later does not move where this process (each new thread) reads.
