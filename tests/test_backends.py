@@ -1019,3 +1019,57 @@ def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="FanoutCache"):
         CoalescingCache(fan, distributed=True)
     fan.close()
+
+
+def test_a_client_made_as_the_docs_show_is_bounded_when_redis_pauses(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """redis-py retries a failed command by default (10 times with backoff in 8.x);
+    stampede's own commands do not, so a paused Redis costs a call a few socket
+    timeouts, not the retries' ~28 s, and the owner's client keeps its retries.
+
+    Regression test for the audit's fault 3 (issue 11): the first get_or_load on a
+    paused server blocked 28 s, and only then did the breaker open.
+    """
+    client = redis.Redis(
+        host=fresh_redis_server.host, port=fresh_redis_server.port, db=2, socket_timeout=0.3
+    )
+    assert client.get_retry().get_retries() > 0  # the default, as users build it
+    cache: CoalescingCache[int] = CoalescingCache(client, ttl=60)
+    assert cache.get_or_load("warm", lambda: 1) == 1
+    assert client.exists(str(cache._key("warm")))  # the client's settings kept (db 2)
+    with fresh_redis_server.paused():
+        started = time.monotonic()
+        assert cache.get_or_load("k", lambda: 2) == 2  # failed open
+        took = time.monotonic() - started
+    assert took < 3.0, f"a call took {took:.1f} s with Redis paused"
+    assert cache.stats().backend_errors >= 1
+    assert client.get_retry().get_retries() > 0  # the owner's client is as it was
+    client.close()
+
+
+def test_an_async_client_made_as_the_docs_show_is_bounded_when_redis_pauses(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """The same for redis.asyncio (regression test for the audit's fault 3)."""
+    import asyncio
+
+    from stampede import AsyncCoalescingCache
+
+    async def main() -> float:
+        client = redis.asyncio.Redis(
+            host=fresh_redis_server.host, port=fresh_redis_server.port, socket_timeout=0.3
+        )
+        assert client.get_retry().get_retries() > 0
+        cache: AsyncCoalescingCache[int] = AsyncCoalescingCache(client, ttl=60)
+        assert await cache.get_or_load("warm", lambda: 1) == 1
+        with fresh_redis_server.paused():
+            started = time.monotonic()
+            assert await cache.get_or_load("k", lambda: 2) == 2
+            took = time.monotonic() - started
+        await client.aclose()
+        await cache.backend.client.aclose()  # type: ignore[union-attr]
+        return took
+
+    took = asyncio.run(main())
+    assert took < 3.0, f"a call took {took:.1f} s with Redis paused"

@@ -112,18 +112,63 @@ def _check_bytes(client: Any) -> None:
         )
 
 
+def _retries(client: Any) -> int:
+    """How many times the client repeats a failed command (redis-py's ``Retry``)."""
+    get_retry = getattr(client, "get_retry", None)
+    retry = get_retry() if callable(get_retry) else None
+    get_retries = getattr(retry, "get_retries", None)
+    return int(get_retries()) if callable(get_retries) else 0
+
+
+def _without_retries(client: Any, asynchronous: bool) -> Any:
+    """A client for stampede's own commands: the given client's connection settings
+    (host, TLS, auth, timeouts, pool size), in a pool of its own that never retries.
+
+    redis-py retries a failed command by default (10 times with backoff in 8.x):
+    with the server paused, one call blocked ~28 s, longer than any bound
+    stampede documents (``wait_timeout``, the breaker). stampede fails open on
+    the first failure instead, so its commands go through a pool without
+    retries; the given client, used elsewhere by its owner, is left as it is.
+    A client whose pool stampede cannot copy (Sentinel, Cluster) is used as it
+    is, with a warning.
+    """
+    if _retries(client) == 0:
+        return client
+    redis = _redis()
+    module = redis.asyncio if asynchronous else redis
+    pool: Any = getattr(client, "connection_pool", None)
+    if type(pool) not in (module.ConnectionPool, module.BlockingConnectionPool):
+        log.warning(
+            "%r retries failed commands (%d times): a paused or unreachable Redis then "
+            "holds a cache call for every retry, beyond wait_timeout. Give stampede a "
+            "client made with retry=None (or Retry(NoBackoff(), 0)).",
+            client,
+            _retries(client),
+        )
+        return client
+    retry_module = redis.asyncio.retry if asynchronous else redis.retry
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["retry"] = retry_module.Retry(redis.backoff.NoBackoff(), 0)
+    own = module.ConnectionPool(
+        connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+    )
+    return module.Redis(connection_pool=own)
+
+
 class _RedisStore(SharedStore):
     """What both Redis stores keep of their client: it, its errors, its scripts."""
 
     name = "Redis"
     supports_leases = True
     more_errors: tuple[type[BaseException], ...] = ()
+    _asynchronous = False
 
     def __init__(self, client: Any, **options: Any) -> None:
         super().__init__(**options)
         redis = _redis()
         _check_bytes(client)
-        self.client = client
+        self.given = client  # as its owner made it
+        client = self.client = _without_retries(client, self._asynchronous)
         self.errors: tuple[type[BaseException], ...] = (
             redis.RedisError,
             OSError,
@@ -168,7 +213,7 @@ class RedisBackend(_RedisStore):
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
         redis = _redis()
         client = redis.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
         )
         return cls(client, **options)
 
@@ -205,6 +250,7 @@ class AsyncRedisBackend(_RedisStore):
     """Entries in Redis, through a ``redis.asyncio.Redis`` / ``RedisCluster`` client."""
 
     serves_sync = False
+    _asynchronous = True
 
     more_errors: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
 
@@ -239,7 +285,7 @@ class AsyncRedisBackend(_RedisStore):
     def from_url(cls, url: str, **options: Any) -> AsyncRedisBackend:
         redis = _redis()
         client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
         )
         return cls(client, **options)
 
