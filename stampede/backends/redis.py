@@ -114,9 +114,9 @@ def _check_bytes(client: Any) -> None:
 
 def _retries(client: Any) -> int:
     """How many times the client repeats a failed command (redis-py's ``Retry``)."""
-    get_retry = getattr(client, "get_retry", None)
-    retry = get_retry() if callable(get_retry) else None
-    get_retries = getattr(retry, "get_retries", None)
+    get_retry: Any = getattr(client, "get_retry", None)
+    retry: Any = get_retry() if callable(get_retry) else None
+    get_retries: Any = getattr(retry, "get_retries", None)
     return int(get_retries()) if callable(get_retries) else 0
 
 
