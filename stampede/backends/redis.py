@@ -117,7 +117,8 @@ def _retries(client: Any) -> int:
     get_retry: Any = getattr(client, "get_retry", None)
     retry: Any = get_retry() if callable(get_retry) else None
     get_retries: Any = getattr(retry, "get_retries", None)
-    return int(get_retries()) if callable(get_retries) else 0
+    count: Any = get_retries() if callable(get_retries) else 0
+    return int(count)
 
 
 def _without_retries(client: Any, asynchronous: bool) -> Any:
