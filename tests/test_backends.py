@@ -1073,3 +1073,55 @@ def test_an_async_client_made_as_the_docs_show_is_bounded_when_redis_pauses(
 
     took = asyncio.run(main())
     assert took < 3.0, f"a call took {took:.1f} s with Redis paused"
+
+
+def test_an_async_cache_made_from_a_url_works_under_any_loop(redis_url: str) -> None:
+    """A cache on a ``redis://`` URL, declared before any loop runs, works under
+    ``asyncio.run()`` twice in a row and under two loops at once (a client per loop).
+
+    Regression test for the audit's fault 5 (issue 11): the second asyncio.run()
+    raised "RuntimeError: Event loop is closed", unwrapped and uncounted.
+    """
+    calls: list[int] = []
+
+    @cached(cache=redis_url, ttl=60)
+    async def double(x: int) -> int:
+        calls.append(x)
+        return x * 2
+
+    async def main() -> tuple[int, int]:
+        return await double(1), await double(2)
+
+    assert asyncio.run(main()) == (2, 4)
+    assert asyncio.run(main()) == (2, 4)  # a new loop
+    results: list[tuple[int, int]] = []
+    threads = [threading.Thread(target=lambda: results.append(asyncio.run(main()))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    join_all(threads)
+    assert results == [(2, 4), (2, 4)]  # two loops at once
+    assert calls == [1, 2]  # loaded once each: every later read was a hit in Redis
+    assert double.cache.stats().backend_errors == 0
+
+
+def test_a_given_async_client_used_from_another_loop_fails_open_counted(redis_url: str) -> None:
+    """A redis.asyncio client given by its owner belongs to one loop; used from
+    another, its error is a store failure: counted, and the call fails open.
+
+    Regression test for the audit's fault 5 (issue 11): the RuntimeError reached
+    the caller.
+    """
+    from stampede import AsyncCoalescingCache
+
+    client = redis.asyncio.Redis.from_url(redis_url, retry=None)
+    cache: AsyncCoalescingCache[int] = AsyncCoalescingCache(client, ttl=60)
+
+    async def main(value: int) -> int:
+        return await cache.get_or_load("k", lambda: value)
+
+    assert asyncio.run(main(1)) == 1
+    # Its connection belongs to the first loop: the first command from the new
+    # one fails (counted); redis-py then reconnects from here, and the call ends
+    # with the stored value or its own load, never the RuntimeError.
+    assert asyncio.run(main(2)) in (1, 2)
+    assert cache.stats().backend_errors >= 1

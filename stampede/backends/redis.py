@@ -156,6 +156,20 @@ def _without_retries(client: Any, asynchronous: bool) -> Any:
     return module.Redis(connection_pool=own)
 
 
+class _Link:
+    """A client and stampede's scripts, registered on it."""
+
+    __slots__ = ("client", "read", "acquire", "renew", "commit", "break_")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.read = client.register_script(_READ)
+        self.acquire = client.register_script(_ACQUIRE)
+        self.renew = client.register_script(_RENEW)
+        self.commit = client.register_script(_COMMIT)
+        self.break_ = client.register_script(_BREAK)
+
+
 class _RedisStore(SharedStore):
     """What both Redis stores keep of their client: it, its errors, its scripts."""
 
@@ -169,18 +183,22 @@ class _RedisStore(SharedStore):
         redis = _redis()
         _check_bytes(client)
         self.given = client  # as its owner made it
-        client = self.client = _without_retries(client, self._asynchronous)
+        self._link = _Link(_without_retries(client, self._asynchronous))
         self.errors: tuple[type[BaseException], ...] = (
             redis.RedisError,
             OSError,
             *self.more_errors,
         )
         self.busy_errors: tuple[type[BaseException], ...] = _busy(redis)
-        self._read = client.register_script(_READ)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._commit = client.register_script(_COMMIT)
-        self._break = client.register_script(_BREAK)
+
+    def _here(self) -> _Link:
+        """The client (and scripts) to use on this thread or event loop."""
+        return self._link
+
+    @property
+    def client(self) -> Any:
+        """The client stampede sends its commands through (see ``_without_retries``)."""
+        return self._here().client
 
 
 class RedisBackend(_RedisStore):
@@ -191,21 +209,22 @@ class RedisBackend(_RedisStore):
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | None, float | None]:
-        got, data, pttl = self._acquire(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)])
+        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl)]
+        got, data, pttl = self._here().acquire(keys=keys, args=args)
         return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
-        return bool(self._renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]))
+        return bool(self._here().renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
         args = [token, data or b"", ttl_ms(ttl), CHANNEL]
-        return bool(self._commit(keys=[key, lease_key(key)], args=args))
+        return bool(self._here().commit(keys=[key, lease_key(key)], args=args))
 
     def _lease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
         args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
-        self._break(keys=[key, lease_key(key)], args=args)
+        self._here().break_(keys=[key, lease_key(key)], args=args)
 
     def lease_listen(self, key: str) -> _Listening:
         return _Listening(_notifier_for(self.client), key)
@@ -219,7 +238,7 @@ class RedisBackend(_RedisStore):
         return cls(client, **options)
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        found = self._read(keys=[key])
+        found = self._here().read(keys=[key])
         if found is None:
             return None, None
         data, pttl = found
@@ -253,45 +272,73 @@ class AsyncRedisBackend(_RedisStore):
     serves_sync = False
     _asynchronous = True
 
-    more_errors: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
+    # RuntimeError: a redis.asyncio client used from another event loop than the
+    # one its connections belong to ("Event loop is closed", "attached to a
+    # different loop"): this store is then unusable from here, as if down.
+    more_errors: tuple[type[BaseException], ...] = (asyncio.TimeoutError, RuntimeError)
+
+    # Made from a URL: a client per event loop (a redis.asyncio client belongs to
+    # the loop that opened its connections), so a cache declared at import time
+    # works under any loop, one after another or several at once. A client given
+    # by its owner is used as it is, from the loop it belongs to.
+    _url: str | None = None
+    _links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Link] | None = None
+
+    def _here(self) -> _Link:
+        if self._links is None:
+            return self._link
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a repr, a test): the first client
+            return self._link
+        link = self._links.get(loop)
+        if link is None:
+            link = self._links.setdefault(loop, _Link(self._connect(self._url or "")))
+        return link
+
+    @staticmethod
+    def _connect(url: str) -> Any:
+        return _redis().asyncio.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
+        )
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | None, float | None]:
-        got, data, pttl = await self._acquire(
+        got, data, pttl = await self._here().acquire(
             keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]
         )
         return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
 
     async def _alease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
-        renewed = await self._renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)])
+        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl)]
+        renewed = await self._here().renew(keys=keys, args=args)
         return bool(renewed)
 
     async def _alease_commit_raw(
         self, key: str, token: str, data: bytes | None, ttl: float
     ) -> bool:
         args = [token, data or b"", ttl_ms(ttl), CHANNEL]
-        return bool(await self._commit(keys=[key, lease_key(key)], args=args))
+        return bool(await self._here().commit(keys=[key, lease_key(key)], args=args))
 
     async def _alease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
         args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
-        await self._break(keys=[key, lease_key(key)], args=args)
+        await self._here().break_(keys=[key, lease_key(key)], args=args)
 
     def alease_listen(self, key: str) -> _AsyncListening:
         return _AsyncListening(_async_notifier_for(self.client), key)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisBackend:
-        redis = _redis()
-        client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
-        )
-        return cls(client, **options)
+        store = cls(cls._connect(url), **options)
+        store._url = url
+        store._links = weakref.WeakKeyDictionary()
+        return store
 
     async def _aget_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        found = await self._read(keys=[key])
+        found = await self._here().read(keys=[key])
         if found is None:
             return None, None
         data, pttl = found
