@@ -1125,3 +1125,48 @@ def test_a_given_async_client_used_from_another_loop_fails_open_counted(redis_ur
     # with the stored value or its own load, never the RuntimeError.
     assert asyncio.run(main(2)) in (1, 2)
     assert cache.stats().backend_errors >= 1
+
+
+def test_a_distributed_wait_is_bounded_while_redis_is_paused(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """A process waiting for another's lease, on a client built as the docs show
+    (redis-py's default retries), ends its wait within ``wait_timeout`` when Redis
+    stops answering: it fails open, or times out, but is not held by retries.
+
+    Coverage the audit found missing (issue 11, with fault 3): such waiters stayed
+    blocked more than 8 s with wait_timeout=2.
+    """
+
+    from stampede import LoadTimeout
+
+    def make() -> CoalescingCache[str]:
+        client = redis.Redis(
+            host=fresh_redis_server.host, port=fresh_redis_server.port, socket_timeout=0.3
+        )
+        return CoalescingCache(client, distributed=True, wait_timeout=2, ttl=60, lease_ttl=30)
+
+    leader, waiter = make(), make()  # two processes, as far as leases go
+    gate = Gate("leader's")
+    lead = threading.Thread(target=leader.get_or_load, args=("k", gate), daemon=True)
+    lead.start()
+    assert gate.entered.wait(10)  # the leader holds the fleet's lease
+    got: list[object] = []
+
+    def wait() -> None:
+        try:
+            got.append(waiter.get_or_load("k", lambda: "waiter's"))
+        except Exception as exc:  # LoadTimeout is a bound too
+            got.append(exc)
+
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    wait_until(lambda: waiter.stats().lease_waits == 1, what="the waiter waits for the lease")
+    with fresh_redis_server.paused():
+        started = time.monotonic()
+        waiting.join(10)
+        took = time.monotonic() - started
+    gate.open()
+    lead.join(10)
+    assert not waiting.is_alive() and took < 2 + 1.5, f"the waiter took {took:.1f} s"
+    assert got and (got[0] == "waiter's" or isinstance(got[0], LoadTimeout))
