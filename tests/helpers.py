@@ -1,8 +1,11 @@
-"""Helpers shared by the tests: threads, and a private diskcache store."""
+"""Helpers shared by the tests: threads, forked children, a private diskcache store."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,36 @@ def join_all(threads: list[threading.Thread], deadline: float = 10.0) -> None:
     for t in threads:
         t.join(deadline)
         assert not t.is_alive(), "a caller hung"
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start ``fn`` on a daemon thread; the list gets its result or its exception."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_child(pid: int, deadline: float, hung: str) -> int:
+    """The exit code of the forked child ``pid``; kill it and fail with ``hung``
+    if it has not exited within ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > end:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(hung)
+        time.sleep(0.01)
 
 
 def disk_store(tmp_path: Path) -> diskcache.Cache:

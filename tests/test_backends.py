@@ -9,7 +9,6 @@ import asyncio
 import builtins
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from stampede.backends import DiskBackend, RedisBackend
 from stampede.testing import FakeClock, Gate, wait_until
 from tests.support.redis_server import RedisServer
 
-from .helpers import disk_store, join_all, run_threads
+from .helpers import disk_store, join_all, run_threads, wait_child
 
 
 class NotFound(LookupError):
@@ -989,19 +988,10 @@ def test_a_child_forked_during_a_disk_write_fails_fast_instead_of_hanging(
             code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 20
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the child hung on its parent's write lock")
-        time.sleep(0.01)
+    code = wait_child(pid, 20, "the child hung on its parent's write lock")
     release.set()
     join_all([t])
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0
     assert store.get("other") == b"y"  # the parent's transaction went on
     assert cache.get_or_load("k", lambda: "parent") == "parent"  # the parent is unaffected
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import pytest
 from stampede import CoalescingCache, LoadAbandoned, LoadTimeout, RecursiveLoad
 from stampede.testing import Draws, FakeClock, Gate, wait_until
 
-from .helpers import join_all, run_threads
+from .helpers import join_all, run_threads, wait_child
 
 
 def coalesced(cache: CoalescingCache[Any]) -> int:
@@ -462,16 +460,6 @@ def test_a_forked_child_does_not_wait_for_the_parents_loads() -> None:
                 code = 0
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 10
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the child hung on its parent's in-flight load")
-        time.sleep(0.01)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert wait_child(pid, 10, "the child hung on its parent's in-flight load") == 0
     gate.open()
     join_all([t])

@@ -11,7 +11,6 @@ server's. Real processes and real servers are in tests/test_distributed.py.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from stampede import (
 from stampede._entry import value_entry
 from stampede._leader import Step, look
 from stampede.testing import AsyncGate, FakeClock, Gate, wait_until
+from tests.helpers import in_thread
 from tests.support.fake_leases import DictLeaseStore
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,20 +34,6 @@ def fleet(store: DictLeaseStore, n: int = 2, **options: Any) -> list[CoalescingC
     """``n`` caches on one store: ``n`` processes, as far as the engine can tell."""
     options.setdefault("ttl", 60)
     return [CoalescingCache(store, distributed=True, **options) for _ in range(n)]
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def test_two_processes_load_a_missing_key_once() -> None:

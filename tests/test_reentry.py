@@ -22,22 +22,14 @@ import pytest
 
 from stampede import CoalescingCache, SingleFlight
 from stampede.testing import Gate
+from tests.helpers import in_thread
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def finishes(fn: Callable[[], Any], within: float = 10.0) -> Any:
     """Run ``fn`` on a thread; its result, or a failure (not a hang) if it deadlocks."""
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, out = in_thread(fn)
     thread.join(within)
     assert not thread.is_alive(), "deadlocked: a call re-entered a lock its thread held"
     if isinstance(out[0], BaseException):
