@@ -127,8 +127,7 @@ class AsyncCoalescingCache(CacheBase[V]):
     async def refresh(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
         """Load ``key`` now and store the result; see ``CoalescingCache.refresh``."""
         k = self._key(key)
-        previous = await engine.read(self._host, k)
-        load = functools.partial(engine.load, self._host, k, loader, previous, force=True)
+        load = functools.partial(engine.reload, self._host, k, loader)
         call, leader = self._flight._join(k, load)
         if leader:
             return await self._flight._wait(call, self._options.wait_timeout)  # type: ignore[no-any-return]

@@ -133,7 +133,10 @@ class CacheBase(Generic[V]):
         self._clock = opts.clock
         # How keys become store keys; None: used as they are (the hit path's fast case).
         self._make_key = store.key_maker(opts.namespace)
-        self._peek = make_peek(store.get if store.local else None, opts.clock, self._counters)
+        # The hit path's read: an in-process store's; a shared store has none (its
+        # read is a round trip, made once, by the slow path).
+        self._hit_get = store.get if store.local else None
+        self._peek = make_peek(self._hit_get, opts.clock, self._counters)
         leases = store if opts.distributed else None
         # Fencing of in-process stores: thread locks, whatever the flavour.
         self._thread_fences: Fences | None = None

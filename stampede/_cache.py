@@ -169,9 +169,8 @@ class CoalescingCache(CacheBase[V]):
         k = self._key(key)
         call, leader = self._flight._join(k)
         if leader:
-            previous = engine.read(self._host, k)
-            load = functools.partial(engine.load, self._host, k, loader, previous, force=True)
-            return self._flight._lead(k, call, load)  # type: ignore[no-any-return]
+            load = functools.partial(engine.reload, self._host, k, loader)
+            return self._flight._lead(k, call, load)
         return self._join_wait(call)
 
     def clear(self) -> None:

@@ -311,11 +311,10 @@ def _hit_path(
     fn: Callable[..., Any], cache: CacheBase[Any], keys: _Keys, *, asynchronous: bool
 ) -> Callable[..., Any]:
     """The wrapper of ``fn``: its key, the hit path, else the cache's slow path."""
-    backend = cache.backend
     return make_wrapper(
         fn,
         asynchronous=asynchronous,
-        get=backend.get if backend.local else None,
+        get=cache._hit_get,
         clock=cache._clock,
         counters=cache._counters,
         arity=keys.arity,

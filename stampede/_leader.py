@@ -82,7 +82,7 @@ class Host(Generic[S, L, F]):
     """What the leader's work needs of a cache (``S``: its store, ``L``: the same
     store when it holds leases, ``F``: its fences)."""
 
-    __slots__ = ("store", "leases", "options", "rec", "flight", "fences", "elsewhere")
+    __slots__ = ("store", "local", "leases", "options", "rec", "flight", "fences", "elsewhere")
 
     def __init__(
         self,
@@ -94,6 +94,7 @@ class Host(Generic[S, L, F]):
         fences: F,
     ) -> None:
         self.store = store
+        self.local: bool = bool(getattr(store, "local", False))  # a mapping of this process
         self.leases = leases  # the store, when distributed; else None
         self.options = options
         self.rec = rec
@@ -130,10 +131,11 @@ class Host(Generic[S, L, F]):
 
     def read_failed(self, exc: Exception, count: bool = True) -> None:
         """See ``_failures.read_failed``; returns None (a miss) or raises."""
-        local = bool(getattr(self.store, "local", False))
-        opts = self.options
         read_failed(
-            exc, local=local, raise_backend_errors=opts.raise_backend_errors, rec=self.rec,
+            exc,
+            local=self.local,
+            raise_backend_errors=self.options.raise_backend_errors,
+            rec=self.rec,
             count=count,
         )
 
@@ -266,8 +268,7 @@ class Host(Generic[S, L, F]):
             assert isinstance(exc, Exception)
             if not ErrorData.of(exc).rebuildable():
                 return None, MISSING, spent  # no reader could raise it again: not cached
-            local = bool(getattr(self.store, "local", False))
-            if not local and not isinstance(exc, opts.error_types):
+            if not self.local and not isinstance(exc, opts.error_types):
                 # A predicate chose it, but a reader of a shared store can only rebuild
                 # the types cache_errors names: do not store what no one can read.
                 return None, MISSING, spent

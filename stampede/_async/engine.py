@@ -123,6 +123,14 @@ async def load(
     return await _load_here(host, k, loader, previous, call, force)
 
 
+async def reload(host: AsyncHost, k: Hashable, loader: ALoader[V], call: Fenced) -> V:
+    """``refresh``: load ``k`` whatever is stored; what is stored when the load
+    starts is the value kept if it fails (stale-if-error). Run by the leader only:
+    callers that join a refresh in flight read nothing."""
+    previous: Entry[V] | None = await read(host, k)
+    return await load(host, k, loader, previous, call, force=True)
+
+
 async def _load_here(
     host: AsyncHost,
     k: Hashable,

@@ -125,6 +125,14 @@ def load(
     return _load_here(host, k, loader, previous, call, force)
 
 
+def reload(host: SyncHost, k: Hashable, loader: Loader[V], call: Fenced) -> V:
+    """``refresh``: load ``k`` whatever is stored; what is stored when the load
+    starts is the value kept if it fails (stale-if-error). Run by the leader only:
+    callers that join a refresh in flight read nothing."""
+    previous: Entry[V] | None = read(host, k)
+    return load(host, k, loader, previous, call, force=True)
+
+
 def _load_here(
     host: SyncHost,
     k: Hashable,
