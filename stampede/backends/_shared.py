@@ -313,6 +313,7 @@ class SharedStore:
         wrapped in ``BackendUnavailable`` and judged; anything else (cancellation,
         an exhausted client pool, an error not of the store's doing) frees the
         probe and judges nothing."""
+        self._refuse()
         if not self.breaker.allow():
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
         try:
@@ -329,6 +330,10 @@ class SharedStore:
         self.breaker.success()
 
     # -- what a subclass supplies --------------------------------------------------
+
+    def _refuse(self) -> None:
+        """Raise ``BackendUnavailable`` when this process may not use the store at all
+        (before any operation; no breaker judges it). Default: it always may."""
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
         """The bytes under ``key`` and the seconds the store will keep them."""

@@ -147,8 +147,6 @@ class DiskBackend(SharedStore):
         return cls(path, **options)
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         found = _read_row(self._shard(key), key)
         if found is None:
             return None, None
@@ -165,22 +163,20 @@ class DiskBackend(SharedStore):
             return self.cache
         return shards[self.cache._hash(key) % self.cache._count]
 
+    def _refuse(self) -> None:
+        if _unusable:  # forked while the parent wrote here: see the module docstring
+            _refuse_if_unusable(self.folder)
+
     def _shards(self) -> list[Any]:
         return list(getattr(self.cache, "_shards", None) or [self.cache])
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         self.cache.set(key, data, expire=ttl)
 
     def _delete_raw(self, key: str) -> None:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         self.cache.delete(key)
 
     def _clear_raw(self, prefix: str) -> None:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         for shard in self._shards():
             # Only keys stored as text (raw): reading others would unpickle them.
             rows = shard._sql("SELECT key FROM Cache WHERE raw = 1").fetchall()
@@ -195,23 +191,17 @@ class DiskBackend(SharedStore):
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | None, float | None]:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         got = self.cache.add(lease_key(key), token, expire=lease_ttl)
         data, remaining = self._get_raw(key)
         return bool(got), data, remaining
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
@@ -223,8 +213,6 @@ class DiskBackend(SharedStore):
     def _lease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
-        if _unusable:
-            _refuse_if_unusable(self.folder)
         with self.cache.transact():
             self.cache.delete(lease_key(key))
             if data:

@@ -112,6 +112,16 @@ def _check_bytes(client: Any) -> None:
         )
 
 
+# What a client stampede makes from a URL looks like: bytes (entries are binary),
+# one-second timeouts, no retries (see _without_retries).
+_URL_CLIENT: dict[str, Any] = {
+    "socket_timeout": 1.0,
+    "socket_connect_timeout": 1.0,
+    "decode_responses": False,
+    "retry": None,
+}
+
+
 def _retries(client: Any) -> int:
     """How many times the client repeats a failed command (redis-py's ``Retry``)."""
     get_retry: Any = getattr(client, "get_retry", None)
@@ -133,7 +143,8 @@ def _without_retries(client: Any, asynchronous: bool) -> Any:
     A client whose pool stampede cannot copy (Sentinel, Cluster) is used as it
     is, with a warning.
     """
-    if _retries(client) == 0:
+    retries = _retries(client)
+    if retries == 0:
         return client
     redis = _redis()
     module = redis.asyncio if asynchronous else redis
@@ -144,7 +155,7 @@ def _without_retries(client: Any, asynchronous: bool) -> Any:
             "holds a cache call for every retry, beyond wait_timeout. Give stampede a "
             "client made with retry=None (or Retry(NoBackoff(), 0)).",
             client,
-            _retries(client),
+            retries,
         )
         return client
     retry_module = redis.asyncio.retry if asynchronous else redis.retry
@@ -232,9 +243,7 @@ class RedisBackend(_RedisStore):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
         redis = _redis()
-        client = redis.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
-        )
+        client = redis.Redis.from_url(url, **_URL_CLIENT)
         return cls(client, **options)
 
     def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
@@ -298,9 +307,7 @@ class AsyncRedisBackend(_RedisStore):
 
     @staticmethod
     def _connect(url: str) -> Any:
-        return _redis().asyncio.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False, retry=None
-        )
+        return _redis().asyncio.Redis.from_url(url, **_URL_CLIENT)
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
