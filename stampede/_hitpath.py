@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import linecache
+import zlib
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -57,7 +58,9 @@ _WRAPPER = """\
 
 @functools.cache  # a handful of variants (kind, flavour, store): one code object each
 def _code(source: str, name: str) -> Any:
-    filename = f"<stampede hit path: {name} {_code.cache_info().currsize + 1}>"
+    # Named after its source, so two variants never share a name (and a race
+    # between two threads compiling one variant registers the same text twice).
+    filename = f"<stampede hit path: {name} {zlib.crc32(source.encode()):08x}>"
     # Registered like a file, so that tracebacks and debuggers show the source.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return compile(source, filename, "exec")

@@ -8,7 +8,7 @@ generated (``_sync/engine.py``); the generated code calls only these:
   ``acall_loader`` awaits whatever needs awaiting;
 - how a lease is kept alive while the loader runs: a thread (``Renewer``) or
   a task (``AsyncRenewer``);
-- how a key's writes are fenced: a striped ``threading.Lock`` (``Fences``),
+- how a key's writes are fenced: striped reentrant thread locks (``Fences``),
   or, for a store reached over the network from asyncio, an ``asyncio.Lock``
   per event loop (``AsyncFences``), which is never held across a thread.
 """
@@ -162,7 +162,7 @@ class Fences:
 
 
 class _HeldOnThread:
-    """A ``threading.Lock`` used from a coroutine: for in-process stores, whose
+    """A thread lock used from a coroutine: for in-process stores, whose
     writes never await, so the lock is never held across a suspension."""
 
     __slots__ = ("_lock",)
