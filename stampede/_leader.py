@@ -142,7 +142,9 @@ class Host(Generic[S, L, F]):
     def write_failed(self, exc: Exception) -> None:
         write_failed(exc, raise_backend_errors=self.options.raise_backend_errors, rec=self.rec)
 
-    def decoded(self, key: str, data: bytes | None, remaining: float | None) -> Entry[Any] | None:
+    def decoded(
+        self, key: str, data: bytes | int | None, remaining: float | None
+    ) -> Entry[Any] | None:
         """Bytes read alongside a lease, as an entry; unreadable ones are a counted miss."""
         if data is None:
             return None

@@ -64,12 +64,12 @@ class SyncLeaseStore(SyncEntryStore, Protocol):
     """What ``distributed=True`` needs of a shared store: token-fenced leases."""
 
     def decode(
-        self, key: str, data: bytes | None, remaining: float | None
+        self, key: str, data: bytes | int | None, remaining: float | None
     ) -> Entry[Any] | None: ...
 
     def lease_acquire(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]: ...
+    ) -> tuple[bool, bytes | int | None, float | None]: ...
 
     def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool: ...
 

@@ -165,11 +165,19 @@ class SharedStore:
 
     supports_leases = False
 
-    def decode(self, key: str, data: bytes | None, remaining: float | None) -> Entry[Any] | None:
-        """The entry in ``data`` (None: a miss); ``CorruptEntry`` for unreadable bytes."""
+    def decode(
+        self, key: str, data: bytes | int | None, remaining: float | None
+    ) -> Entry[Any] | None:
+        """The entry in ``data`` (None: a miss); ``CorruptEntry`` for unreadable bytes,
+        and for an entry too large to read (``data`` is then its size, not fetched)."""
         assert self.codec is not None
         if data is None:
             return None
+        if isinstance(data, int):
+            raise _envelope.CorruptEntry(
+                f"an entry of {data:,} bytes, more than max_value_size "
+                f"({self.max_value_size:,}): not written by this cache, left unread"
+            )
         if remaining is None:
             raise _envelope.CorruptEntry("an entry without an expiry: not written by stampede")
         if remaining <= 0:
@@ -178,7 +186,7 @@ class SharedStore:
 
     def lease_acquire(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         """Take the key's lease if free; also read the value: (taken, bytes, remaining)."""
         return self._call(self._lease_acquire_raw, key, token, lease_ttl)  # type: ignore[no-any-return]
 
@@ -221,7 +229,7 @@ class SharedStore:
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         raise NotImplementedError
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
@@ -239,7 +247,7 @@ class SharedStore:
 
     async def alease_acquire(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         return await self._acall(self._alease_acquire_raw, key, token, lease_ttl)  # type: ignore[no-any-return]
 
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
@@ -263,7 +271,7 @@ class SharedStore:
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         return await asyncio.to_thread(self._lease_acquire_raw, key, token, lease_ttl)
 
     async def _alease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
@@ -335,8 +343,10 @@ class SharedStore:
         """Raise ``BackendUnavailable`` when this process may not use the store at all
         (before any operation; no breaker judges it). Default: it always may."""
 
-    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        """The bytes under ``key`` and the seconds the store will keep them."""
+    def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
+        """The bytes under ``key`` and the seconds the store will keep them; in place of
+        the bytes, their size when it exceeds ``max_value_size`` (then never fetched:
+        every read's cost is bounded, whatever was planted in the store)."""
         raise NotImplementedError
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
@@ -351,7 +361,7 @@ class SharedStore:
     # Async stores override these; a local store (disk) reads inline (a read is
     # short) and writes on a worker thread, so the event loop never waits on a write.
 
-    async def _aget_raw(self, key: str) -> tuple[bytes | None, float | None]:
+    async def _aget_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         return self._get_raw(key)
 
     async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:

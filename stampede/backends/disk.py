@@ -146,13 +146,13 @@ class DiskBackend(SharedStore):
             raise ValueError(f"{url!r} names no folder")
         return cls(path, **options)
 
-    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        found = _read_row(self._shard(key), key)
+    def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
+        found = _read_row(self._shard(key), key, self.max_value_size)
         if found is None:
             return None, None
         data, expire_time = found
         remaining = None if expire_time is None else expire_time - time.time()
-        if not isinstance(data, bytes):
+        if not isinstance(data, (bytes, int)):
             return b"", remaining  # something else lives here: a foreign entry
         return data, remaining
 
@@ -190,8 +190,15 @@ class DiskBackend(SharedStore):
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
-        got = self.cache.add(lease_key(key), token, expire=lease_ttl)
+    ) -> tuple[bool, bytes | int | None, float | None]:
+        lease = lease_key(key)
+        got = self.cache.add(lease, token, expire=lease_ttl)
+        if not got and _forever(self._shard(lease), lease):
+            # A lease without an expiry was not taken by stampede (its leases always
+            # have one) and would hold the key forever: replace it.
+            with self.cache.transact():
+                if _forever(self._shard(lease), lease):
+                    got = self.cache.set(lease, token, expire=lease_ttl)
         data, remaining = self._get_raw(key)
         return bool(got), data, remaining
 
@@ -233,32 +240,50 @@ class DiskBackend(SharedStore):
 # in the database (MODE_RAW) or in a value file of diskcache's naming (MODE_BINARY).
 _MODE_RAW, _MODE_BINARY = 1, 2
 _VALUE_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
+# A value longer than the limit is not read: its length comes back instead
+# (SQLite takes a blob's length from the row header, a value file's from fstat).
 _SELECT = (
-    "SELECT expire_time, mode, filename, value FROM Cache"
+    "SELECT expire_time, mode, filename, length(value),"
+    " CASE WHEN length(value) > ? THEN NULL ELSE value END FROM Cache"
     " WHERE key = ? AND raw = 1 AND (expire_time IS NULL OR expire_time > ?)"
 )
+_TOKEN_SIZE = 256  # a lease row holds a token (a few dozen bytes); more is foreign
 
 
-def _read_row(shard: Any, key: str) -> tuple[bytes | str | None, float | None] | None:
-    """The raw value under ``key`` and its expiry, without ever unpickling anything."""
-    rows = shard._sql(_SELECT, (key, time.time())).fetchall()
+def _read_row(
+    shard: Any, key: str, limit: int
+) -> tuple[bytes | int | str | None, float | None] | None:
+    """The raw value under ``key`` and its expiry, without ever unpickling anything
+    nor reading more than ``limit`` bytes (a longer value: its size, as an int)."""
+    rows = shard._sql(_SELECT, (limit, key, time.time())).fetchall()
     if not rows:
         return None
-    ((expire_time, mode, filename, value),) = rows
+    ((expire_time, mode, filename, size, value),) = rows
     if mode == _MODE_RAW:
-        return (bytes(value) if isinstance(value, (bytes, memoryview)) else value), expire_time
+        if value is None and size is not None:
+            return int(size), expire_time
+        if isinstance(value, (bytes, memoryview)):
+            return bytes(value), expire_time
+        return (value if isinstance(value, str) else b""), expire_time  # text: a lease token
     if mode == _MODE_BINARY and isinstance(filename, str) and _VALUE_FILE.fullmatch(filename):
         try:
             with open(os.path.join(shard.directory, filename), "rb") as f:
-                return f.read(), expire_time
+                size = os.fstat(f.fileno()).st_size
+                return (size if size > limit else f.read(limit + 1)), expire_time
         except OSError:  # removed meanwhile
             return None
     return b"", expire_time  # pickled, text, or a file not of diskcache's: foreign
 
 
 def _holder(shard: Any, key: str) -> object:
-    found = _read_row(shard, key)
+    found = _read_row(shard, key, _TOKEN_SIZE)
     return None if found is None else found[0]
+
+
+def _forever(shard: Any, key: str) -> bool:
+    """Whether a row under ``key`` never expires."""
+    found = _read_row(shard, key, _TOKEN_SIZE)
+    return found is not None and found[1] is None
 
 
 class _Polling:

@@ -25,24 +25,41 @@ from ._shared import SharedStore, lease_key, ttl_ms
 
 # GET and PTTL in one round trip. A Lua table stops at its first nil, so a
 # missing key answers nil rather than {nil, -2}; something that is not a string
-# under the key (WRONGTYPE) answers {'', -1}: a foreign entry, a counted miss.
-_READ = """
-local v = redis.pcall('GET', KEYS[1])
+# under the key (WRONGTYPE) answers {'', -1}: a foreign entry, a counted miss. A
+# value longer than ARGV[1] (the store's max_value_size) is never sent: its
+# length comes back in its place, so a planted giant costs one STRLEN. Flagged
+# no-writes, so that reads go on during CLIENT PAUSE WRITE (a failover) and on
+# read-only replicas (Redis 7.0 and later; older servers run it unflagged).
+_READ_BODY = """
+local n = redis.pcall('STRLEN', KEYS[1])
+if type(n) == 'table' then return {'', -1} end
+if n > tonumber(ARGV[1]) then return {n, redis.call('PTTL', KEYS[1])} end
+local v = redis.call('GET', KEYS[1])
 if not v then return nil end
-if type(v) == 'table' then return {'', -1} end
 return {v, redis.call('PTTL', KEYS[1])}
 """
+_READ = "#!lua flags=no-writes\n" + _READ_BODY.lstrip("\n")
 
 # Leases (distributed=True). KEYS[1] is the value, KEYS[2] its lease: one hash
 # slot (the key's own hash tag). Every change is conditional on the token, so a
 # leader that lost its lease can neither write nor free someone else's lease.
+# A lease without an expiry was not taken by stampede (its leases always have
+# one) and would hold the key forever: acquiring replaces it. The value is read
+# as by _READ (ARGV[3]: max_value_size).
 _ACQUIRE = """
 local got = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
-local v = redis.pcall('GET', KEYS[1])
-local t = -2
-if type(v) == 'table' then v = '' t = -1
-elseif v then t = redis.call('PTTL', KEYS[1]) end
-return {got and 1 or 0, v or false, t}
+if not got and redis.call('PTTL', KEYS[2]) == -1 then
+  got = redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+local n = redis.pcall('STRLEN', KEYS[1])
+local v, t = false, -2
+if type(n) == 'table' then v = '' t = -1
+elseif n > tonumber(ARGV[3]) then v = n t = redis.call('PTTL', KEYS[1])
+else
+  v = redis.call('GET', KEYS[1])
+  if v then t = redis.call('PTTL', KEYS[1]) else v = false end
+end
+return {got and 1 or 0, v, t}
 """
 _RENEW = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
@@ -174,11 +191,22 @@ class _Link:
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.read = client.register_script(_READ)
+        self.read = client.register_script(_READ)  # unflagged() may replace it
         self.acquire = client.register_script(_ACQUIRE)
         self.renew = client.register_script(_RENEW)
         self.commit = client.register_script(_COMMIT)
         self.break_ = client.register_script(_BREAK)
+
+    def unflagged(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the server predates script flags (Redis before 7.0
+        reads ``#!lua`` as a syntax error): the read is then the same script without
+        its flag, so it works, but waits out a write pause like any script."""
+        text = str(exc)
+        if self.read.script == _READ_BODY or not ("near '#'" in text or "shebang" in text):
+            return False
+        log.warning("%r predates script flags: reads wait during CLIENT PAUSE WRITE", self.client)
+        self.read = self.client.register_script(_READ_BODY)
+        return True
 
 
 class _RedisStore(SharedStore):
@@ -201,6 +229,7 @@ class _RedisStore(SharedStore):
             *self.more_errors,
         )
         self.busy_errors: tuple[type[BaseException], ...] = _busy(redis)
+        self.script_errors: tuple[type[BaseException], ...] = (redis.ResponseError,)
 
     def _here(self) -> _Link:
         """The client (and scripts) to use on this thread or event loop."""
@@ -219,8 +248,8 @@ class RedisBackend(_RedisStore):
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
-        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl)]
+    ) -> tuple[bool, bytes | int | None, float | None]:
+        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl), self.max_value_size]
         got, data, pttl = self._here().acquire(keys=keys, args=args)
         return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
 
@@ -246,8 +275,14 @@ class RedisBackend(_RedisStore):
         client = redis.Redis.from_url(url, **_URL_CLIENT)
         return cls(client, **options)
 
-    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        found = self._here().read(keys=[key])
+    def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
+        link = self._here()
+        try:
+            found = link.read(keys=[key], args=[self.max_value_size])
+        except self.script_errors as exc:
+            if not link.unflagged(exc):
+                raise
+            found = link.read(keys=[key], args=[self.max_value_size])
         if found is None:
             return None, None
         data, pttl = found
@@ -311,9 +346,9 @@ class AsyncRedisBackend(_RedisStore):
 
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         got, data, pttl = await self._here().acquire(
-            keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]
+            keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl), self.max_value_size]
         )
         return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
 
@@ -344,8 +379,14 @@ class AsyncRedisBackend(_RedisStore):
         store._links = weakref.WeakKeyDictionary()
         return store
 
-    async def _aget_raw(self, key: str) -> tuple[bytes | None, float | None]:
-        found = await self._here().read(keys=[key])
+    async def _aget_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
+        link = self._here()
+        try:
+            found = await link.read(keys=[key], args=[self.max_value_size])
+        except self.script_errors as exc:
+            if not link.unflagged(exc):
+                raise
+            found = await link.read(keys=[key], args=[self.max_value_size])
         if found is None:
             return None, None
         data, pttl = found
@@ -369,7 +410,7 @@ class AsyncRedisBackend(_RedisStore):
         if batch:
             await self.client.unlink(*batch)
 
-    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
+    def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         raise TypeError("an asyncio Redis client serves AsyncCoalescingCache only")
 
     _set_raw = _delete_raw = _clear_raw = _get_raw  # type: ignore[assignment]

@@ -41,6 +41,7 @@ import importlib.util
 import random
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -164,7 +165,9 @@ class BackendConformance:
 
     def read_raw(self, backend: Any, key: str) -> bytes | None:
         """The raw bytes stored under the store key ``key``, None if none (byte stores)."""
-        return _shared(backend)._get_raw(key)[0]
+        data = _shared(backend)._get_raw(key)[0]
+        assert not isinstance(data, int), f"{data:,} bytes under {key!r}: over max_value_size"
+        return data
 
     def damage(self, backend: Any, key: str, data: bytes) -> None:
         """Write ``data`` as the raw bytes under the store key ``key``, for 60 s."""
@@ -394,6 +397,24 @@ class BackendConformance:
         assert (s.serialization_errors, s.misses, s.loads) == (1, 1, 1)
         assert cache.get_or_load("k", _never) == "reloaded"  # rewritten, readable again
         assert cache.get("other") == {"v": [1, 2]}
+
+    def test_an_oversized_entry_is_a_counted_miss_and_never_fetched(self, backend: Any) -> None:
+        # Planted bytes larger than max_value_size (4x here) are refused by their
+        # length inside the read: what the reader allocates stays far below the
+        # planted size, and the miss is counted like any unreadable entry.
+        cache = self.make_cache(backend, namespace="big")
+        store, key = _byte_store(cache), _store_key(cache, "k")
+        self.damage(backend, key, b"\xa5" * (4 * store.max_value_size))
+        tracemalloc.start()
+        try:
+            assert cache.get_or_load("k", lambda: "small") == "small"
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < store.max_value_size // 4, f"the read allocated {peak:,} bytes"
+        s = cache.stats()
+        assert (s.serialization_errors, s.misses, s.loads) == (1, 1, 1)
+        assert cache.get_or_load("k", _never) == "small"  # rewritten, readable again
 
     def test_unserializable_value_is_returned_not_stored(self, backend: Any) -> None:
         cache = self.make_cache(backend)

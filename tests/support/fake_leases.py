@@ -74,7 +74,7 @@ class DictLeaseStore(SharedStore):
 
     # -- entries --------------------------------------------------------------------
 
-    def _get_raw(self, key: str) -> tuple[bytes | None, float | None]:
+    def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         self._enter("get")
         with self._cond:
             found = self._live_value(key)
@@ -102,7 +102,7 @@ class DictLeaseStore(SharedStore):
 
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
-    ) -> tuple[bool, bytes | None, float | None]:
+    ) -> tuple[bool, bytes | int | None, float | None]:
         self._enter("lease_acquire")
         with self._cond:
             taken = self._holder(key) is None
