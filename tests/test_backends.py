@@ -370,6 +370,83 @@ def test_a_planted_error_that_cannot_be_rebuilt_is_a_counted_miss(
     sync_store.close()
 
 
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_a_planted_giant_is_a_counted_miss_never_fetched(
+    kind: str, flavour: str, distributed: bool, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The audit's read amplification: a valid envelope of many tiny containers
+    (``[set(), set(), ...]``, two bytes each) larger than the reader's
+    ``max_value_size``, planted by a writer that allows it, is refused by its length
+    inside the store's read (Lua STRLEN, SQLite's length() or fstat), on the plain
+    read and the read alongside a lease, sync and async: a counted miss, and the
+    reader allocates a fraction of the planted size. Before the fix, every reader
+    fetched and decoded it in full.
+    """
+    import tracemalloc
+
+    from stampede import AsyncCoalescingCache
+    from stampede.backends import AsyncRedisBackend
+
+    limit = 16 * 1024
+    if kind == "disk":
+        folder = tmp_path / "cache"
+        planter: Any = DiskBackend(str(folder), max_value_size=1 << 22)
+        reader: Any = DiskBackend(str(folder), max_value_size=limit)
+    else:
+        url = request.getfixturevalue("redis_url")
+        planter = RedisBackend(redis.Redis.from_url(url), max_value_size=1 << 22)
+        if flavour == "async":
+            reader = AsyncRedisBackend(redis.asyncio.Redis.from_url(url), max_value_size=limit)
+        else:
+            reader = RedisBackend(redis.Redis.from_url(url), max_value_size=limit)
+    writer: CoalescingCache[Any] = CoalescingCache(planter, ttl=60)
+    writer.set("k", [set()] * 600_000)  # 1.2 MB, 70 times the reader's limit
+    planted = planter._get_raw(writer._key("k"))[0]
+    assert isinstance(planted, bytes) and len(planted) > 4 * limit
+
+    options: dict[str, Any] = {"ttl": 60, "distributed": distributed}
+    reads = 2 if distributed else 1  # distributed: the plain read, then the one with the lease
+
+    def traced(read: Callable[[], object]) -> int:
+        """What ``read`` allocated at its peak."""
+        tracemalloc.start()
+        try:
+            assert read() == "small"
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    if flavour == "sync":
+        cache: CoalescingCache[Any] = CoalescingCache(reader, **options)
+        cache.get("warm-up")  # the store's connection, made untraced
+        peak = traced(lambda: cache.get_or_load("k", lambda: "small"))
+        stats = cache.stats()
+        assert cache.get("k") == "small"
+    else:
+
+        async def read() -> tuple[Any, int]:
+            acache: AsyncCoalescingCache[Any] = AsyncCoalescingCache(reader, **options)
+
+            async def load() -> str:
+                return "small"
+
+            await acache.get("warm-up")  # the client's connection, made untraced
+            tracemalloc.start()
+            try:
+                assert await acache.get_or_load("k", load) == "small"
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert await acache.get("k") == "small"
+            return acache.stats(), peak
+
+        stats, peak = asyncio.run(read())
+    assert peak < len(planted) // 2, f"the read allocated {peak:,} bytes"  # a fetch: all of it
+    assert (stats.serialization_errors, stats.loads) == (reads, 1)
+
+
 def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:
     """A Redis key holding a non-string (WRONGTYPE) is a counted foreign entry, not a store error.
 
@@ -473,6 +550,96 @@ def test_paused_redis_costs_timeouts_only_until_the_breaker_opens(
             times.append(time.monotonic() - t)
     assert max(times[-4:]) < 0.15  # open: fail at once, not after the 0.2 s timeout
     assert sum(times) < 3
+
+
+def _never() -> str:
+    raise AssertionError("a hit must not load")
+
+
+async def _anever() -> str:
+    raise AssertionError("a hit must not load")
+
+
+def _unpause(server: RedisServer) -> None:
+    with redis.Redis.from_url(server.url) as admin:  # served during a write pause
+        admin.execute_command("CLIENT", "UNPAUSE")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
+def test_hits_go_on_during_a_client_pause_write(
+    fresh_redis_server: RedisServer, distributed: bool, flavour: str
+) -> None:
+    """A failover (``FAILOVER``, or an operator's ``CLIENT PAUSE ... WRITE``) holds
+    writes only: hits keep coming from Redis, nothing is counted as a store error,
+    the breaker stays closed. The read script is flagged ``no-writes``; before, Redis
+    held it like any script and every hit timed out, reloaded and opened the breaker.
+    A miss's write waits out the client's timeout and fails open (the caller gets
+    the loaded value)."""
+    from stampede import AsyncCoalescingCache
+
+    server = fresh_redis_server
+    options: dict[str, Any] = {"ttl": 60, "distributed": distributed}
+    if flavour == "sync":
+        cache: CoalescingCache[str] = CoalescingCache(
+            redis.Redis.from_url(server.url, socket_timeout=1), **options
+        )
+        cache.set("k", "v")
+        server.client_pause(20_000, write_only=True)
+        try:
+            assert [cache.get_or_load("k", _never) for _ in range(20)] == ["v"] * 20
+            s = cache.stats()
+            assert (s.hits, s.backend_errors) == (20, 0)
+            assert cache.get_or_load("new", lambda: "loaded") == "loaded"  # its write fails open
+            assert cache.stats().backend_errors >= 1
+        finally:
+            _unpause(server)
+        return
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url(server.url, socket_timeout=1)
+        acache: AsyncCoalescingCache[str] = AsyncCoalescingCache(client, **options)
+        await acache.set("k", "v")
+        server.client_pause(20_000, write_only=True)
+        try:
+            got = [await acache.get_or_load("k", _anever) for _ in range(20)]
+            assert got == ["v"] * 20
+            s = acache.stats()
+            assert (s.hits, s.backend_errors) == (20, 0)
+        finally:
+            _unpause(server)
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("distributed", [False, True], ids=["plain", "distributed"])
+def test_a_client_pause_all_fails_open_then_recovers(
+    fresh_redis_server: RedisServer, distributed: bool
+) -> None:
+    """``CLIENT PAUSE ... ALL`` holds every command: each call waits out the client's
+    timeout at most until the breaker opens, callers get the origin's value, and the
+    cache reads Redis again once the pause ends and the cooldown has passed (a
+    load's write that reached Redis as the pause ended may have replaced the value:
+    any of them is the origin's)."""
+    server = fresh_redis_server
+    client = redis.Redis.from_url(server.url, socket_timeout=0.3)
+    store = RedisBackend(client, failure_threshold=2, cooldown=0.5)
+    cache: CoalescingCache[int] = CoalescingCache(store, ttl=60, distributed=distributed)
+    cache.set("k", 0)
+    server.client_pause(3_000)  # held until it ends: CLIENT UNPAUSE would be held too
+    assert [cache.get_or_load("k", lambda: 1) for _ in range(6)] == [1] * 6
+    s = cache.stats()
+    assert s.backend_errors >= 2 and store.breaker.is_open
+
+    def read_again() -> bool:  # a hit: Redis answered
+        hits = cache.stats().hits
+        return cache.get_or_load("k", lambda: 2) in (0, 1, 2) and cache.stats().hits > hits
+
+    wait_until(read_again, 10, "Redis read again")
+    assert not store.breaker.is_open
 
 
 def test_raise_mode_gives_backend_unavailable(fresh_redis_server: RedisServer) -> None:

@@ -603,3 +603,31 @@ def test_lease_listener_thread_ends_with_its_client_and_at_exit(redis_url: str) 
     redis_backend._stop_listeners()  # what the atexit hook runs
     assert not thread.is_alive()
     client.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_a_planted_lease_without_an_expiry_is_replaced_not_waited_for(
+    kind: str, redis_url: str, tmp_path: Path
+) -> None:
+    """stampede's leases always expire; one without an expiry was planted (or left by
+    something else) and, before, held its key forever: with ``wait_timeout=None``
+    every caller waited for good. Acquiring now replaces it: the caller leads."""
+    from stampede.backends._shared import lease_key
+
+    from .helpers import disk_store
+
+    store: Any = redis.Redis.from_url(redis_url) if kind == "redis" else disk_store(tmp_path)
+    cache: CoalescingCache[str] = CoalescingCache(
+        store, ttl=60, distributed=True, wait_timeout=None
+    )
+    lease = lease_key(cache._key("k"))
+    store.set(lease, "not-a-token")  # no PX, no expire: kept forever
+    assert cache.get_or_load("k", lambda: "loaded") == "loaded"
+    s = cache.stats()
+    assert (s.loads, s.lease_waits) == (1, 0)
+    assert cache.get("k") == "loaded"
+    if kind == "redis":
+        assert store.exists(lease) == 0  # the commit freed the lease it took
+    else:
+        assert lease not in store
