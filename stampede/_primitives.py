@@ -105,7 +105,7 @@ class AsyncRenewer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         # The flag too: a client library may swallow the cancel (asyncio.wait_for
-        # on Python 3.10 drops one that races its inner call's completion).
+        # on Python <= 3.11 drops one that races its inner call's completion).
         self._stopped = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

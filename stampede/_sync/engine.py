@@ -210,6 +210,12 @@ def _load_leased(
                     patience.finish()  # not the local load's time
                     # Fail open: this process's single-flight only.
                     return _load_here(host, k, loader, previous, call, force)
+                except BaseException:
+                    # Cancelled (or interrupted) mid-request: the lease may be ours
+                    # (the request ran, or the client swallowed the cancel); free
+                    # it, or the fleet would wait for lease_ttl.
+                    _release(host, store, k, token)
+                    raise
                 current: Entry[V] | None = host.decoded(k, data, remaining)
                 step, found, previous = look(
                     host, k, taken, current, previous, force=force, background=background
@@ -266,6 +272,11 @@ def _commit_leased(
             written = store.lease_commit(k, token, None if fenced else entry)
         except Exception as exc:
             failure = exc
+        except BaseException:
+            # Cancelled (or interrupted) mid-commit: whether it ran is unknown; free the lease if it
+            # is still ours (the token decides), or the fleet waits for lease_ttl.
+            _release(host, store, k, token)
+            raise
     if host.committed(fenced, failure) and not written and entry is not None:
         host.rec.count("fenced")  # the lease was lost: a newer load or an invalidate wins
 

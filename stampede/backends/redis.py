@@ -469,7 +469,7 @@ class _AsyncNotifier:
 
         A listener that outlived its cancellation would hang ``asyncio.run()`` at
         its end, and the client library can swallow a cancel: redis-py awaits
-        ``asyncio.wait_for``, which on Python 3.10 drops a cancel that races its
+        ``asyncio.wait_for``, which on Python <= 3.11 drops a cancel that races its
         inner call's completion. ``asyncio.wait`` here never drops one, and the
         listener also stops on a flag.
         """
