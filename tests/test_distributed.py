@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from stampede import AsyncCoalescingCache, CoalescingCache
+from stampede import AsyncCoalescingCache, CoalescingCache, LoadTimeout
 from stampede.testing import FakeClock, Gate, wait_until
+
+from .helpers import in_thread, join_all, wait_child
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 ROOT = Path(__file__).parent.parent
@@ -112,9 +116,14 @@ def store_cache(fleet: Fleet) -> CoalescingCache[str]:
 
 
 def lease_keys(fleet: Fleet) -> list[str]:
-    if fleet.kind == "redis":
-        return [k.decode() for k in redis.Redis.from_url(fleet.where).keys("*:lease")]
-    with diskcache.Cache(fleet.where) as c:
+    return lease_keys_in(fleet.kind, fleet.where)
+
+
+def lease_keys_in(kind: str, where: str) -> list[str]:
+    """The lease keys left in a Redis (URL) or diskcache (folder) store."""
+    if kind == "redis":
+        return [k.decode() for k in redis.Redis.from_url(where).keys("*:lease")]
+    with diskcache.Cache(where) as c:
         return [k for k in c.iterkeys() if isinstance(k, str) and k.endswith(":lease")]
 
 
@@ -514,6 +523,74 @@ def test_async_distributed_value_that_cannot_be_stored_frees_the_lease(redis_url
         assert b.stats().lease_waits == 0
 
     asyncio.run(main())
+
+
+# -- fork ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_a_child_forked_during_a_leased_load_waits_for_the_parents_lease(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A thread of the parent holds the fleet's lease of "k" and loads (blocked) when
+    the process forks. The child's single-flight starts empty (the leader thread does
+    not exist there), and the lease is in the store: the child is one more process of
+    the fleet. It waits for the lease at most wait_timeout (LoadTimeout), loads another
+    key at once, and a patient caller is woken by the parent's commit and gets the
+    parent's value without loading. The parent's flight completes and stores."""
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    where = _store_for(kind, url, tmp_path)
+    # lease_ttl 60: the parent's renewer (every 20 s) never writes during the fork.
+    options: dict[str, Any] = dict(ttl=60, distributed=True, lease_ttl=60)
+    patient: CoalescingCache[str] = CoalescingCache(where, wait_timeout=30, **options)
+    hasty: CoalescingCache[str] = CoalescingCache(where, wait_timeout=0.5, **options)
+    gate = Gate("parent")
+    leader, out = in_thread(lambda: patient.get_or_load("k", gate))
+    assert gate.entered.wait(10)  # the parent holds the lease of "k", loading
+    waiting, signal_waiting = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(waiting)
+            started = time.monotonic()
+            with pytest.raises(LoadTimeout):
+                hasty.get_or_load("k", lambda: "child")
+            code = 2
+            assert time.monotonic() - started < 0.5 + 5.0  # wait_timeout, and slack
+            assert hasty.stats().lease_waits == 1 and hasty.stats().loads == 0
+            code = 3
+            assert hasty.get_or_load("other", lambda: "child-other") == "child-other"
+            code = 4
+            caller, got = in_thread(lambda: patient.get_or_load("k", lambda: "child"))
+            wait_until(lambda: patient.stats().lease_waits == 1)
+            os.write(signal_waiting, b"w")  # the parent may commit now
+            caller.join(30)
+            code = 5
+            assert got == ["parent"], got  # woken by the parent's commit
+            assert patient.stats().loads == 0 and patient.stats().backend_errors == 0
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(signal_waiting)
+    try:
+        ready, _, _ = select.select([waiting], [], [], 30)
+        assert ready, "the child did not start waiting for the parent's lease"
+        gate.open()
+        code = wait_child(pid, 30, "the child hung waiting for its parent's lease")
+    finally:
+        gate.open()
+        os.close(waiting)
+    join_all([leader])
+    assert code == 0
+    assert out == ["parent"] and gate.calls == 1
+    assert patient.get("k") == "parent" and patient.get("other") == "child-other"
+    assert patient.stats().fenced == 0 and patient.stats().backend_errors == 0
+    assert lease_keys_in(kind, where if kind == "redis" else str(tmp_path / "shared")) == []
 
 
 # -- the Redis pub/sub listener ------------------------------------------------------------
