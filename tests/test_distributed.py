@@ -123,7 +123,8 @@ def lease_keys(fleet: Fleet) -> list[str]:
 def lease_keys_in(kind: str, where: str) -> list[str]:
     """The lease keys left in a Redis (URL) or diskcache (folder) store."""
     if kind == "redis":
-        return [k.decode() for k in redis.Redis.from_url(where).keys("*:lease")]
+        keys = redis.Redis.from_url(where).keys("*:lease")
+        return [k.decode() if isinstance(k, bytes) else k for k in keys]
     with diskcache.Cache(where) as c:
         return [k for k in c.iterkeys() if isinstance(k, str) and k.endswith(":lease")]
 
@@ -563,7 +564,8 @@ def _restart_waiter(url: str, work: Path, wait_timeout: float) -> None:
     step("b-done")
     (work / "b-got").write_text(repr(got))
     # Pub/sub again: the listener subscribes anew, and lease-done messages reach B.
-    notifier = _notifier_for(cache.backend.client)  # type: ignore[attr-defined]
+    store: Any = cache.backend  # a Redis store
+    notifier = _notifier_for(store.client)
     wait_until(notifier.ready.is_set, deadline=20)
     heard = _Heard()
     notifier.register(str(cache._key("k")), heard)
