@@ -561,8 +561,8 @@ def _restart_waiter(url: str, work: Path, wait_timeout: float) -> None:
     step("b-waiting")
     first.join(60)
     assert not first.is_alive(), "B hung across the restart"
-    step("b-done")
     (work / "b-got").write_text(repr(got))
+    step("b-done")  # after b-got is written: the test reads it then
     # Pub/sub again: the listener subscribes anew, and lease-done messages reach B.
     store: Any = cache.backend  # a Redis store
     notifier = _notifier_for(store.client)
