@@ -31,7 +31,7 @@ from stampede.backends import DiskBackend, RedisBackend
 from stampede.testing import FakeClock, Gate, wait_until
 from tests.support.redis_server import RedisServer
 
-from .helpers import disk_store, join_all, run_threads, wait_child
+from .helpers import disk_store, in_thread, join_all, run_threads, wait_child
 
 
 class NotFound(LookupError):
@@ -1161,6 +1161,98 @@ def test_a_child_forked_during_a_disk_write_fails_fast_instead_of_hanging(
     assert code == 0
     assert store.get("other") == b"y"  # the parent's transaction went on
     assert cache.get_or_load("k", lambda: "parent") == "parent"  # the parent is unaffected
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_flight_loads_at_once(make: Make) -> None:
+    """A thread of the parent leads a load of "k" (its loader blocked) when the
+    process forks: that leader does not exist in the child, so the child's
+    get_or_load of "k", and of another key, must not wait for its flight. The
+    child loads and stores (no thread of the parent was writing: the folder is
+    usable there); the parent's flight then ends and stores as if nothing happened."""
+    cache = make(ttl=60)
+    gate = Gate("parent")
+    leader, out = in_thread(lambda: cache.get_or_load("k", gate))
+    assert gate.entered.wait(10)  # the parent's thread leads "k", its loader blocked
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            assert cache.get_or_load("k", lambda: "child") == "child"
+            code = 2
+            assert cache.get_or_load("other", lambda: "child-other") == "child-other"
+            code = 3
+            assert cache.get("k") == "child"  # stored: the store works in the child
+            assert cache.stats().backend_errors == 0
+            code = 0
+        finally:
+            os._exit(code)
+    assert wait_child(pid, 20, "the child hung on its parent's in-flight load") == 0
+    assert cache.get("k") == "child"  # the child's value; the parent still loads
+    gate.open()
+    join_all([leader])
+    assert out == ["parent"] and gate.calls == 1
+    assert cache.get("k") == "parent" and cache.get("other") == "child-other"
+    assert cache.stats().backend_errors == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_an_async_child_forked_during_a_flight_loads_at_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same with AsyncCoalescingCache: the parent's event loop (on a thread)
+    leads "k" when the process forks; in the child, a new loop's get_or_load of
+    "k" and of another key load at once."""
+    from stampede import AsyncCoalescingCache
+
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")  # a client per event loop
+    else:
+        url = f"disk://{tmp_path / 'c'}"
+    cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(url, ttl=60)
+    entered, opened = threading.Event(), threading.Event()
+
+    async def load() -> str:
+        entered.set()
+        await asyncio.to_thread(opened.wait, 30)
+        return "parent"
+
+    leader, out = in_thread(lambda: asyncio.run(cache.get_or_load("k", load)))
+    assert entered.wait(10)  # the parent's loop leads "k", its loader blocked
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: neither the parent's loop nor its thread exists here
+
+        async def child() -> int:
+            if await cache.get_or_load("k", lambda: "child") != "child":
+                return 2
+            if await cache.get_or_load("other", lambda: "child-other") != "child-other":
+                return 3
+            if await cache.get("k") != "child" or cache.stats().backend_errors:
+                return 4
+            return 0
+
+        code = 1
+        try:
+            code = asyncio.run(asyncio.wait_for(child(), 15))
+        finally:
+            os._exit(code)
+    assert wait_child(pid, 20, "the child hung on its parent's in-flight load") == 0
+    opened.set()
+    join_all([leader])
+    assert out == ["parent"]
+
+    async def after() -> None:
+        assert await cache.get("k") == "parent"
+        assert await cache.get("other") == "child-other"
+
+    asyncio.run(after())
 
 
 def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:

@@ -8,13 +8,16 @@ loads are counted as files, where every process and the test see them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from stampede import AsyncCoalescingCache, CoalescingCache
+from stampede import AsyncCoalescingCache, CoalescingCache, LoadTimeout
 from stampede.testing import FakeClock, Gate, wait_until
+
+from .helpers import in_thread, join_all, wait_child
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 ROOT = Path(__file__).parent.parent
@@ -112,9 +117,15 @@ def store_cache(fleet: Fleet) -> CoalescingCache[str]:
 
 
 def lease_keys(fleet: Fleet) -> list[str]:
-    if fleet.kind == "redis":
-        return [k.decode() for k in redis.Redis.from_url(fleet.where).keys("*:lease")]
-    with diskcache.Cache(fleet.where) as c:
+    return lease_keys_in(fleet.kind, fleet.where)
+
+
+def lease_keys_in(kind: str, where: str) -> list[str]:
+    """The lease keys left in a Redis (URL) or diskcache (folder) store."""
+    if kind == "redis":
+        keys = redis.Redis.from_url(where).keys("*:lease")
+        return [k.decode() if isinstance(k, bytes) else k for k in keys]
+    with diskcache.Cache(where) as c:
         return [k for k in c.iterkeys() if isinstance(k, str) and k.endswith(":lease")]
 
 
@@ -514,6 +525,196 @@ def test_async_distributed_value_that_cannot_be_stored_frees_the_lease(redis_url
         assert b.stats().lease_waits == 0
 
     asyncio.run(main())
+
+
+# -- Redis restarted while a lease is held and waited for ---------------------------------
+
+
+class _Heard(threading.Event):
+    """An event that counts how often it was set (by lease-done messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times = 0
+
+    def set(self) -> None:
+        self.times += 1
+        super().set()
+
+
+def _restart_waiter(url: str, work: Path, wait_timeout: float) -> None:
+    """Process B of the restart test (a forked child): wait on "k" across the
+    restart, then on a later lease of "k"; files in ``work`` pace it with the test."""
+    from stampede.backends.redis import _notifier_for
+
+    def step(name: str) -> None:
+        (work / name).touch()
+
+    def wait_for(name: str) -> None:
+        wait_until(lambda: (work / name).exists(), deadline=30)
+
+    cache: CoalescingCache[str] = CoalescingCache(
+        url, ttl=60, distributed=True, lease_ttl=30, wait_timeout=wait_timeout
+    )
+    first, got = in_thread(lambda: cache.get_or_load("k", lambda: "from-B"))
+    wait_until(lambda: cache.stats().lease_waits == 1, deadline=20)
+    step("b-waiting")
+    first.join(60)
+    assert not first.is_alive(), "B hung across the restart"
+    (work / "b-got").write_text(repr(got))
+    step("b-done")  # after b-got is written: the test reads it then
+    # Pub/sub again: the listener subscribes anew, and lease-done messages reach B.
+    store: Any = cache.backend  # a Redis store
+    notifier = _notifier_for(store.client)
+    wait_until(notifier.ready.is_set, deadline=20)
+    heard = _Heard()
+    notifier.register(str(cache._key("k")), heard)
+    step("b-listening")
+    wait_until(lambda: heard.times >= 1, deadline=20)  # the test's invalidate of "k"
+    wait_for("held")  # the test process leads "k" now
+    second, again = in_thread(lambda: cache.get_or_load("k", lambda: "from-B-again"))
+    wait_until(lambda: cache.stats().lease_waits == 2, deadline=20)
+    before = heard.times
+    step("b-waiting-again")
+    wait_until(lambda: heard.times > before, deadline=20)  # the holder's commit
+    second.join(30)
+    assert again == ["from-holder"], again  # woken, and nothing loaded here
+    assert cache.stats().loads == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_redis_restart_with_a_lease_held_and_waited_for_hangs_no_one(
+    fresh_redis_server: Any, tmp_path: Path
+) -> None:
+    """Process A holds the lease of "k" and loads; process B waits for it; Redis is
+    restarted (empty, same port). B does not hang: the lease is gone, so B loads
+    itself (takeover, or failing open if it looked while Redis was down), within
+    wait_timeout plus a margin. A's commit afterwards finds no lease of its own and
+    is refused: the store holds B's value or nothing, never A's, and no lease. B's
+    pub/sub wake-ups work again: a later lease of "k" wakes B when it ends."""
+    url = fresh_redis_server.url
+    work = tmp_path / "work"
+    work.mkdir()
+    wait_timeout = 5.0
+    fleet = Fleet("redis", url, work)
+    try:
+        a = fleet.start(lease_ttl=30.0)
+        fleet.ready(1)
+        fleet.go()
+        wait_until(lambda: len(fleet.loads()) == 1, deadline=30)  # A holds the lease
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # process B
+            code = 1
+            try:
+                _restart_waiter(url, work, wait_timeout)
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            wait_until(lambda: (work / "b-waiting").exists(), deadline=30)
+            fresh_redis_server.restart()
+            restarted = time.monotonic()
+            wait_until(lambda: (work / "b-done").exists(), deadline=wait_timeout + 30)
+            assert time.monotonic() - restarted < wait_timeout + 5.0, "B waited too long"
+            assert (work / "b-got").read_text() == "['from-B']"  # B loaded itself
+            fleet.release()
+            stale = fleet.result(a)
+            assert stale["values"] == [f"value-from-{stale['pid']}"]  # A's callers got it
+            assert stale["fenced"] == 1  # ... but its write was refused
+            here: CoalescingCache[str] = CoalescingCache(url, ttl=60, distributed=True)
+            assert here.get("k") in ("from-B", None)
+            assert lease_keys_in("redis", url) == []
+            # A later lease of "k", held by this process, with B waiting for it.
+            wait_until(lambda: (work / "b-listening").exists(), deadline=30)
+            here.invalidate("k")
+            gate = Gate("from-holder")
+            holder, out = in_thread(lambda: here.get_or_load("k", gate))
+            assert gate.entered.wait(10)
+            (work / "held").touch()
+            wait_until(lambda: (work / "b-waiting-again").exists(), deadline=30)
+            gate.open()
+            join_all([holder])
+            assert out == ["from-holder"]
+            assert wait_child(pid, 30, "B hung waiting for the later lease") == 0
+        finally:
+            fleet.release()
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+    finally:
+        fleet.close()
+
+
+# -- fork ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_a_child_forked_during_a_leased_load_waits_for_the_parents_lease(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A thread of the parent holds the fleet's lease of "k" and loads (blocked) when
+    the process forks. The child's single-flight starts empty (the leader thread does
+    not exist there), and the lease is in the store: the child is one more process of
+    the fleet. It waits for the lease at most wait_timeout (LoadTimeout), loads another
+    key at once, and a patient caller is woken by the parent's commit and gets the
+    parent's value without loading. The parent's flight completes and stores."""
+    url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    where = _store_for(kind, url, tmp_path)
+    # lease_ttl 60: the parent's renewer (every 20 s) never writes during the fork.
+    options: dict[str, Any] = dict(ttl=60, distributed=True, lease_ttl=60)
+    patient: CoalescingCache[str] = CoalescingCache(where, wait_timeout=30, **options)
+    hasty: CoalescingCache[str] = CoalescingCache(where, wait_timeout=0.5, **options)
+    gate = Gate("parent")
+    leader, out = in_thread(lambda: patient.get_or_load("k", gate))
+    assert gate.entered.wait(10)  # the parent holds the lease of "k", loading
+    waiting, signal_waiting = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(waiting)
+            started = time.monotonic()
+            with pytest.raises(LoadTimeout):
+                hasty.get_or_load("k", lambda: "child")
+            code = 2
+            assert time.monotonic() - started < 0.5 + 5.0  # wait_timeout, and slack
+            assert hasty.stats().lease_waits == 1 and hasty.stats().loads == 0
+            code = 3
+            assert hasty.get_or_load("other", lambda: "child-other") == "child-other"
+            code = 4
+            caller, got = in_thread(lambda: patient.get_or_load("k", lambda: "child"))
+            wait_until(lambda: patient.stats().lease_waits == 1)
+            os.write(signal_waiting, b"w")  # the parent may commit now
+            caller.join(30)
+            code = 5
+            assert got == ["parent"], got  # woken by the parent's commit
+            assert patient.stats().loads == 0 and patient.stats().backend_errors == 0
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(signal_waiting)
+    try:
+        ready, _, _ = select.select([waiting], [], [], 30)
+        assert ready, "the child did not start waiting for the parent's lease"
+        gate.open()
+        code = wait_child(pid, 30, "the child hung waiting for its parent's lease")
+    finally:
+        gate.open()
+        os.close(waiting)
+    join_all([leader])
+    assert code == 0
+    assert out == ["parent"] and gate.calls == 1
+    assert patient.get("k") == "parent" and patient.get("other") == "child-other"
+    assert patient.stats().fenced == 0 and patient.stats().backend_errors == 0
+    assert lease_keys_in(kind, where if kind == "redis" else str(tmp_path / "shared")) == []
 
 
 # -- the Redis pub/sub listener ------------------------------------------------------------
