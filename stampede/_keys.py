@@ -227,6 +227,21 @@ def key_rest(text_key: str) -> str:
     return text_key[_TAGGED:] if text_key.startswith("stampede:{") else ""
 
 
+def key_namespace(text_key: str) -> str | None:
+    """The namespace of a text key (``encode_key``), None for a key not laid out so.
+
+    Read back from the length-prefixed namespace at the start of the rest, so
+    any namespace text (colons, braces, unicode) comes back whole; a hashed
+    key keeps it too (only the encoded call is hashed).
+    """
+    rest = key_rest(text_key)
+    length, colon, after = rest.partition(":")
+    if not colon or not (length.isascii() and length.isdigit()):
+        return None
+    namespace = after[: int(length)]
+    return namespace if rest.startswith(namespace_prefix(namespace)) else None
+
+
 def namespace_prefix(namespace: str) -> str:
     """What the rest (``key_rest``) of every text key of ``namespace`` starts with."""
     return f"{len(namespace)}:{namespace}:v{KEY_VERSION}:"

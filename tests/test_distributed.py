@@ -733,14 +733,14 @@ def test_first_lease_wait_ends_on_the_subscription_not_the_poll(redis_url: str) 
     Regression test for 9cc322b (Lease waits before the pub/sub subscription is confirmed
     end when it is).
     """
-    from stampede.backends.redis import CHANNEL, RedisBackend
+    from stampede.backends.redis import RedisBackend, namespace_channel
 
     store = RedisBackend(redis.Redis.from_url(redis_url))
     publisher = redis.Redis.from_url(redis_url)
-    with store.lease_listen("k") as wake:
+    with store.lease_listen("k") as wake:  # not a cache's key: the empty namespace's channel
         wake.wait(60)  # returns when subscribed
     with store.lease_listen("k") as wake:
-        publisher.publish(CHANNEL, "k")
+        publisher.publish(namespace_channel(""), "k")
         wake.wait(60)  # returns on the message
     publisher.close()
 
@@ -752,7 +752,7 @@ def test_first_async_lease_wait_ends_on_the_subscription_not_the_poll(redis_url:
     Regression test for 9cc322b (Lease waits before the pub/sub subscription is confirmed
     end when it is).
     """
-    from stampede.backends.redis import CHANNEL, AsyncRedisBackend
+    from stampede.backends.redis import AsyncRedisBackend, namespace_channel
 
     async def main() -> None:
         store = AsyncRedisBackend(redis.asyncio.Redis.from_url(redis_url))
@@ -760,7 +760,7 @@ def test_first_async_lease_wait_ends_on_the_subscription_not_the_poll(redis_url:
         async with store.alease_listen("k") as wake:
             await wake.wait(60)
         async with store.alease_listen("k") as wake:
-            await publisher.publish(CHANNEL, "k")
+            await publisher.publish(namespace_channel(""), "k")
             await wake.wait(60)
         await publisher.aclose()
         await store.client.aclose()

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stampede import CoalescingCache, cached
-from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key, key_rest
+from stampede._keys import MAX_KEY_LENGTH, CallKey, encode_key, key_namespace, key_rest
 
 scalars = st.one_of(
     st.none(),
@@ -286,3 +286,17 @@ def test_positional_only_parameters_named_by_keyword_are_refused() -> None:
     assert f(1, 2) == 3
     with pytest.raises(TypeError):
         f(a=1, b=2)  # type: ignore[call-arg]
+
+
+@given(namespace=st.text(st.characters(exclude_categories=["Cs"])), key=st.text())
+def test_the_namespace_is_read_back_from_a_text_key(namespace: str, key: str) -> None:
+    """``key_namespace`` gives back the namespace of any key (Redis wake-ups are
+    published on the channel of the namespace read so), hashed long keys included."""
+    assert key_namespace(encode_key(namespace, key)) == namespace
+    assert key_namespace(encode_key(namespace, key * 50)) == namespace
+
+
+def test_a_key_not_laid_out_by_encode_key_has_no_namespace() -> None:
+    tag = "stampede:{0123456789abcdef}:"
+    for text in ("k", "", f"{tag}x", f"{tag}5:ab", f"{tag}\u00b2:ab:v1:", f"{tag}2:ab:v2:"):
+        assert key_namespace(text) is None, text

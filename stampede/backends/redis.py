@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .._keys import key_rest
+from .._keys import key_namespace, key_rest
 from ._shared import SharedStore, lease_key, ttl_ms
 
 # GET and PTTL in one round trip. A Lua table stops at its first nil, so a
@@ -84,7 +84,30 @@ end
 redis.call('PUBLISH', ARGV[2], KEYS[1])
 return 1
 """
-CHANNEL = "stampede:lease-done"
+
+# Wake-ups. The commit and break scripts PUBLISH the value key on the channel of
+# its namespace (ARGV), and a process subscribes to the channels of the
+# namespaces it waits on: it hears no other namespace's commits. A plain
+# PUBLISH, which a Redis Cluster delivers to subscribers on every node.
+CHANNEL_PREFIX = "stampede:lease-done:"
+
+
+def namespace_channel(namespace: str) -> str:
+    """The channel of ``namespace``'s lease-done messages: ``stampede:lease-done:<namespace>``.
+
+    The namespace as it is, whatever its text: channels are subscribed with
+    SUBSCRIBE, which takes a name literally (``*``, ``?``, ``[`` are plain
+    characters there), and a name can be any bytes (UTF-8 here) of any length.
+    """
+    return CHANNEL_PREFIX + namespace
+
+
+def _channel_of(key: str) -> str:
+    """The channel of ``key``'s lease: its namespace's, read from the key itself, so
+    the scripts that publish and the waiters that listen cannot disagree. A key not
+    made by a cache (``encode_key``) counts as the empty namespace's."""
+    return namespace_channel(key_namespace(key) or "")
+
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -257,13 +280,14 @@ class RedisBackend(_RedisStore):
         return bool(self._here().renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
-        args = [token, data or b"", ttl_ms(ttl), CHANNEL]
+        args = [token, data or b"", ttl_ms(ttl), _channel_of(key)]
         return bool(self._here().commit(keys=[key, lease_key(key)], args=args))
 
     def _lease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
-        args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
+        drop = "1" if drop_value else "0"
+        args = [drop, _channel_of(key), data or b"", ttl_ms(ttl) if data else 0]
         self._here().break_(keys=[key, lease_key(key)], args=args)
 
     def lease_listen(self, key: str) -> _Listening:
@@ -360,13 +384,14 @@ class AsyncRedisBackend(_RedisStore):
     async def _alease_commit_raw(
         self, key: str, token: str, data: bytes | None, ttl: float
     ) -> bool:
-        args = [token, data or b"", ttl_ms(ttl), CHANNEL]
+        args = [token, data or b"", ttl_ms(ttl), _channel_of(key)]
         return bool(await self._here().commit(keys=[key, lease_key(key)], args=args))
 
     async def _alease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
-        args = ["1" if drop_value else "0", CHANNEL, data or b"", ttl_ms(ttl) if data else 0]
+        drop = "1" if drop_value else "0"
+        args = [drop, _channel_of(key), data or b"", ttl_ms(ttl) if data else 0]
         await self._here().break_(keys=[key, lease_key(key)], args=args)
 
     def alease_listen(self, key: str) -> _AsyncListening:
@@ -428,9 +453,15 @@ def is_async_redis_client(obj: object) -> bool:
     return isinstance(obj, kinds)
 
 
-# One subscription per client and process, whatever the number of caches on it.
+# One pub/sub connection per client and process (per event loop for asyncio),
+# whatever the number of caches and namespaces on it.
 _notifiers: weakref.WeakKeyDictionary[Any, _Notifier] = weakref.WeakKeyDictionary()
 _notifiers_lock = threading.RLock()  # reentrant, as every lock here: a finalizer may call in
+
+# How long a listener reads before it looks at its flags again: when it stops, and
+# when it subscribes to a channel asked for meanwhile (a namespace's first waiter
+# then waits at most this long for its subscription, no longer than one poll).
+_READ_SLICE = 0.25
 
 
 def _notifier_for(client: Any) -> _Notifier:
@@ -449,13 +480,22 @@ class _AsyncNotifier:
     def __init__(self, client: Any) -> None:
         self._client = client
         self._waiters: dict[bytes, set[asyncio.Event]] = {}
-        # Set once subscribed: a commit from then on wakes its waiters.
-        self.ready: asyncio.Event = asyncio.Event()
+        # The channels asked for, each with its event set once subscribed: a commit
+        # on the channel from then on wakes its waiters.
+        self._channels: dict[bytes, asyncio.Event] = {}
+        self._asked = asyncio.Event()  # a channel was added: the listener subscribes
         self._stopped = False
         self._task = asyncio.get_running_loop().create_task(self._guard())
 
-    def register(self, key: str, event: asyncio.Event) -> None:
+    def register(self, key: str, event: asyncio.Event) -> asyncio.Event:
+        """Set ``event`` when ``key``'s lease ends; returns its channel's ready event."""
         self._waiters.setdefault(key.encode(), set()).add(event)
+        channel = _channel_of(key).encode()
+        ready = self._channels.get(channel)
+        if ready is None:
+            ready = self._channels[channel] = asyncio.Event()
+            self._asked.set()
+        return ready
 
     def unregister(self, key: str, event: asyncio.Event) -> None:
         events = self._waiters.get(key.encode())
@@ -479,7 +519,7 @@ class _AsyncNotifier:
         finally:
             self._stopped = True
             listener.cancel()
-            # Bounded: the listener sees the flag within one get_message timeout.
+            # Bounded: the listener sees the flag within one read slice.
             await asyncio.wait([listener], timeout=2.0)
 
     def _running(self) -> bool:
@@ -489,14 +529,26 @@ class _AsyncNotifier:
         while self._running():
             try:
                 pubsub = self._client.pubsub()
+                subscribed: set[bytes] = set()
                 try:
-                    await pubsub.subscribe(CHANNEL)
                     while self._running():
-                        message = await pubsub.get_message(timeout=1.0)
+                        self._asked.clear()
+                        new = [c for c in self._channels if c not in subscribed]
+                        if new:
+                            await pubsub.subscribe(*new)
+                            subscribed.update(new)
+                        if not subscribed:  # nothing to read from yet
+                            with contextlib.suppress(asyncio.TimeoutError):
+                                await asyncio.wait_for(self._asked.wait(), _READ_SLICE)
+                            continue
+                        message = await pubsub.get_message(timeout=_READ_SLICE)
                         if message is None:
                             continue
                         if message.get("type") == "subscribe":
-                            self.ready.set()  # the server confirmed the subscription
+                            # The server confirmed the subscription.
+                            ready = self._channels.get(message["channel"])
+                            if ready is not None:
+                                ready.set()
                         if message.get("type") != "message":
                             continue
                         for event in list(self._waiters.get(message["data"], ())):
@@ -509,7 +561,8 @@ class _AsyncNotifier:
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
-                self.ready.clear()
+                for ready in self._channels.values():
+                    ready.clear()
                 log.debug("lease notifications interrupted", exc_info=True)
                 await asyncio.sleep(0.5)
 
@@ -541,9 +594,10 @@ class _AsyncListening:
         self._notifier = notifier
         self._key = key
         self._event = asyncio.Event()
+        self._ready: asyncio.Event | None = None  # the key's channel's, once registered
 
     async def __aenter__(self) -> _AsyncListening:
-        self._notifier.register(self._key, self._event)
+        self._ready = self._notifier.register(self._key, self._event)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -551,10 +605,12 @@ class _AsyncListening:
 
     async def wait(self, timeout: float) -> None:
         """Until the key's lease ends (or ``timeout``); then the caller looks again."""
-        ready = self._notifier.ready
-        # Not subscribed yet: a commit now would wake no one. Wait for the
-        # subscription instead, so that the caller's next look is followed by
-        # a wait that a commit does end (not the poll interval).
+        ready = self._ready
+        assert ready is not None, "wait() inside the async with block only"
+        # Not subscribed to the key's channel yet (the first wait of its namespace
+        # in this process, or after a reconnect): a commit now would wake no one.
+        # Wait for the subscription instead, so that the caller's next look is
+        # followed by a wait that a commit does end (not the poll interval).
         waited_for = self._event if ready.is_set() else ready
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(waited_for.wait(), timeout)
@@ -573,12 +629,16 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Notifier:
-    """One pub/sub subscription per store and process, waking the local waiters.
+    """One pub/sub connection per client and process, waking the local waiters.
 
-    A listener thread reads lease-done messages and sets the events of the
-    keys this process waits for. Messages can be lost (a reconnect, a full
-    buffer): waiters poll as a fallback, so a lost message costs a delay,
-    never a hang.
+    A listener thread owns the connection (a redis-py ``PubSub`` is not safe to
+    share between threads). It subscribes to a namespace's channel when the
+    first waiter of that namespace registers, and stays subscribed: a
+    namespace waited on once is likely waited on again, and unsubscribing
+    would reopen the not-yet-subscribed window at every flight. It reads
+    lease-done messages and sets the events of the keys this process waits
+    for. Messages can be lost (a reconnect, a full buffer): waiters poll as a
+    fallback, so a lost message costs a delay, never a hang.
     """
 
     def __init__(self, client: Any) -> None:
@@ -586,17 +646,26 @@ class _Notifier:
         # client dropped by its owner does not keep a thread alive forever.
         self._client_ref = weakref.ref(client)
         self._lock = threading.RLock()  # reentrant: a finalizer run under it may wait too
-        self._waiters: dict[bytes, set[threading.Event]] = {}
-        # Set once subscribed: a commit from then on wakes its waiters.
-        self.ready: threading.Event = threading.Event()
+        self._waiters: dict[bytes, set[threading.Event]] = {}  # guarded by _lock
+        # The channels asked for (guarded by _lock), each with its event set once
+        # subscribed: a commit on the channel from then on wakes its waiters.
+        self._channels: dict[bytes, threading.Event] = {}
+        self._asked = threading.Event()  # a channel was added: the listener subscribes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
         _listeners.add(self)
         self._thread.start()
 
-    def register(self, key: str, event: threading.Event) -> None:
+    def register(self, key: str, event: threading.Event) -> threading.Event:
+        """Set ``event`` when ``key``'s lease ends; returns its channel's ready event."""
+        channel = _channel_of(key).encode()
         with self._lock:
             self._waiters.setdefault(key.encode(), set()).add(event)
+            ready = self._channels.get(channel)
+            if ready is None:
+                ready = self._channels[channel] = threading.Event()
+                self._asked.set()
+        return ready
 
     def unregister(self, key: str, event: threading.Event) -> None:
         with self._lock:
@@ -612,19 +681,31 @@ class _Notifier:
     def _run(self) -> None:
         while self._running():
             pubsub = None
+            subscribed: set[bytes] = set()  # on this connection
             try:
                 client = self._client_ref()
                 if client is None:
                     return
                 pubsub = client.pubsub()
                 del client
-                pubsub.subscribe(CHANNEL)
                 while self._running():
-                    message = pubsub.get_message(timeout=0.25)
+                    self._asked.clear()
+                    with self._lock:
+                        new = [c for c in self._channels if c not in subscribed]
+                    if new:
+                        pubsub.subscribe(*new)
+                        subscribed.update(new)
+                    if not subscribed:  # nothing to read from yet
+                        self._asked.wait(_READ_SLICE)
+                        continue
+                    message = pubsub.get_message(timeout=_READ_SLICE)
                     if message is None:
                         continue
                     if message.get("type") == "subscribe":
-                        self.ready.set()  # the server confirmed the subscription
+                        with self._lock:  # the server confirmed the subscription
+                            ready = self._channels.get(message["channel"])
+                        if ready is not None:
+                            ready.set()
                     if message.get("type") != "message":
                         continue
                     with self._lock:
@@ -632,7 +713,9 @@ class _Notifier:
                     for event in events:
                         event.set()
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
-                self.ready.clear()
+                with self._lock:
+                    for ready in self._channels.values():
+                        ready.clear()
                 log.debug("lease notifications interrupted", exc_info=True)
                 self._stop.wait(0.5)
             finally:
@@ -651,6 +734,7 @@ def _stop_listeners(timeout: float = 1.0) -> None:
     listeners = list(_listeners)
     for listener in listeners:
         listener._stop.set()
+        listener._asked.set()  # out of an idle wait at once
     deadline = time.monotonic() + timeout
     for listener in listeners:
         listener._thread.join(max(0.0, deadline - time.monotonic()))
@@ -664,9 +748,10 @@ class _Listening:
         self._notifier = notifier
         self._key = key
         self._event = threading.Event()
+        self._ready: threading.Event | None = None  # the key's channel's, once registered
 
     def __enter__(self) -> _Listening:
-        self._notifier.register(self._key, self._event)
+        self._ready = self._notifier.register(self._key, self._event)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -674,9 +759,10 @@ class _Listening:
 
     def wait(self, timeout: float) -> None:
         """Until the key's lease ends (or ``timeout``); then the caller looks again."""
-        ready = self._notifier.ready
-        # Not subscribed yet: wait for the subscription, then look again (see
-        # _AsyncListening.wait).
+        ready = self._ready
+        assert ready is not None, "wait() inside the with block only"
+        # Not subscribed to the key's channel yet: wait for the subscription, then
+        # look again (see _AsyncListening.wait).
         (self._event if ready.is_set() else ready).wait(timeout)
         self._event.clear()
 
