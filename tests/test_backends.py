@@ -1270,6 +1270,29 @@ def test_fanout_cache_works_but_not_for_leases(tmp_path: Path) -> None:
     fan.close()
 
 
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_blocking_pool_stays_blocking_without_its_retries(redis_url: str, flavour: str) -> None:
+    """stampede's own pool, made without retries from a client's settings, is of the
+    client's pool's kind: a ``BlockingConnectionPool`` keeps its size and its wait
+    for a free connection (before, it became a plain pool that raises when full)."""
+    from redis.backoff import ExponentialBackoff
+
+    from stampede.backends import AsyncRedisBackend
+
+    module: Any = redis.asyncio if flavour == "async" else redis
+    retry = module.retry.Retry(ExponentialBackoff(), 5)
+    pool = module.BlockingConnectionPool.from_url(
+        redis_url, max_connections=3, timeout=2.5, retry=retry
+    )
+    client = module.Redis(connection_pool=pool)
+    assert client.get_retry().get_retries() == 5
+    store = AsyncRedisBackend(client) if flavour == "async" else RedisBackend(client)
+    own = store.client.connection_pool
+    assert own is not pool and type(own) is type(pool)
+    assert (own.max_connections, own.timeout) == (3, 2.5)
+    assert store.client.get_retry().get_retries() == 0
+
+
 def test_a_client_made_as_the_docs_show_is_bounded_when_redis_pauses(
     fresh_redis_server: RedisServer,
 ) -> None:

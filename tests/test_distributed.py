@@ -566,9 +566,9 @@ def _restart_waiter(url: str, work: Path, wait_timeout: float) -> None:
     # Pub/sub again: the listener subscribes anew, and lease-done messages reach B.
     store: Any = cache.backend  # a Redis store
     notifier = _notifier_for(store.client)
-    wait_until(notifier.ready.is_set, deadline=20)
     heard = _Heard()
-    notifier.register(str(cache._key("k")), heard)
+    ready = notifier.register(str(cache._key("k")), heard)  # its namespace's channel
+    wait_until(ready.is_set, deadline=20)
     step("b-listening")
     wait_until(lambda: heard.times >= 1, deadline=20)  # the test's invalidate of "k"
     wait_for("held")  # the test process leads "k" now

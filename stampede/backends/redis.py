@@ -25,14 +25,18 @@ from ._shared import SharedStore, lease_key, ttl_ms
 
 # GET and PTTL in one round trip. A Lua table stops at its first nil, so a
 # missing key answers nil rather than {nil, -2}; something that is not a string
-# under the key (WRONGTYPE) answers {'', -1}: a foreign entry, a counted miss. A
+# under the key (WRONGTYPE) answers {'', -1}: a foreign entry, a counted miss
+# (any other error, e.g. an ACL refusal, is raised: a store failure). A
 # value longer than ARGV[1] (the store's max_value_size) is never sent: its
 # length comes back in its place, so a planted giant costs one STRLEN. Flagged
 # no-writes, so that reads go on during CLIENT PAUSE WRITE (a failover) and on
 # read-only replicas (Redis 7.0 and later; older servers run it unflagged).
 _READ_BODY = """
 local n = redis.pcall('STRLEN', KEYS[1])
-if type(n) == 'table' then return {'', -1} end
+if type(n) == 'table' then
+  if string.find(n.err, 'WRONGTYPE', 1, true) then return {'', -1} end
+  return n
+end
 if n > tonumber(ARGV[1]) then return {n, redis.call('PTTL', KEYS[1])} end
 local v = redis.call('GET', KEYS[1])
 if not v then return nil end
@@ -53,7 +57,9 @@ if not got and redis.call('PTTL', KEYS[2]) == -1 then
 end
 local n = redis.pcall('STRLEN', KEYS[1])
 local v, t = false, -2
-if type(n) == 'table' then v = '' t = -1
+if type(n) == 'table' then
+  if not string.find(n.err, 'WRONGTYPE', 1, true) then return n end
+  v = '' t = -1
 elseif n > tonumber(ARGV[3]) then v = n t = redis.call('PTTL', KEYS[1])
 else
   v = redis.call('GET', KEYS[1])
@@ -201,7 +207,9 @@ def _without_retries(client: Any, asynchronous: bool) -> Any:
     retry_module = redis.asyncio.retry if asynchronous else redis.retry
     kwargs = dict(pool.connection_kwargs)
     kwargs["retry"] = retry_module.Retry(redis.backoff.NoBackoff(), 0)
-    own = module.ConnectionPool(
+    if type(pool) is module.BlockingConnectionPool:  # keep its wait for a free connection
+        kwargs["timeout"] = pool.timeout
+    own = type(pool)(
         connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
     )
     return module.Redis(connection_pool=own)
