@@ -21,6 +21,21 @@ from .backends._shared import CircuitOpen, StoreBusy, ValueTooLarge
 
 log = logging.getLogger("stampede")
 
+# Why values could not be serialized, each warned about once (the reason names the
+# type): a function returning an unregistered class would otherwise log on every
+# call. Bounded, in case the reasons vary without end.
+_warned: dict[str, None] = {}
+_WARNED_MAX = 1024
+
+
+def _first_time(reason: str) -> bool:
+    if reason in _warned:
+        return False
+    if len(_warned) >= _WARNED_MAX:
+        _warned.pop(next(iter(_warned)), None)
+    _warned[reason] = None
+    return True
+
 
 def read_failed(
     exc: Exception, *, local: bool, raise_backend_errors: bool, rec: Recorder, count: bool = True
@@ -55,13 +70,20 @@ def read_failed(
 
 def write_failed(exc: Exception, *, raise_backend_errors: bool, rec: Recorder) -> None:
     """A value that could not be stored is still returned: count and log why (or raise)."""
-    if isinstance(exc, (SerializationError, ValueTooLarge)):
+    if isinstance(exc, ValueTooLarge):
         rec.count("serialization_errors")
-        log.warning(
-            "%s; the result is given to its callers but not cached (a serializer= "
-            "that supports it, e.g. PickleSerializer(secret=...), would store it)",
-            exc,
-        )
+        log.warning("%s", exc)
+        return
+    if isinstance(exc, SerializationError):
+        rec.count("serialization_errors")
+        if _first_time(str(exc)):
+            log.warning(
+                "%s. The value is returned to its callers, not cached; this warning is "
+                "given once per process (serialization_errors counts every time)",
+                exc,
+            )
+        else:
+            log.debug("%s (not cached)", exc)
         return
     rec.count("backend_errors")
     if isinstance(exc, BackendUnavailable):

@@ -17,7 +17,7 @@ for a value it cannot store (the cache returns the value, uncached).
     JsonSerializer     plain JSON, to share entries with other languages.
     MsgpackSerializer  plain msgpack (``stampede[msgpack]``), the same use.
 
-Each has a short ``name`` ("data1", "pickle1", "json1", "msgpack1") naming
+Each has a short ``name`` ("data2", "pickle1", "json1", "msgpack1") naming
 its format, for an envelope to record which format wrote an entry.
 """
 
@@ -85,20 +85,21 @@ class DataSerializer:
             (``Flag`` classes by value).
     """
 
-    name = "data1"
+    name = "data2"
 
     def __init__(self, *, types: Iterable[type[Any]] | Mapping[str, type[Any]] = ()) -> None:
         self._registry = _dataformat.Registry(types)
+        self._codec = _dataformat.Codec(self._registry)
 
     def dumps(self, value: Any, *, context: bytes = b"") -> bytes:
         try:
-            return _dataformat.encode(value, self._registry)
+            return self._codec.encode(value)
         except _dataformat.FormatError as exc:
             raise SerializationError(*exc.args) from exc.__cause__
 
     def loads(self, data: bytes, *, context: bytes = b"") -> Any:
         try:
-            return _dataformat.decode(_as_bytes(data), self._registry)
+            return self._codec.decode(_as_bytes(data))
         except _dataformat.FormatError as exc:
             raise SerializationError(*exc.args) from exc.__cause__
 

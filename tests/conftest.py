@@ -26,3 +26,11 @@ settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 pytest_plugins = ["tests.redis_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _serialization_warnings_anew() -> None:
+    """Each test sees a serialization failure's first (and only) warning afresh."""
+    from stampede import _failures
+
+    _failures._warned.clear()

@@ -231,7 +231,7 @@ def test_damaged_entries_are_counted_misses(make: Make, damage: str) -> None:
         "truncated": good[: len(good) // 2],
         "flipped": good[:-1] + bytes([good[-1] ^ 0xFF]),
         "other key": read_raw(make, other),
-        "other serializer": good.replace(b"data1", b"data9"),
+        "other serializer": good.replace(b"data2", b"data9"),
         "empty": b"",
     }[damage]
     write_raw(make, key, bad)

@@ -26,6 +26,7 @@ import zoneinfo
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,7 +122,9 @@ def float_bits(x: float) -> bytes:
 
 
 def same(a: Any, b: Any) -> bool:
-    """Type-exact, structure-exact equality."""
+    """Type-exact, structure-exact equality (a bytearray reads back as bytes)."""
+    if type(b) is bytearray:
+        return type(a) is bytes and a == b
     if type(a) is not type(b):
         return False
     if isinstance(a, float):
@@ -290,13 +293,13 @@ def test_zoneinfo_roundtrips_to_the_same_zone() -> None:
     assert back.utcoffset() == datetime.timedelta(hours=2)
 
 
-def test_format_is_compact_and_versioned() -> None:
-    assert DATA.dumps(None, context=CTX) == b"\x01N"
-    assert DATA.dumps([1, "a"], context=CTX) == b"\x01l\x02i\x01\x01s\x01a"
+def test_format_is_msgpack_compact_and_versioned() -> None:
+    assert DATA.dumps(None, context=CTX) == b"\x02\xc0"
+    assert DATA.dumps([1, "a"], context=CTX) == b"\x02\x92\x01\xa1a"
     many = DATA.dumps([point(1, 2)] * 50, context=CTX)
     assert many.count(b"Point") == 1 and len(many) < 50 * 9  # the class is named once
     with pytest.raises(SerializationError, match="format byte"):
-        DATA.loads(b"\x02N", context=CTX)
+        DATA.loads(b"\x01N", context=CTX)  # the format before msgpack: a miss
 
 
 def test_context_is_ignored_and_bytes_likes_are_accepted() -> None:
@@ -337,11 +340,12 @@ def test_unregistered_class_is_refused_on_read(value: Any) -> None:
 
 
 def test_payload_naming_any_class_imports_nothing() -> None:
-    name = b"antigravity.Thing"
-    data = b"\x01C\x00" + bytes([len(name)]) + name + b"\x00"
-    assert "antigravity" not in sys.modules
-    with pytest.raises(SerializationError, match="not registered"):
-        DATA.loads(data, context=CTX)
+    for code in (12, 13, 14, 15):
+        data = payload(ext(code, ["antigravity.Thing", ["a"], 1]))
+        assert "antigravity" not in sys.modules
+        with pytest.raises(SerializationError, match="not registered") as exc:
+            DATA.loads(data, context=CTX)
+        clean(exc)
     assert "antigravity" not in sys.modules
 
 
@@ -401,31 +405,42 @@ def test_unsupported_values_are_refused_on_write(value: Any) -> None:
 
 
 def test_nesting_limit_and_cycles_on_write() -> None:
-    def nested(depth: int) -> list[Any]:
-        value: list[Any] = []
+    def nested(depth: int) -> tuple[Any, ...]:
+        value: tuple[Any, ...] = ()
         for _ in range(depth - 1):
-            value = [value]
+            value = (value,)
         return value
 
     assert same(roundtrip(nested(MAX_DEPTH)), nested(MAX_DEPTH))
     with pytest.raises(SerializationError, match="nested"):
         DATA.dumps(nested(MAX_DEPTH + 1), context=CTX)
-    cycle: list[Any] = []
-    cycle.append(cycle)
+    deep: list[Any] = []
+    for _ in range(400):  # lists are msgpack's own: up to its limit (511)
+        deep = [deep]
+    assert same(roundtrip(deep), deep)
+    for start in ([], ()):
+        cycle: list[Any] = [start]
+        cycle.append(cycle)
+        with pytest.raises(SerializationError, match="nested"):
+            DATA.dumps(cycle, context=CTX)
+    in_a_tuple: list[Any] = []
+    in_a_tuple.append((in_a_tuple,))
     with pytest.raises(SerializationError, match="nested"):
-        DATA.dumps(cycle, context=CTX)
+        DATA.dumps(in_a_tuple, context=CTX)
 
 
 # DataSerializer: hostile bytes ---------------------------------------------
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+def payload(obj: Any) -> bytes:
+    """A DataSerializer payload holding ``obj`` as msgpack writes it (no checks)."""
+    return b"\x02" + msgpack.packb(obj, use_bin_type=True, strict_types=False)
+
+
+def ext(code: int, body: Any) -> msgpack.ExtType:
+    """An extension of ``code`` whose body is ``body`` (bytes as they are, else packed)."""
+    data = body if isinstance(body, bytes) else msgpack.packb(body, use_bin_type=True)
+    return msgpack.ExtType(code, data)
 
 
 RICH = [
@@ -506,30 +521,54 @@ def test_decoding_hostile_bytes_imports_nothing() -> None:
 
 
 def test_nesting_bomb_is_refused() -> None:
-    ok = b"\x01" + b"l\x01" * MAX_DEPTH + b"N"
-    assert DATA.loads(ok, context=CTX) is not None
+    def tuples(depth: int) -> bytes:
+        body = msgpack.packb(None)
+        for _ in range(depth):
+            body = msgpack.packb(msgpack.ExtType(1, b"\x91" + body))  # a tuple of one
+        return b"\x02" + body
+
+    assert DATA.loads(tuples(MAX_DEPTH), context=CTX) is not None
     for bomb in (
-        b"\x01" + b"l\x01" * (MAX_DEPTH + 1) + b"N",
-        b"\x01" + b"t\x01" * 1_000_000 + b"N",
-        b"\x01" + b"d\x01N" * 100_000 + b"N",
+        tuples(MAX_DEPTH + 1),
+        b"\x02" + b"\x91" * 1_000_000 + b"\xc0",  # arrays: msgpack stops at 1024
+        b"\x02" + b"\x81\xc0" * 100_000 + b"\xc0",  # maps, with keys read again, checked
     ):
         with pytest.raises(SerializationError, match="nested") as exc:
             DATA.loads(bomb, context=CTX)
         clean(exc)
 
 
-@pytest.mark.parametrize("tag", [b"s", b"b", b"y", b"i", b"c", b"l", b"t", b"d", b"e", b"z"])
-@pytest.mark.parametrize("length", [2**62, 2**600, 5])
-def test_huge_declared_lengths_are_refused_before_allocating(tag: bytes, length: int) -> None:
-    data = b"\x01" + tag + varint(length) + b"abc"
+_HEADS = {  # msgpack headers with a 32-bit length (ext32 with its type byte)
+    "str32": b"\xdb",
+    "bin32": b"\xc6",
+    "array32": b"\xdd",
+    "map32": b"\xdf",
+    "ext32 tuple": b"\xc9",
+}
+
+
+@pytest.mark.parametrize("head", list(_HEADS))
+@pytest.mark.parametrize("length", [2**32 - 1, 2**31, 5])
+@pytest.mark.parametrize("where", ["top", "in a tuple"])
+def test_huge_declared_lengths_are_refused_before_allocating(
+    head: str, length: int, where: str
+) -> None:
+    raw = _HEADS[head] + struct.pack(">I", length) + (b"\x01" if head.startswith("ext") else b"")
+    raw += b"abc"
+    data = b"\x02" + raw if where == "top" else payload(ext(1, b"\x91" + raw))
     with pytest.raises(SerializationError) as exc:
         DATA.loads(data, context=CTX)
     clean(exc)
 
 
-def test_overlong_varint_is_refused() -> None:
-    with pytest.raises(SerializationError, match="length"):
-        DATA.loads(b"\x01s" + b"\x80" * 20 + b"\x00", context=CTX)
+def test_unknown_extensions_are_refused() -> None:
+    negative = [b"\x02\xd4" + bytes([code]) + b"\x00" for code in (0xFE, 0x80)]  # -2, -128
+    for data in [payload(ext(code, b"")) for code in (0, 4, 16, 99, 127)] + negative:
+        with pytest.raises(SerializationError, match="unknown extension") as exc:
+            DATA.loads(data, context=CTX)
+        clean(exc)
+    stamp = DATA.loads(payload(msgpack.Timestamp(1, 0)), context=CTX)  # msgpack's own: -1
+    assert type(stamp) is float
 
 
 def test_hash_flooding_is_refused() -> None:
@@ -538,24 +577,39 @@ def test_hash_flooding_is_refused() -> None:
     assert len({hash(k) for k in colliding}) == 1
     fine = DataSerializer()
     assert fine.loads(fine.dumps(set(colliding[:-1]), context=CTX), context=CTX)
-    for value in (set(colliding), dict.fromkeys(colliding), frozenset(colliding)):
+    for value in (
+        set(colliding),
+        dict.fromkeys(colliding),
+        frozenset(colliding),
+        {"inside": [dict.fromkeys(colliding)]},
+        (dict.fromkeys(colliding),),
+    ):
         with pytest.raises(SerializationError, match="hash"):
             fine.loads(fine.dumps(value, context=CTX), context=CTX)
     assert roundtrip({-1: "a", -2: "b"}) == {-1: "a", -2: "b"}  # hash(-1) == hash(-2)
 
 
 def test_duplicate_and_unhashable_keys_are_refused() -> None:
-    for data in (b"\x01e\x02NN", b"\x01d\x02NNNN", b"\x01e\x01l\x00", b"\x01d\x01l\x00N"):
+    for data in (
+        payload(ext(2, [None, None])),  # a set with one item twice
+        b"\x02\x82\xc0\xc0\xc0\xc0",  # a map with the key None twice
+        payload(ext(2, [[]])),  # a set holding a list
+        b"\x02\x81\x90\xc0",  # a map whose key is a list
+    ):
         with pytest.raises(SerializationError) as exc:
             DATA.loads(data, context=CTX)
         clean(exc)
+
+
+def _time_body(zone: bytes) -> bytes:
+    return struct.pack(">BBBIB", 1, 2, 3, 4, 0) + zone
 
 
 @pytest.mark.parametrize(
     "zone", [b"../../../etc/passwd", b"/etc/localtime", b"Nowhere/Land", b"Europe/./Paris", b""]
 )
 def test_bad_zone_keys_are_refused(zone: bytes) -> None:
-    data = b"\x01h" + bytes(8) + b"\x03" + varint(len(zone)) + zone
+    data = payload(ext(9, _time_body(b"\x03" + zone)))
     with pytest.raises(SerializationError, match="zone") as exc:
         DATA.loads(data, context=CTX)
     clean(exc)
@@ -568,17 +622,23 @@ def test_malformed_decimals_are_refused(text: bytes) -> None:
     with decimal.localcontext() as ctx:
         ctx.traps[decimal.InvalidOperation] = False  # would turn bad text into NaN
         with pytest.raises(SerializationError, match="Decimal"):
-            DATA.loads(b"\x01c" + varint(len(text)) + text, context=CTX)
+            DATA.loads(payload(ext(6, text)), context=CTX)
 
 
 def test_invalid_fields_are_refused() -> None:
     for data in (
-        b"\x01a" + struct.pack(">HBB", 2021, 2, 29),  # no Feb 29th
-        b"\x01h" + struct.pack(">BBBIB", 24, 0, 0, 0, 0) + b"\x00",
-        b"\x01h" + struct.pack(">BBBIB", 1, 0, 0, 0, 2) + b"\x00",  # fold 2
-        b"\x01h" + struct.pack(">BBBIB", 1, 0, 0, 0, 0) + b"\x01" + struct.pack(">iII", 1, 0, 0),
-        b"\x01r" + struct.pack(">iII", 2**31 - 1, 0, 0),  # beyond timedelta.max
-        b"\x01s\x01\xff",  # not UTF-8
+        payload(ext(8, struct.pack(">HBB", 2021, 2, 29))),  # no Feb 29th
+        payload(ext(8, struct.pack(">HBBB", 2021, 2, 28, 0))),  # a byte too many
+        payload(ext(9, _time_body(b"\x00")[:-2])),  # too short
+        payload(ext(9, struct.pack(">BBBIB", 24, 0, 0, 0, 0) + b"\x00")),
+        payload(ext(9, struct.pack(">BBBIB", 1, 0, 0, 0, 2) + b"\x00")),  # fold 2
+        payload(ext(9, _time_body(b"\x01" + struct.pack(">iII", 1, 0, 0)))),  # a day's offset
+        payload(ext(9, _time_body(b"\x05"))),  # no such zone kind
+        payload(ext(10, struct.pack(">iII", 2**31 - 1, 0, 0))),  # beyond timedelta.max
+        payload(ext(11, bytes(15))),  # a UUID is 16 bytes
+        payload(ext(5, b"")),  # an int of no bytes
+        payload(ext(1, b"\xc0")),  # a tuple that is not an array
+        b"\x02\xa1\xff",  # not UTF-8
     ):
         with pytest.raises(SerializationError) as exc:
             DATA.loads(data, context=CTX)
@@ -774,3 +834,51 @@ def test_msgpack_random_bytes_raise_only_serialization_error(data: bytes) -> Non
     pytest.importorskip("msgpack")
     with contextlib.suppress(SerializationError):
         MsgpackSerializer().loads(data, context=CTX)
+
+
+def _bombs(size: int) -> dict[str, bytes]:
+    """Hostile payloads of about ``size`` bytes, each built to cost the reader most."""
+    empty_set = msgpack.packb(msgpack.ExtType(2, b"\x90"))
+    def big(n: int) -> bytes:  # int64 holds at most ~16 ints of one hash: these are bigger
+        return msgpack.packb(msgpack.ExtType(5, n.to_bytes(16, "little", signed=True)))
+
+    colliding = b"".join(big(k * (2**61 - 1)) + b"\xc0" for k in range(size // 20))
+    tuples = b"\xc0"
+    for _ in range(1000):  # each level a tuple of one: MAX_DEPTH stops the reader at 100
+        tuples = msgpack.packb(msgpack.ExtType(1, b"\x91" + tuples))
+    return {
+        "empty lists": b"\x02\xdd" + struct.pack(">I", size) + b"\x90" * size,
+        "empty sets": b"\x02\xdd" + struct.pack(">I", size // 3) + empty_set * (size // 3),
+        "empty dicts": b"\x02\xdd" + struct.pack(">I", size) + b"\x80" * size,
+        "short strings": b"\x02\xdd" + struct.pack(">I", size // 2) + b"\xa1a" * (size // 2),
+        "colliding keys": b"\x02\xdf" + struct.pack(">I", size // 20) + colliding,
+        "deep tuples": b"\x02" + tuples,
+        "deep arrays": b"\x02" + b"\x91" * size + b"\xc0",
+    }
+
+
+@pytest.mark.parametrize("shape", list(_bombs(16)))
+def test_hostile_payloads_cost_memory_in_proportion_to_their_size(shape: str) -> None:
+    """A payload can make the reader build at most a few dozen bytes of objects per
+    byte read (an empty set: 216 bytes from 3), then it is a value or a refusal: the
+    store's max_value_size (1 MiB) bounds what one read can cost. Nothing but
+    SerializationError escapes, and colliding keys are refused before the dict."""
+    import tracemalloc
+
+    data = _bombs(256 * 1024)[shape]
+    refused = ""
+    tracemalloc.start()
+    try:
+        try:
+            DATA.loads(data, context=CTX)
+        except SerializationError as exc:
+            refused = str(exc)
+            assert "unexpected" not in refused, exc
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * len(data), f"{shape}: {peak:,} bytes from {len(data):,}"
+    if shape == "colliding keys":
+        assert "hash" in refused
+    if shape.startswith("deep"):
+        assert "nested" in refused
