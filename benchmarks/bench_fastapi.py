@@ -450,7 +450,7 @@ def _protection_row(r: Result, cfg: Config) -> list[str]:
         f"{e.load.requests:,}",
         f"{e.origin_calls}",
         f"{_ms(percentile(lat, 0.99))} / {_ms(lat[-1] if lat else None)}",
-        "; ".join([*notes, r.note]) if r.note or notes else "",
+        "; ".join(n for n in (*notes, r.note) if n),
     ]
 
 
@@ -564,9 +564,10 @@ def report(results: list[Result], cfg: Config, redis_version: str, elapsed: floa
         table(HOT_HEADER, [_hot_row(r, ref) for r in results]),
         "",
         "Redis commands: `INFO commandstats` calls over the run / requests answered; they "
-        "include the commands a Lua script runs inside Redis (a stampede read, one `EVALSHA`, "
-        "counts 3: `EVALSHA`, `GET`, `PTTL`). Redis CPU: the server's `used_cpu_user + "
-        "used_cpu_sys` over the run / requests (its whole cost, network I/O included). "
+        "include the commands a Lua script runs inside Redis (a stampede read is one `EVALSHA`, "
+        "one round trip, and counts once more per command its script runs). Redis CPU: the "
+        "server's `used_cpu_user + used_cpu_sys` over the run / requests (its whole cost, "
+        "network I/O included). "
         "commandstats µs: the sum of `usec` over commands / requests, where a script's time "
         "already includes its inner commands', which count again on their own (an upper bound "
         "for script users). Origin calls: during the hot run, all workers together (the TTL "
