@@ -87,7 +87,7 @@ def total(stats: Mapping[int, Mapping[str, Any]], counter: str) -> int:
 
 @dataclass
 class Service:
-    """``uvicorn examples.service.app:app --workers N`` on a free loopback port.
+    """``uvicorn examples.service.app:app --workers N`` (or ``app``) on a free loopback port.
 
     Started in a session of its own, so ``stop()`` reaches every worker: SIGTERM
     to the group (graceful: each worker closes its clients), then SIGKILL to
@@ -103,6 +103,7 @@ class Service:
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 0
+    app: str = APP  # the ASGI app uvicorn imports (benchmarks run peers' apps the same way)
     process: subprocess.Popen[bytes] | None = None
     log_path: str = ""
 
@@ -130,7 +131,7 @@ class Service:
             self.process = subprocess.Popen(
                 [
                     sys.executable,
-                    *("-m", "uvicorn", APP),
+                    *("-m", "uvicorn", self.app),
                     *("--host", self.host, "--port", str(self.port)),
                     *("--workers", str(self.workers)),
                     "--no-access-log",  # 10,000 log lines would cost more than the requests
