@@ -177,6 +177,13 @@ def test_an_attrs_class_is_rebuilt_through_its_own_init() -> None:
     assert roundtrip(Point(3, 4)) == Point(3, 4)
 
 
+@given(st.builds(Point, st.integers(), st.integers()), st.text(), st.decimals(allow_nan=False))
+def test_attrs_instances_round_trip(point: Point, owner: str, balance: decimal.Decimal) -> None:
+    account = Account(owner, balance, [point])
+    back = roundtrip(account)
+    assert type(back) is Account and back == account and type(back.history[0]) is Point
+
+
 def test_attrs_validators_run_on_read() -> None:
     forged = b"\x02" + msgpack.packb(
         msgpack.ExtType(14, msgpack.packb([f"{__name__}.Point", ["x", "y"], 1, "not an int"]))
