@@ -7,11 +7,12 @@ others ignore it. Reading raises ``SerializationError`` for anything it
 cannot trust or decode (the cache treats that as a miss); writing raises it
 for a value it cannot store (the cache returns the value, uncached).
 
-    DataSerializer     the default. A data-only binary format (``_dataformat``):
+    DataSerializer     the default. A data-only format on msgpack (``_dataformat``):
                        reading never runs code from the payload or imports
                        anything, and its work is bounded by the payload size.
                        Keeps the exact type of the common Python values;
-                       enums and dataclasses only when registered (an allowlist).
+                       enums, dataclasses, attrs classes and pydantic models
+                       only when registered (an allowlist).
     PickleSerializer   any picklable value, HMAC-SHA256 signed with a secret;
                        the signature is checked before pickle sees a byte.
     JsonSerializer     plain JSON, to share entries with other languages.
@@ -62,27 +63,32 @@ class Serializer(Protocol):
 class DataSerializer:
     """The safe default: a typed data-only format that never runs code when reading.
 
+    msgpack's C codec, with stampede's types on top as msgpack extensions.
     Round-trips, keeping the exact type: ``None``, ``bool``, ``int`` (any
     size), ``float`` (nan, inf, -0.0), ``str`` (lone surrogates too),
-    ``bytes``, ``bytearray``, ``list``, ``tuple``, ``dict`` (any supported
-    keys, insertion order), ``set``, ``frozenset``, ``date``, ``time``,
-    ``datetime`` (naive or aware, ``fold`` kept), ``timedelta``, ``Decimal``,
-    ``UUID``, and members and instances of the enums and dataclasses in
-    ``types``. Subclasses of these types are refused (they would come back as
+    ``bytes``, ``list``, ``tuple``, ``dict`` (any supported keys, insertion
+    order), ``set``, ``frozenset``, ``date``, ``time``, ``datetime`` (naive or
+    aware, ``fold`` kept), ``timedelta``, ``Decimal``, ``UUID``, and members
+    and instances of the classes in ``types``. A ``bytearray`` reads back as
+    ``bytes``. Subclasses of these types are refused (they would come back as
     the base type), and so are other ``tzinfo`` than ``datetime.timezone``
     and ``zoneinfo.ZoneInfo`` (stored by key, looked up in the tz database
     of the reading host). Shared references are not kept (an object reached
     twice comes back as two equal copies) and cycles are refused.
 
     Args:
-        types: the enum and dataclass classes values may contain. They are
-            written under ``"module.QualName"``; pass a mapping
-            ``{name: class}`` to choose stable names instead. A payload naming
-            a class not listed here is refused. Dataclasses are rebuilt
-            without calling ``__init__`` or ``__post_init__``, with their
-            declared fields only; a payload written when the class had other
-            fields is refused (a miss). Enums are stored by member name
-            (``Flag`` classes by value).
+        types: the enums, dataclasses, attrs classes and pydantic (v2) models
+            values may contain: an allowlist. They are written under
+            ``"module.QualName"``; pass a mapping ``{name: class}`` to choose
+            stable names instead. A payload naming a class not listed here is
+            refused. Dataclasses are rebuilt without calling ``__init__`` or
+            ``__post_init__``, with their declared fields only; attrs classes
+            through their own ``__init__`` (validators run), with the fields it
+            takes; pydantic models through ``model_validate_json`` of what
+            ``model_dump_json(by_alias=True, round_trip=True)`` wrote. A
+            payload written when a dataclass or attrs class had other fields,
+            or that the class refuses, is refused (a miss). Enums are stored by
+            member name (``Flag`` classes by value).
     """
 
     name = "data2"
