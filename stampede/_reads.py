@@ -41,56 +41,70 @@ from typing import Any
 Outcome = tuple[Any, Exception | None]
 
 
+_PENDING: Any = object()  # a read's outcome before it ends
+
+
 class _Read:
     """One read in flight of a ``ReadGroup``."""
 
-    __slots__ = ("owner", "done", "outcome", "waiters")
+    __slots__ = ("owner", "outcome", "done", "waiters")
 
     def __init__(self, owner: int) -> None:
         self.owner = owner  # the reading thread
-        # Made by the first waiter (most reads have none) under the group lock; set
-        # once ``outcome`` is final. ``outcome`` None then: read again.
+        # Guarded by the group lock: _PENDING until the read ends, then its outcome
+        # (None: it ended without one, read again); ``done``, made by the first
+        # waiter (most reads have none), is set once the outcome is final.
+        self.outcome: Outcome | None = _PENDING
         self.done: threading.Event | None = None
-        self.outcome: Outcome | None = None
-        self.waiters = 0  # guarded by the group lock
+        self.waiters = 0
 
 
 class ReadGroup:
-    """Coalesced reads for threads; see the module docstring."""
+    """Coalesced reads for threads; see the module docstring.
+
+    An uncontended read takes the lock once: it enters the map with one atomic
+    ``setdefault`` (a store key is a ``str``: no Python code runs in it), and
+    leaves it, publishing its outcome, under the lock, where waiters register.
+    """
 
     def __init__(self) -> None:
         # Reentrant: a finalizer run while it is held may read through the cache.
         self._lock = threading.RLock()
-        self._reads: dict[Hashable, _Read] = {}  # guarded by _lock
+        self._reads: dict[Hashable, _Read] = {}  # entered atomically; left under _lock
         _live.add(self)
 
     def read(self, k: Hashable, fn: Callable[[Hashable], Any]) -> Outcome:
         """``fn(k)``'s outcome, shared with the other threads reading ``k`` meanwhile."""
         me = threading.get_ident()
         while True:
+            call = _Read(me)
+            current = self._reads.setdefault(k, call)
+            if current is call:
+                break
+            if current.owner == me:  # this thread's own read, re-entered: read alone
+                return _outcome(fn, k)
+            done: threading.Event | None = None
             with self._lock:
-                call = self._reads.get(k)
-                if call is None:
-                    call = self._reads[k] = _Read(me)
-                    break
-                if call.owner == me:
-                    call = None  # this thread's own read, re-entered: read alone
-                    break
-                call.waiters += 1
-                done = call.done
-                if done is None:
-                    done = call.done = threading.Event()
-            done.wait()
-            with self._lock:
-                call.waiters -= 1
-            if call.outcome is not None:
-                return call.outcome
-            # Its reader left without an outcome: read again.
-        if call is None:
-            return _outcome(fn, k)
-        outcome: Outcome | None = None
+                outcome = current.outcome
+                if outcome is _PENDING:
+                    current.waiters += 1
+                    done = current.done
+                    if done is None:
+                        done = current.done = threading.Event()
+            if done is not None:
+                done.wait()
+                with self._lock:
+                    current.waiters -= 1
+                    outcome = current.outcome
+            if outcome is not None:
+                return outcome
+            # Its reader left without an outcome: read again (or join who does).
+        outcome = None
         try:
-            outcome = _outcome(fn, k)
+            try:
+                outcome = fn(k), None
+            except Exception as exc:
+                outcome = None, exc
             return outcome
         finally:  # whatever ends the read; a BaseException leaves outcome None
             with self._lock:
@@ -145,14 +159,21 @@ class AsyncReadGroup:
             asyncio.AbstractEventLoop, dict[Hashable, _AsyncRead]
         ] = weakref.WeakKeyDictionary()
         self._lock = threading.RLock()
+        # The last loop's map, found without the weak dictionary (a read's hot path).
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], dict[Hashable, _AsyncRead]] = (
+            _no_loop,
+            {},
+        )
         _alive.add(self)
 
     def _of_loop(self) -> dict[Hashable, _AsyncRead]:
         loop = asyncio.get_running_loop()
-        reads = self._loops.get(loop)
-        if reads is None:
-            with self._lock:
-                reads = self._loops.setdefault(loop, {})
+        last_loop, reads = self._last
+        if last_loop() is loop:
+            return reads
+        with self._lock:
+            reads = self._loops.setdefault(loop, {})
+            self._last = (weakref.ref(loop), reads)
         return reads
 
     async def read(self, k: Hashable, fn: Callable[[Hashable], Awaitable[Any]]) -> Outcome:
@@ -205,6 +226,14 @@ class AsyncReadGroup:
         return 0 if call is None else call.waiters
 
 
+class _NoLoop:
+    pass
+
+
+_no_loop_object = _NoLoop()
+_no_loop: weakref.ref[Any] = weakref.ref(_no_loop_object)  # matches no loop
+
+
 _live: weakref.WeakSet[ReadGroup] = weakref.WeakSet()
 _alive: weakref.WeakSet[AsyncReadGroup] = weakref.WeakSet()
 
@@ -217,6 +246,7 @@ def _after_fork() -> None:
     for agroup in list(_alive):
         agroup._lock = threading.RLock()
         agroup._loops = weakref.WeakKeyDictionary()
+        agroup._last = (_no_loop, {})
 
 
 if hasattr(os, "register_at_fork"):
