@@ -156,6 +156,37 @@ def test_a_read_begun_before_a_write_is_not_handed_to_a_reader_after_it(
     assert got[0] in ("old", "new", None)  # concurrent with the write: either state
 
 
+@pytest.mark.parametrize("write", ["invalidate", "set"])
+def test_a_task_after_a_write_does_not_join_a_read_begun_before_it(
+    redis_url: str, write: str
+) -> None:
+    """``test_a_read_begun_before_a_write_is_not_handed_to_a_reader_after_it`` for
+    tasks: the async fence forgets the key's read in flight once the write is done."""
+
+    async def run() -> None:
+        store = _AsyncGatedRedis(redis.asyncio.Redis.from_url(redis_url))
+        acache: AsyncCoalescingCache[str] = AsyncCoalescingCache(
+            store, ttl=60, namespace=f"co-aw-{write}"
+        )
+        await acache.set("k", "old")
+        k, reads = acache._key("k"), acache._host.fences.reads
+        store.armed.set()
+        first = asyncio.ensure_future(acache.get("k"))
+        await asyncio.wait_for(store.entered.wait(), 10)
+        if write == "set":
+            await acache.set("k", "new")
+        else:
+            await acache.invalidate("k")
+        after = asyncio.ensure_future(acache.get("k"))
+        await _until(lambda: after.done() or reads.waiting(k) > 0, "the later reader")
+        assert reads.waiting(k) == 0, "the later task joined a read begun before the write"
+        assert await after == ("new" if write == "set" else None)
+        store.gate.set()
+        assert await asyncio.wait_for(first, 10) in ("old", "new", None)
+
+    asyncio.run(run())
+
+
 def test_a_failing_read_fails_open_for_every_waiter(fresh_redis_server: RedisServer) -> None:
     """The first reader's round trip fails (the server is gone): every reader that
     waited for it gets the store-failure rules of its own read (fail open: the value
