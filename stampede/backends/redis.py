@@ -265,7 +265,16 @@ def _borrowable_pool(client: Any) -> Any:
     )
     if type(pool) not in kinds or getattr(pool, "cache", None) is not None:
         return None
+    if _version(redis) < (5, 3):  # get_connection() needed a command name before 5.3
+        return None
     return pool
+
+
+def _version(redis: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in str(redis.__version__).split(".")[:2])
+    except ValueError:  # a development version: assume a recent one
+        return (99,)
 
 
 def _reply(conn: Any) -> Any:
