@@ -660,8 +660,9 @@ def refresh_note(results: RefreshResults) -> str:
         f"{WAITED_S * 1e3:g} ms (in brackets: those whose time overlapped a loader call in any "
         "process; the others were slowed by the machine alone, as the floor row's are). "
         "Commands: the server's `INFO commandstats` delta over the window (commands a Lua "
-        "script runs inside Redis count too: a stampede read is 3, `EVALSHA` + `GET` + "
-        "`PTTL`), per process per second and per read."
+        "script runs inside Redis count too; a stampede read is 2, `GETRANGE` + `PTTL` sent "
+        "together, and concurrent reads of the key in one process share one), per process "
+        "per second and per read."
     )
 
 

@@ -89,6 +89,7 @@ def _not_supported(exc: BaseException) -> Unavailable:
 class SharedResult(HitResult):
     commands: str = ""  # Redis commands sent per hit, with their names
     per_hit: float | None = None  # client commands per hit (a number, for the targets)
+    server_us: float | None = None  # Redis time per hit: the sent commands' durations
 
 
 @dataclasses.dataclass
@@ -157,7 +158,8 @@ def _read_script() -> str:
 
 
 def _redis_evalsha_pickle(env: Env, src: Callable[[Any], Any]) -> Built:
-    # stampede's read script (GET + PTTL) over the pickled value: the script's own cost.
+    # stampede's read script (STRLEN + GET + PTTL) over the pickled value: what a
+    # read cost when it was a script (now only for entries longer than the prefix).
     script = _read_script()
     sha = env.client.script_load(script)
     if sha != hashlib.sha1(script.encode()).hexdigest():
@@ -165,7 +167,23 @@ def _redis_evalsha_pickle(env: Env, src: Callable[[Any], Any]) -> Built:
     evalsha, loads = env.client.evalsha, pickle.loads
 
     def hit(key: str) -> Any:
-        data, _pttl = evalsha(sha, 1, key)
+        data, _pttl = evalsha(sha, 1, key, 1 << 20)
+        return loads(data)
+
+    return hit, (RAW_PICKLE,)
+
+
+def _redis_read_pickle(env: Env, src: Callable[[Any], Any]) -> Built:
+    # stampede's read (GETRANGE + PTTL, pipelined on a pooled connection) over the
+    # pickled value: the read's own cost (internals: may move).
+    try:
+        from stampede.backends.redis import _Link, _prefix
+    except ImportError as exc:
+        raise Unavailable("n/a: stampede's read (`stampede.backends.redis._Link`) moved") from exc
+    get, prefix, loads = _Link(env.client).get, _prefix(1 << 20), pickle.loads
+
+    def hit(key: str) -> Any:
+        data, _pttl = get(key, prefix)
         return loads(data)
 
     return hit, (RAW_PICKLE,)
@@ -225,11 +243,15 @@ SYNC_CASES: list[tuple[str, Build]] = [
     (REDIS_FLOOR, _redis_floor),
     (REDIS_DATA, _redis_data),
     (
-        "raw redis-py `EVALSHA` of stampede's read script (GET + PTTL) + `pickle.loads`",
+        "raw redis-py `EVALSHA` of stampede's whole-entry read script + `pickle.loads`",
         _redis_evalsha_pickle,
     ),
     (
-        "stampede's store read alone: `EVALSHA` + envelope + DataSerializer decode (internal)",
+        "stampede's read: `GETRANGE` + `PTTL` pipelined + `pickle.loads` (internal)",
+        _redis_read_pickle,
+    ),
+    (
+        "stampede's store read alone: read + envelope + DataSerializer decode (internal)",
         _stampede_store_read,
     ),
     (REDIS_GET_OR_LOAD, _stampede_get_or_load),
@@ -499,9 +521,10 @@ class CommandCounter:
             obs.config_set("slowlog-max-len", before["slowlog-max-len"])
             obs.slowlog_reset()
 
-    def _read(self) -> tuple[Counter[str], Counter[str]]:
+    def _read(self) -> tuple[Counter[str], Counter[str], float]:
         sent: Counter[str] = Counter()
         in_script: Counter[str] = Counter()
+        usec = 0.0  # the sent commands' own durations (a script's include its commands)
         for entry in self.observer.slowlog_get(100 * self.hits + 100):
             address = _text(entry.get("client_address", b""))
             name = _text(entry["command"]).split(" ", 1)[0].upper()
@@ -511,11 +534,15 @@ class CommandCounter:
                 in_script[name] += 1  # the script's client: no round trip
             else:
                 sent[name] += 1
-        return sent, in_script
+                usec += float(entry.get("duration", 0))
+        return sent, in_script, usec
 
-    def _record(self, result: SharedResult, sent: Counter[str], in_script: Counter[str]) -> None:
+    def _record(
+        self, result: SharedResult, sent: Counter[str], in_script: Counter[str], usec: float
+    ) -> None:
         total = sum(sent.values())
         result.per_hit = total / self.hits
+        result.server_us = usec / self.hits
         names = ", ".join(
             name if n == self.hits else f"{n / self.hits:g} {name}"
             for name, n in sorted(sent.items())
@@ -531,22 +558,22 @@ class CommandCounter:
             with self._logging_all():
                 for _ in range(self.hits):
                     hit()
-                sent, in_script = self._read()
+                sent, in_script, usec = self._read()
         except Exception as exc:
             result.commands = _na(exc)
             return
-        self._record(result, sent, in_script)
+        self._record(result, sent, in_script, usec)
 
     async def acount(self, result: SharedResult, hit: Callable[[], Any]) -> None:
         try:
             with self._logging_all():
                 for _ in range(self.hits):
                     await hit()
-                sent, in_script = self._read()
+                sent, in_script, usec = self._read()
         except Exception as exc:
             result.commands = _na(exc)
             return
-        self._record(result, sent, in_script)
+        self._record(result, sent, in_script, usec)
 
 
 def _text(value: Any) -> str:
@@ -657,6 +684,7 @@ def report_redis(results: list[SharedResult], floor: str, data: str) -> str:
             ratio(r.seconds, ref),
             ratio(r.seconds, ref_data),
             r.commands or "n/a",
+            "n/a" if r.server_us is None else f"{r.server_us:.2f}",
             r.note,
         ]
         for r in results
@@ -667,6 +695,7 @@ def report_redis(results: list[SharedResult], floor: str, data: str) -> str:
         "vs GET + pickle",
         "vs GET + DataSerializer",
         "Redis commands per hit (sent; in the script)",
+        "Redis µs per hit",
         "note",
     ]
     return table(headers, rows)
@@ -694,6 +723,8 @@ def shared_note(cfg: Config, results: SharedResults) -> str:
         f"{counted} more hits after the timing, with the server's slow log recording every "
         "command: *sent* are the commands the client sent (each one a round trip unless "
         "pipelined), *in the script* those a Lua script ran inside Redis (no round trip). "
+        "Redis µs per hit: the slow log's durations of the sent commands (a script's "
+        "includes the commands it ran), as `INFO commandstats` counts them. "
         "Internal rows call stampede internals to split the time and may go n/a when those move."
     )
 
@@ -705,16 +736,25 @@ def shared_targets(results: SharedResults) -> list[Target]:
     measured = [r for r in (cached, get_or_load) if r.per_hit is not None]
     targets = [
         Target(
-            "Redis hit: commands per hit",
-            "1",
-            "; ".join(
-                f"{r.per_hit:g} via {_short(r)} ({r.commands.split('(', 1)[-1].split(')')[0]})"
-                for r in measured
-            )
-            or "n/a",
-            all(r.per_hit == 1 for r in measured) if measured else None,
+            "Redis hit: one round trip (commands sent per hit; GETRANGE + PTTL go pipelined)",
+            "1 round trip",
+            "; ".join(f"{r.per_hit:g} via {_short(r)} ({_names(r)})" for r in measured) or "n/a",
+            all(_one_round_trip(r) for r in measured) if measured else None,
         )
     ]
+    floor_row = next((r for r in results.sync if r.label == REDIS_FLOOR), None)
+    cpu = [r for r in (get_or_load, cached) if r.server_us is not None]
+    if floor_row is not None and floor_row.server_us and cpu:
+        worst = max(r.server_us or 0.0 for r in cpu) / floor_row.server_us
+        targets.append(
+            Target(
+                "Redis CPU per hit <= 2x a GET (slow-log µs of the sent commands)",
+                "<= 2x",
+                f"{worst:.2f}x ({', '.join(f'{r.server_us:.2f}' for r in cpu)} µs "
+                f"vs GET {floor_row.server_us:.2f} µs)",
+                worst <= 2.0,
+            )
+        )
     if cached.seconds is None or not floor:
         value = None
         text = "n/a"
@@ -732,6 +772,16 @@ def shared_targets(results: SharedResults) -> list[Target]:
         )
     )
     return targets
+
+
+def _names(result: SharedResult) -> str:
+    return result.commands.split("(", 1)[-1].split(")")[0]
+
+
+def _one_round_trip(result: SharedResult) -> bool:
+    """One command per hit, or stampede's read: GETRANGE and PTTL, written together
+    in one send on one connection (``_Link.get``), one reply each."""
+    return result.per_hit == 1 or (result.per_hit == 2 and _names(result) == "GETRANGE, PTTL")
 
 
 def _short(result: SharedResult) -> str:

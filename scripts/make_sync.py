@@ -50,6 +50,7 @@ RENAMES = {
     "acall_loader": "call_loader",
     "ALoader": "Loader",
     "AsyncRenewer": "Renewer",
+    "AsyncReadGroup": "ReadGroup",
     "AbstractAsyncContextManager": "AbstractContextManager",
 }
 

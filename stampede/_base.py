@@ -25,6 +25,7 @@ from ._hitpath import make_peek
 from ._leader import Host
 from ._options import CacheOptions, Options
 from ._primitives import AsyncFences, Fences
+from ._reads import ReadGroup
 from ._singleflight import AsyncSingleFlight, SingleFlight
 from ._stats import Recorder, Stats
 from .backends import SharedStore, Store, resolve
@@ -148,7 +149,7 @@ class CacheBase(Generic[V]):
             self._host = Host(store, leases, opts, self._rec, self._flight, fences)
         else:
             self._flight = SingleFlight()
-            self._thread_fences = Fences()
+            self._thread_fences = Fences(None if store.local else ReadGroup())
             self._host = Host(store, leases, opts, self._rec, self._flight, self._thread_fences)
 
     # -- introspection -------------------------------------------------------

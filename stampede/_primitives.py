@@ -10,7 +10,11 @@ generated (``_sync/engine.py``); the generated code calls only these:
   a task (``AsyncRenewer``);
 - how a key's writes are fenced: striped reentrant thread locks (``Fences``),
   or, for a store reached over the network from asyncio, an ``asyncio.Lock``
-  per event loop (``AsyncFences``), which is never held across a thread.
+  per event loop (``AsyncFences``), which is never held across a thread;
+- how a key's concurrent reads share one store read (``_reads``): the fences
+  of a shared store hold the read group, and leaving a key's fence (its
+  write done) forgets the key's read in flight, so no reader arriving after
+  a write gets a read that began before it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from typing import Any, Protocol, TypeVar
+
+from ._reads import AsyncReadGroup, ReadGroup
 
 V = TypeVar("V")
 
@@ -140,14 +146,18 @@ class Fences:
     Held only around a check of the call's fenced flag and the store write
     that follows. Reentrant: what runs on the thread meanwhile (a user
     mapping's write, a finalizer, a signal handler) may call the cache again.
+    ``reads``: the coalesced reads of a shared store (None for a mapping of
+    this process); leaving a key's fence forgets its read in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reads: ReadGroup | None = None) -> None:
         self.locks = tuple(threading.RLock() for _ in range(STRIPES))
+        self.reads = reads
         _live_fences.add(self)
 
-    def fence(self, k: Hashable) -> threading.RLock:
-        return self.locks[hash(k) % STRIPES]
+    def fence(self, k: Hashable) -> contextlib.AbstractContextManager[Any]:
+        lock = self.locks[hash(k) % STRIPES]
+        return lock if self.reads is None else _Fence(lock, self.reads, k)
 
     @contextlib.contextmanager
     def fence_all(self) -> Iterator[None]:
@@ -157,8 +167,31 @@ class Fences:
         try:
             yield
         finally:
-            for lock in locks:
-                lock.release()
+            try:
+                if self.reads is not None:
+                    self.reads.forget_all()
+            finally:
+                for lock in locks:
+                    lock.release()
+
+
+class _Fence:
+    """A key's stripe lock, held around its write; leaving it (the write done, or
+    failed) forgets the key's read in flight."""
+
+    __slots__ = ("_lock", "_reads", "_k")
+
+    def __init__(self, lock: threading.RLock, reads: ReadGroup, k: Hashable) -> None:
+        self._lock, self._reads, self._k = lock, reads, k
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._reads.forget(self._k)
+        finally:
+            self._lock.release()
 
 
 class _HeldOnThread:
@@ -188,6 +221,7 @@ class AsyncFences:
 
     def __init__(self, local: bool) -> None:
         self.threads = Fences() if local else None
+        self.reads = None if local else AsyncReadGroup()
         self._loops: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[asyncio.Lock, ...]
         ] = weakref.WeakKeyDictionary()
@@ -201,8 +235,9 @@ class AsyncFences:
 
     def fence(self, k: Hashable) -> contextlib.AbstractAsyncContextManager[Any]:
         if self.threads is not None:
-            return _HeldOnThread(self.threads.fence(k))
-        return self._of_loop()[hash(k) % STRIPES]
+            return _HeldOnThread(self.threads.locks[hash(k) % STRIPES])  # no reads to forget
+        assert self.reads is not None
+        return _AsyncFence(self._of_loop()[hash(k) % STRIPES], self.reads, k)
 
     @contextlib.asynccontextmanager
     async def fence_all(self) -> AsyncIterator[None]:
@@ -213,4 +248,26 @@ class AsyncFences:
         async with contextlib.AsyncExitStack() as stack:
             for lock in self._of_loop():  # every stripe: no commit runs meanwhile
                 await stack.enter_async_context(lock)
-            yield
+            try:
+                yield
+            finally:
+                assert self.reads is not None
+                self.reads.forget_all()
+
+
+class _AsyncFence:
+    """``_Fence`` for a store reached over the network from asyncio."""
+
+    __slots__ = ("_lock", "_reads", "_k")
+
+    def __init__(self, lock: asyncio.Lock, reads: AsyncReadGroup, k: Hashable) -> None:
+        self._lock, self._reads, self._k = lock, reads, k
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            self._reads.forget(self._k)
+        finally:
+            self._lock.release()

@@ -447,6 +447,71 @@ def test_a_planted_giant_is_a_counted_miss_never_fetched(
     assert (stats.serialization_errors, stats.loads) == (reads, 1)
 
 
+def _command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per command so far on the server (``INFO commandstats``)."""
+    stats: Any = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def _sent(client: redis.Redis, before: dict[str, int]) -> dict[str, int]:
+    after = _command_calls(client)
+    sent = {name: n - before.get(name, 0) for name, n in after.items()}
+    return {name: n for name, n in sent.items() if n and name not in ("info",)}
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_redis_hit_is_getrange_and_pttl_and_a_long_entry_a_second_trip(
+    redis_url: str, redis_client: redis.Redis, flavour: str
+) -> None:
+    """A hit sends ``GETRANGE`` of the entry's first bytes and ``PTTL``, pipelined
+    (one round trip, no script); an entry longer than that prefix is read whole by
+    the read script, in a second round trip, and comes back intact."""
+    from stampede import AsyncCoalescingCache
+    from stampede.backends.redis import _prefix
+
+    limit = 16 * 1024
+    prefix = _prefix(limit)  # an eighth of the limit: 2 KiB
+    small, long = "s" * 10, "L" * (4 * prefix)  # long: between the prefix and the limit
+
+    def check(sent: dict[str, int], hits: int, long_hits: int) -> None:
+        assert sent.get("getrange", 0) == hits
+        if not long_hits:  # nothing else: no script, no GET
+            assert sent == {"getrange": hits, "pttl": hits}
+        else:  # the script's own commands count too (and a first NOSCRIPT, if any)
+            assert sent.get("evalsha", 0) >= long_hits and sent.get("get", 0) == long_hits
+
+    if flavour == "sync":
+        store = RedisBackend(redis.Redis.from_url(redis_url), max_value_size=limit)
+        cache: CoalescingCache[str] = CoalescingCache(store, ttl=60, namespace="trip")
+        cache.set("small", small)
+        cache.set("long", long)
+        before = _command_calls(redis_client)
+        assert [cache.get_or_load("small", _never) for _ in range(5)] == [small] * 5
+        check(_sent(redis_client, before), 5, 0)
+        before = _command_calls(redis_client)
+        assert [cache.get_or_load("long", _never) for _ in range(3)] == [long] * 3
+        check(_sent(redis_client, before), 3, 3)
+        assert cache.stats().hits == 8
+        return
+
+    async def run() -> None:
+        from stampede.backends import AsyncRedisBackend
+
+        astore = AsyncRedisBackend(redis.asyncio.Redis.from_url(redis_url), max_value_size=limit)
+        acache: AsyncCoalescingCache[str] = AsyncCoalescingCache(astore, ttl=60, namespace="atrip")
+        await acache.set("small", small)
+        await acache.set("long", long)
+        before = _command_calls(redis_client)
+        assert [await acache.get_or_load("small", _anever) for _ in range(5)] == [small] * 5
+        check(_sent(redis_client, before), 5, 0)
+        before = _command_calls(redis_client)
+        assert [await acache.get_or_load("long", _anever) for _ in range(3)] == [long] * 3
+        check(_sent(redis_client, before), 3, 3)
+        assert acache.stats().hits == 8
+
+    asyncio.run(run())
+
+
 def test_a_non_string_under_a_redis_key_is_a_foreign_entry(redis_url: str) -> None:
     """A Redis key holding a non-string (WRONGTYPE) is a counted foreign entry, not a store error.
 

@@ -339,7 +339,9 @@ def test_a_refresh_run_by_another_process_is_not_retried_on_every_read(
     for _ in range(30):
         assert b.get_or_load("k", never) == "v1"
         wait_until(lambda: len(b._flight) == 0)  # b's refresh attempt, if any, is over
-    assert evalsha_calls() - before <= 31  # 30 reads, one look at the lease
+    # One look at the lease (a read is GETRANGE + PTTL, no script; a's renewer may
+    # add a renewal or two). Retrying the lease on every read would make it 30 more.
+    assert evalsha_calls() - before <= 3
     assert never.calls == 0
     gate.open()
     wait_until(lambda: len(a._flight) == 0)

@@ -10,8 +10,10 @@ differs. Edit the async file, then run the script.
 
 What runs here, for one key ``k`` (already a store key):
 
-- ``read``: one store read; a failure follows the store-failure rules
-  (``_failures``), a foreign object is a counted miss.
+- ``read``: one store read, shared by this process's concurrent readers of
+  the key when the store is shared (``_reads``); a failure follows the
+  store-failure rules (``_failures``) for every reader, a foreign object is
+  a counted miss.
 - ``load``: the leader's work. Local: a second look (someone may have stored
   the key since the caller's read), the loader, the entry, the commit under
   the key's fence unless the call was fenced. Distributed: the same inside
@@ -37,6 +39,7 @@ from .._entry import MISSING, Entry
 from .._errors import BackendUnavailable
 from .._leader import Fenced, Host, Patience, Step, look
 from .._primitives import Loader, Renewer, call_loader
+from .._reads import ReadGroup
 from ..backends._shared import StoreBusy
 
 V = TypeVar("V")
@@ -83,6 +86,8 @@ class SyncLeaseStore(SyncEntryStore, Protocol):
 
 
 class SyncFencing(Protocol):
+    reads: ReadGroup | None  # a shared store's coalesced reads
+
     def fence(self, k: Hashable) -> AbstractContextManager[Any]: ...
 
     def fence_all(self) -> AbstractContextManager[Any]: ...
@@ -91,13 +96,27 @@ class SyncFencing(Protocol):
 SyncHost = Host[SyncEntryStore, SyncLeaseStore, SyncFencing]
 
 
-def read(host: SyncHost, k: Hashable, count_foreign: bool = True) -> Entry[Any] | None:
-    """The entry under ``k``, or None (a miss, a failed read, a foreign object)."""
-    try:
-        entry = host.store.get(k)
-    except Exception as exc:
-        host.read_failed(exc, count_foreign)
-        return None
+def read(
+    host: SyncHost, k: Hashable, count_foreign: bool = True, shared: bool = True
+) -> Entry[Any] | None:
+    """The entry under ``k``, or None (a miss, a failed read, a foreign object).
+
+    A shared store's read is shared with this process's other readers of ``k``
+    meanwhile (``_reads``); ``shared=False``: a read of its own, begun now (the
+    leader's second look, which must not take an older read's answer; a ``set``).
+    """
+    reads = host.fences.reads if shared else None
+    if reads is None:
+        try:
+            entry = host.store.get(k)
+        except Exception as exc:
+            host.read_failed(exc, count_foreign)
+            return None
+    else:
+        entry, failure = reads.read(k, host.store.get)
+        if failure is not None:  # every reader of the failed read: its own failure rules
+            host.read_failed(failure, count_foreign)
+            return None
     return host.valid(entry, count_foreign)
 
 
@@ -143,7 +162,7 @@ def _load_here(
 ) -> V:
     """The leader's work for this process alone."""
     if not force:
-        current: Entry[V] | None = read(host, k, count_foreign=False)
+        current: Entry[V] | None = read(host, k, count_foreign=False, shared=False)
         found, previous = host.second_look(current, previous)
         if found is not None:
             return host.answer(found)
@@ -299,7 +318,8 @@ def lookup(host: SyncHost, k: Hashable, default: Any) -> Any:
 def store_value(host: SyncHost, k: Hashable, value: Any, ttl: float | None) -> None:
     """``set``: write ``value`` and fence the key's loads in flight (here and, when
     distributed, in the fleet: the write and the lease break are one step)."""
-    entry = host.set_entry(value, ttl, read(host, k))
+    # A read of its own: a write does not wait behind someone else's read in flight.
+    entry = host.set_entry(value, ttl, read(host, k, shared=False))
     with host.fences.fence(k):
         host.flight.forget(k)
         if host.leases is not None:
