@@ -564,8 +564,8 @@ def report(results: list[Result], cfg: Config, redis_version: str, elapsed: floa
         table(HOT_HEADER, [_hot_row(r, ref) for r in results]),
         "",
         "Redis commands: `INFO commandstats` calls over the run / requests answered; they "
-        "include the commands a Lua script runs inside Redis (a stampede read is one `EVALSHA`, "
-        "one round trip, and counts once more per command its script runs). Redis CPU: the "
+        "include the commands a Lua script runs inside Redis (a stampede hit is `GETRANGE` + "
+        "`PTTL`, sent together: one round trip, two commands). Redis CPU: the "
         "server's `used_cpu_user + used_cpu_sys` over the run / requests (its whole cost, "
         "network I/O included). "
         "commandstats µs: the sum of `usec` over commands / requests, where a script's time "
