@@ -56,6 +56,24 @@ def _prefix(max_value_size: int) -> int:
     return max(1, min(max_value_size // 8, PREFIX_MAX))
 
 
+def _value_read(limit: str) -> str:
+    """Lua setting ``v`` (the bytes, or their length when past ``limit``; false when
+    missing) and ``t`` (the PTTL) of KEYS[1]: the read and the lease scripts' one
+    rule for what a read may fetch."""
+    return f"""
+local n = redis.pcall('STRLEN', KEYS[1])
+local v, t = false, -2
+if type(n) == 'table' then
+  if not string.find(n.err, 'WRONGTYPE', 1, true) then return n end
+  v = '' t = -1
+elseif n > tonumber({limit}) then v = n t = redis.call('PTTL', KEYS[1])
+else
+  v = redis.call('GET', KEYS[1])
+  if v then t = redis.call('PTTL', KEYS[1]) else v = false end
+end
+"""
+
+
 # The whole entry and its PTTL, for an entry at least as long as the read's prefix
 # (and the read alongside a lease below). A Lua table stops at its first nil, so a
 # missing key answers nil rather than {nil, -2}; something that is not a string
@@ -65,17 +83,7 @@ def _prefix(max_value_size: int) -> int:
 # length comes back in its place, so a planted giant costs one STRLEN. Flagged
 # no-writes, so that reads go on during CLIENT PAUSE WRITE (a failover) and on
 # read-only replicas (Redis 7.0 and later; older servers run it unflagged).
-_READ_BODY = """
-local n = redis.pcall('STRLEN', KEYS[1])
-if type(n) == 'table' then
-  if string.find(n.err, 'WRONGTYPE', 1, true) then return {'', -1} end
-  return n
-end
-if n > tonumber(ARGV[1]) then return {n, redis.call('PTTL', KEYS[1])} end
-local v = redis.call('GET', KEYS[1])
-if not v then return nil end
-return {v, redis.call('PTTL', KEYS[1])}
-"""
+_READ_BODY = _value_read("ARGV[1]") + "if v == false then return nil end\nreturn {v, t}\n"
 _READ = "#!lua flags=no-writes\n" + _READ_BODY.lstrip("\n")
 
 # Leases (distributed=True). KEYS[1] is the value, KEYS[2] its lease: one hash
@@ -84,23 +92,16 @@ _READ = "#!lua flags=no-writes\n" + _READ_BODY.lstrip("\n")
 # A lease without an expiry was not taken by stampede (its leases always have
 # one) and would hold the key forever: acquiring replaces it. The value is read
 # as by _READ (ARGV[3]: max_value_size).
-_ACQUIRE = """
+_ACQUIRE = (
+    """
 local got = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 if not got and redis.call('PTTL', KEYS[2]) == -1 then
   got = redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 end
-local n = redis.pcall('STRLEN', KEYS[1])
-local v, t = false, -2
-if type(n) == 'table' then
-  if not string.find(n.err, 'WRONGTYPE', 1, true) then return n end
-  v = '' t = -1
-elseif n > tonumber(ARGV[3]) then v = n t = redis.call('PTTL', KEYS[1])
-else
-  v = redis.call('GET', KEYS[1])
-  if v then t = redis.call('PTTL', KEYS[1]) else v = false end
-end
-return {got and 1 or 0, v, t}
 """
+    + _value_read("ARGV[3]")
+    + "return {got and 1 or 0, v, t}\n"
+)
 _RENEW = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -277,19 +278,20 @@ def _version(redis: Any) -> tuple[int, ...]:
         return (99,)
 
 
-def _reply(conn: Any) -> Any:
-    """The next reply on ``conn``; an error reply is returned, not raised, so that
-    the replies after it are read too (the connection stays in step)."""
+def _reply(conn: Any, refused: type[Exception]) -> Any:
+    """The next reply on ``conn``; an error reply (``refused``: redis-py's
+    ``ResponseError``) is returned, not raised, so that the replies after it are
+    read too (the connection stays in step)."""
     try:
         return conn.read_response()
-    except _redis().ResponseError as exc:
+    except refused as exc:
         return exc
 
 
-async def _areply(conn: Any) -> Any:
+async def _areply(conn: Any, refused: type[Exception]) -> Any:
     try:
         return await conn.read_response()
-    except _redis().ResponseError as exc:
+    except refused as exc:
         return exc
 
 
@@ -306,17 +308,47 @@ def _found(data: Any, pttl: Any, prefix: int) -> tuple[bytes | None, float | Non
         return None, None  # missing (or deleted between the two commands)
     if len(data) >= prefix:
         return None
-    return data, (pttl / 1000.0 if pttl >= 0 else None)
+    return data, _seconds(pttl)
+
+
+# What both stores send and make of the replies (RedisBackend, AsyncRedisBackend).
+
+
+def _seconds(pttl: int) -> float | None:
+    """A PTTL reply in seconds; None for a key without an expiry."""
+    return pttl / 1000.0 if pttl >= 0 else None
+
+
+def _whole(found: Any) -> tuple[bytes | int | None, float | None]:
+    """The read script's reply: (bytes or the length past the limit, seconds left)."""
+    if found is None:
+        return None, None
+    data, pttl = found
+    return data, _seconds(pttl)
+
+
+def _keys(key: str) -> list[str]:
+    """A lease script's KEYS: the value and its lease (one hash slot)."""
+    return [key, lease_key(key)]
+
+
+def _commit_args(key: str, token: str, data: bytes | None, ttl: float) -> list[Any]:
+    return [token, data or b"", ttl_ms(ttl), _channel_of(key)]
+
+
+def _break_args(key: str, drop_value: bool, data: bytes | None, ttl: float) -> list[Any]:
+    return ["1" if drop_value else "0", _channel_of(key), data or b"", ttl_ms(ttl) if data else 0]
 
 
 class _Link:
     """A client, the pool a read borrows from, and stampede's scripts on the client."""
 
-    __slots__ = ("client", "pool", "read", "acquire", "renew", "commit", "break_")
+    __slots__ = ("client", "pool", "refused", "read", "acquire", "renew", "commit", "break_")
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.pool = _borrowable_pool(client)
+        self.refused: type[Exception] = _redis().ResponseError  # an error reply
         self.read = client.register_script(_READ)  # unflagged() may replace it
         self.acquire = client.register_script(_ACQUIRE)
         self.renew = client.register_script(_RENEW)
@@ -337,7 +369,7 @@ class _Link:
             conn.send_packed_command(
                 conn.pack_commands([("GETRANGE", key, 0, prefix - 1), ("PTTL", key)])
             )
-            return _reply(conn), _reply(conn)
+            return _reply(conn, self.refused), _reply(conn, self.refused)
         except BaseException:
             conn.disconnect()  # a reply may be left unread: the connection is out of step
             raise
@@ -358,7 +390,7 @@ class _Link:
             await conn.send_packed_command(
                 conn.pack_commands([("GETRANGE", key, 0, prefix - 1), ("PTTL", key)])
             )
-            return await _areply(conn), await _areply(conn)
+            return await _areply(conn, self.refused), await _areply(conn, self.refused)
         except BaseException:
             # Cancelled or failed mid-exchange: never reuse the connection.
             await conn.disconnect(nowait=True)
@@ -418,23 +450,22 @@ class RedisBackend(_RedisStore):
     def _lease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | int | None, float | None]:
-        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl), self.max_value_size]
+        keys, args = _keys(key), [token, ttl_ms(lease_ttl), self.max_value_size]
         got, data, pttl = self._here().acquire(keys=keys, args=args)
-        return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
+        return bool(got), data, _seconds(pttl)
 
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
-        return bool(self._here().renew(keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl)]))
+        return bool(self._here().renew(keys=_keys(key), args=[token, ttl_ms(lease_ttl)]))
 
     def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
-        args = [token, data or b"", ttl_ms(ttl), _channel_of(key)]
-        return bool(self._here().commit(keys=[key, lease_key(key)], args=args))
+        args = _commit_args(key, token, data, ttl)
+        return bool(self._here().commit(keys=_keys(key), args=args))
 
     def _lease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
-        drop = "1" if drop_value else "0"
-        args = [drop, _channel_of(key), data or b"", ttl_ms(ttl) if data else 0]
-        self._here().break_(keys=[key, lease_key(key)], args=args)
+        args = _break_args(key, drop_value, data, ttl)
+        self._here().break_(keys=_keys(key), args=args)
 
     def lease_listen(self, key: str) -> _Listening:
         return _Listening(_notifier_for(self.client), key)
@@ -460,10 +491,7 @@ class RedisBackend(_RedisStore):
             if not link.unflagged(exc):
                 raise
             found = link.read(keys=[key], args=[self.max_value_size])
-        if found is None:
-            return None, None
-        data, pttl = found
-        return data, (pttl / 1000.0 if pttl >= 0 else None)
+        return _whole(found)
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
         self.client.set(key, data, px=ttl_ms(ttl))
@@ -524,28 +552,24 @@ class AsyncRedisBackend(_RedisStore):
     async def _alease_acquire_raw(
         self, key: str, token: str, lease_ttl: float
     ) -> tuple[bool, bytes | int | None, float | None]:
-        got, data, pttl = await self._here().acquire(
-            keys=[key, lease_key(key)], args=[token, ttl_ms(lease_ttl), self.max_value_size]
-        )
-        return bool(got), data, (pttl / 1000.0 if pttl >= 0 else None)
+        keys, args = _keys(key), [token, ttl_ms(lease_ttl), self.max_value_size]
+        got, data, pttl = await self._here().acquire(keys=keys, args=args)
+        return bool(got), data, _seconds(pttl)
 
     async def _alease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
-        keys, args = [key, lease_key(key)], [token, ttl_ms(lease_ttl)]
-        renewed = await self._here().renew(keys=keys, args=args)
-        return bool(renewed)
+        return bool(await self._here().renew(keys=_keys(key), args=[token, ttl_ms(lease_ttl)]))
 
     async def _alease_commit_raw(
         self, key: str, token: str, data: bytes | None, ttl: float
     ) -> bool:
-        args = [token, data or b"", ttl_ms(ttl), _channel_of(key)]
-        return bool(await self._here().commit(keys=[key, lease_key(key)], args=args))
+        args = _commit_args(key, token, data, ttl)
+        return bool(await self._here().commit(keys=_keys(key), args=args))
 
     async def _alease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
     ) -> None:
-        drop = "1" if drop_value else "0"
-        args = [drop, _channel_of(key), data or b"", ttl_ms(ttl) if data else 0]
-        await self._here().break_(keys=[key, lease_key(key)], args=args)
+        args = _break_args(key, drop_value, data, ttl)
+        await self._here().break_(keys=_keys(key), args=args)
 
     def alease_listen(self, key: str) -> _AsyncListening:
         return _AsyncListening(_async_notifier_for(self.client), key)
@@ -572,10 +596,7 @@ class AsyncRedisBackend(_RedisStore):
             if not link.unflagged(exc):
                 raise
             found = await link.read(keys=[key], args=[self.max_value_size])
-        if found is None:
-            return None, None
-        data, pttl = found
-        return data, (pttl / 1000.0 if pttl >= 0 else None)
+        return _whole(found)
 
     async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:
         await self.client.set(key, data, px=ttl_ms(ttl))
