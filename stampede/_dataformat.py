@@ -113,7 +113,7 @@ class FormatError(ValueError):
     """A value this format cannot write, or bytes that are not a valid payload."""
 
 
-def register_hint(cls: type[Any]) -> str:
+def _register_hint(cls: type[Any]) -> str:
     """How to make ``cls`` storable, in code the user can paste."""
     return (
         f"to store it, register the class: DataSerializer(types=[{_qualified(cls)}]) "
@@ -301,7 +301,7 @@ class _Encoder:
 
 def _unsupported(t: type[Any]) -> str:
     if _registrable(t):
-        return f"cannot serialize a {_qualified(t)}: not registered; {register_hint(t)}"
+        return f"cannot serialize a {_qualified(t)}: not registered; {_register_hint(t)}"
     return (
         f"cannot serialize a {_qualified(t)}: DataSerializer stores {_SUPPORTED}; "
         "for other values pass serializer=PickleSerializer(secret=...) (signed pickle)"
@@ -309,12 +309,12 @@ def _unsupported(t: type[Any]) -> str:
 
 
 def _registrable(t: type[Any]) -> bool:
-    return (
-        issubclass(t, enum.Enum)
-        or dataclasses.is_dataclass(t)
-        or _attrs_fields(t) is not None
-        or _is_pydantic(t)
-    )
+    """Whether ``Registry`` would take ``t`` (``_describe`` decides)."""
+    try:
+        _describe("", t)
+    except TypeError:
+        return False
+    return True
 
 
 def _zone(tz: datetime.tzinfo | None) -> bytes:

@@ -101,10 +101,7 @@ class ReadGroup:
             # Its reader left without an outcome: read again (or join who does).
         outcome = None
         try:
-            try:
-                outcome = fn(k), None
-            except Exception as exc:
-                outcome = None, exc
+            outcome = _outcome(fn, k)
             return outcome
         finally:  # whatever ends the read; a BaseException leaves outcome None
             with self._lock:
