@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,11 @@ def disk_store(tmp_path: Path) -> diskcache.Cache:
     folder = tmp_path / "c"
     folder.mkdir(mode=0o700)
     return diskcache.Cache(str(folder))
+
+
+def fork() -> int:
+    """``os.fork()`` while other threads run, without Python 3.12's warning about it
+    (the tests that fork check what a child may do then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()

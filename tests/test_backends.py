@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from stampede.backends import DiskBackend, RedisBackend
 from stampede.testing import FakeClock, Gate, wait_until
 from tests.support.redis_server import RedisServer
 
-from .helpers import disk_store, in_thread, join_all, run_threads, wait_child
+from .helpers import disk_store, fork, in_thread, join_all, run_threads, wait_child
 
 
 class NotFound(LookupError):
@@ -1197,9 +1196,7 @@ def test_a_child_forked_during_a_disk_write_fails_fast_instead_of_hanging(
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     assert writing.wait(5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
+    pid = fork()  # with threads running
     if pid == 0:  # the child: the writer thread does not exist here, its lock does
         code = 1
         try:
@@ -1240,9 +1237,7 @@ def test_a_child_forked_during_a_flight_loads_at_once(make: Make) -> None:
     gate = Gate("parent")
     leader, out = in_thread(lambda: cache.get_or_load("k", gate))
     assert gate.entered.wait(10)  # the parent's thread leads "k", its loader blocked
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
+    pid = fork()  # with threads running
     if pid == 0:  # the child
         code = 1
         try:
@@ -1289,9 +1284,7 @@ def test_an_async_child_forked_during_a_flight_loads_at_once(
 
     leader, out = in_thread(lambda: asyncio.run(cache.get_or_load("k", load)))
     assert entered.wait(10)  # the parent's loop leads "k", its loader blocked
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
+    pid = fork()  # with threads running
     if pid == 0:  # the child: neither the parent's loop nor its thread exists here
 
         async def child() -> int:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 from stampede import CoalescingCache, LoadAbandoned, LoadTimeout, RecursiveLoad
 from stampede.testing import Draws, FakeClock, Gate, wait_until
 
-from .helpers import join_all, run_threads, wait_child
+from .helpers import fork, join_all, run_threads, wait_child
 
 
 def coalesced(cache: CoalescingCache[Any]) -> int:
@@ -450,9 +449,7 @@ def test_a_forked_child_does_not_wait_for_the_parents_loads() -> None:
     t = threading.Thread(target=cache.get_or_load, args=("k", gate))
     t.start()
     assert gate.entered.wait(5)  # the parent's thread leads "k" and holds it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
+    pid = fork()  # with threads running
     if pid == 0:  # the child: that leader thread does not exist here
         code = 1
         try:

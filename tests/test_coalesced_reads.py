@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import random
 import threading
-import warnings
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from stampede.backends import AsyncRedisBackend, RedisBackend
 from stampede.testing import wait_until
 from tests.support.redis_server import RedisServer
 
-from .helpers import in_thread, join_all, wait_child
+from .helpers import fork, in_thread, join_all, wait_child
 
 N = 8  # readers of one key
 
@@ -244,9 +243,7 @@ def test_a_child_forked_during_a_read_reads_on_its_own(
     with redis_server.paused():
         first, got = in_thread(lambda: cache.get_or_load("k", _never))
         wait_until(lambda: k in reads._reads, what="the parent's read in flight")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
+        pid = fork()  # with threads running
         if pid == 0:  # the child: wait for the server, then read
             code = 1
             try:  # its read's reply comes once the parent resumes the server

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import redis.asyncio
 from stampede import AsyncCoalescingCache, CoalescingCache, LoadTimeout
 from stampede.testing import FakeClock, Gate, wait_until
 
-from .helpers import in_thread, join_all, wait_child
+from .helpers import fork, in_thread, join_all, wait_child
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 ROOT = Path(__file__).parent.parent
@@ -605,9 +604,7 @@ def test_a_redis_restart_with_a_lease_held_and_waited_for_hangs_no_one(
         fleet.ready(1)
         fleet.go()
         wait_until(lambda: len(fleet.loads()) == 1, deadline=30)  # A holds the lease
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
+        pid = fork()  # with threads running
         if pid == 0:  # process B
             code = 1
             try:
@@ -676,9 +673,7 @@ def test_a_child_forked_during_a_leased_load_waits_for_the_parents_lease(
     leader, out = in_thread(lambda: patient.get_or_load("k", gate))
     assert gate.entered.wait(10)  # the parent holds the lease of "k", loading
     waiting, signal_waiting = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
+    pid = fork()  # with threads running
     if pid == 0:  # the child
         code = 1
         try:
