@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
-import redis.asyncio
 from fastapi import FastAPI
 
-from examples.service.app import Catalog, Settings, healthz, read_product
+from examples.service.app import Catalog, Settings, healthz, open_clients, read_product
 
 Fetch = Callable[[str], Awaitable[dict[str, Any]]]
 Product = Callable[[str], Awaitable[dict[str, Any]]]
@@ -40,17 +39,7 @@ def make_app(title: str, build: Build) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = Settings.from_env()
-        # The same clients, timeouts and pool sizes as the example's lifespan.
-        store = redis.asyncio.Redis.from_url(  # only /healthz uses it
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-        )
-        http = httpx.AsyncClient(
-            base_url=settings.origin_url,
-            timeout=settings.origin_timeout,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        )
+        store, http = open_clients(settings)  # the example's own (Redis: only /healthz)
         catalog = PeerCatalog(settings, http)
         product, close = await build(settings, catalog._fetch)  # the example's origin call
         catalog.product = product  # type: ignore[assignment]  # another library's wrapper

@@ -171,10 +171,8 @@ class Catalog:
         return body
 
 
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Per worker: read the settings, open the clients, close them at shutdown."""
-    settings = Settings.from_env()
+def open_clients(settings: Settings) -> tuple[redis.asyncio.Redis, httpx.AsyncClient]:
+    """A worker's Redis client and origin client (the caller closes both)."""
     # Short socket timeouts (REDIS_TIMEOUT): a Redis that stops answering costs that
     # much per Redis call until three have failed; then the circuit breaker makes the cache skip
     # Redis for a while and load through each worker's own single-flight (fail open).
@@ -188,6 +186,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout=settings.origin_timeout,
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
     )
+    return store, http
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Per worker: read the settings, open the clients, close them at shutdown."""
+    settings = Settings.from_env()
+    store, http = open_clients(settings)
     app.state.catalog = Catalog(settings, http, store)
     app.state.store = store
     try:
