@@ -16,7 +16,7 @@ for a value it cannot store (the cache returns the value, uncached).
     PickleSerializer   any picklable value, HMAC-SHA256 signed with a secret;
                        the signature is checked before pickle sees a byte.
     JsonSerializer     plain JSON, to share entries with other languages.
-    MsgpackSerializer  plain msgpack (``stampede[msgpack]``), the same use.
+    MsgpackSerializer  plain msgpack, the same use.
 
 Each has a short ``name`` ("data2", "pickle1", "json1", "msgpack1") naming
 its format, for an envelope to record which format wrote an entry.
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import json
 import pickle
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
+
+import msgpack
 
 from . import _dataformat
 from ._errors import SerializationError
@@ -258,26 +259,17 @@ def _no_constant(name: str) -> Any:
 
 
 class MsgpackSerializer:
-    """Plain msgpack, to share entries with other languages (``pip install stampede[msgpack]``).
+    """Plain msgpack, to share entries with other languages.
 
     Stores ``None``, ``bool``, 64-bit ``int``, ``float``, ``str``, ``bytes``,
     lists and dicts. Tuples (and bytearrays) come back as lists (and bytes).
     Dict keys may be of any of these types except containers: a tuple key is
     written but reads back as an error (a miss).
-
-    Raises:
-        ImportError: msgpack is not installed.
     """
 
     name = "msgpack1"
 
     def __init__(self) -> None:
-        try:
-            msgpack = importlib.import_module("msgpack")
-        except ImportError as exc:
-            raise ImportError(
-                "MsgpackSerializer needs msgpack: pip install 'stampede[msgpack]'"
-            ) from exc
         self._packb = msgpack.packb
         self._unpackb = msgpack.unpackb
 

@@ -806,14 +806,7 @@ def test_json_random_bytes_raise_only_serialization_error(data: bytes) -> None:
 # MsgpackSerializer ---------------------------------------------------------
 
 
-def test_msgpack_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "msgpack", None)
-    with pytest.raises(ImportError, match=r"stampede\[msgpack\]"):
-        MsgpackSerializer()
-
-
 def test_msgpack_roundtrip() -> None:
-    pytest.importorskip("msgpack")
     packer = MsgpackSerializer()
     assert isinstance(packer, Serializer)
     value = {"a": [1, -(2**63), 2.5, None, True, "é", b"\x00"], 1: {"c": []}, None: 0}
@@ -831,7 +824,6 @@ def test_msgpack_roundtrip() -> None:
 
 @given(st.binary())
 def test_msgpack_random_bytes_raise_only_serialization_error(data: bytes) -> None:
-    pytest.importorskip("msgpack")
     with contextlib.suppress(SerializationError):
         MsgpackSerializer().loads(data, context=CTX)
 
