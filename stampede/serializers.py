@@ -269,20 +269,17 @@ class MsgpackSerializer:
 
     name = "msgpack1"
 
-    def __init__(self) -> None:
-        self._packb = msgpack.packb
-        self._unpackb = msgpack.unpackb
-
     def dumps(self, value: Any, *, context: bytes = b"") -> bytes:
         try:
-            data: bytes = self._packb(value, use_bin_type=True)
+            data = msgpack.packb(value, use_bin_type=True)
         except Exception as exc:  # TypeError, OverflowError, UnicodeEncodeError, ...
             raise SerializationError(f"cannot store as msgpack: {exc}") from exc
+        assert isinstance(data, bytes)  # packb without a stream returns its bytes
         return data
 
     def loads(self, data: bytes, *, context: bytes = b"") -> Any:
         try:
-            return self._unpackb(_as_bytes(data), raw=False, strict_map_key=False)
+            return msgpack.unpackb(_as_bytes(data), raw=False, strict_map_key=False)
         except Exception as exc:  # ExtraData, FormatError, StackError, unhashable keys, ...
             raise SerializationError(f"malformed msgpack: {exc}") from exc
 
