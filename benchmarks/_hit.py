@@ -173,6 +173,9 @@ class HitResult:
     label: str
     seconds: float | None  # per call; None when not measured
     note: str = ""
+    # per call, each round's (rounds interleave the rows: round i of two rows ran
+    # moments apart, so their ratio in one round is spared the machine's drift)
+    rounds: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -187,6 +190,7 @@ class _Row:
 
     def record(self, elapsed: float) -> None:
         seconds = elapsed / self.number
+        self.result.rounds.append(seconds)
         old = self.result.seconds
         self.result.seconds = seconds if old is None else min(old, seconds)
 

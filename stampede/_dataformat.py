@@ -345,6 +345,14 @@ def _utf8_bytes(text: str) -> bytes:
 # -- reading -------------------------------------------------------------------------
 
 
+class _Extended(Exception):
+    """A payload holds an extension: it is read again by a ``_Decoder``."""
+
+
+def _no_extension(code: int, data: bytes) -> Any:
+    raise _Extended
+
+
 class _Rechecked(Exception):
     """A map with keys other than str or bytes: the payload is read again, checked."""
 
@@ -653,6 +661,16 @@ class Codec:
             raise FormatError("not a DataSerializer payload (unknown format byte)")
         body = data[1:] if len(data) < 4096 else memoryview(data)[1:]  # no big copy
         try:
+            try:  # most payloads hold no extension: read them with no decoder state
+                return msgpack.unpackb(
+                    body, ext_hook=_no_extension, unicode_errors="surrogatepass", timestamp=1
+                )
+            except _Extended:
+                pass  # read again below, extensions and all
+            except ValueError as exc:
+                if "map key" not in str(exc) or isinstance(exc, FormatError):
+                    raise
+                return _Decoder(self.registry, True).unpack(body)
             free = self._readers
             decoder = free.pop() if free else _Decoder(self.registry, False)
             try:

@@ -23,7 +23,7 @@ from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
 from ._cache import CoalescingCache
 from ._hitpath import make_wrapper
-from ._keys import FN_MARK, CallKey, function_prefix, key_rest
+from ._keys import FN_MARK, CallKey, function_key_encoder, function_prefix, key_rest
 from ._options import CacheOptions
 from ._stats import Stats
 from .backends import SharedStore
@@ -246,6 +246,11 @@ class _Keys:
             _claim(cache, self.fn_id, fn)
         self.namespace = cache.namespace
         self.make_key = cache._make_key
+        # A store shared between processes takes text keys: this function's are
+        # built from their constant part (the same text as make_key would give).
+        self.text_key: Callable[[Hashable], str] | None = None
+        if self.fn_id is not None and not isinstance(cache.backend, MemoryBackend):
+            self.text_key = function_key_encoder(cache.namespace, self.fn_id)
         # Only the plainest setup may use the args tuple as the store key as is.
         plain = key is None and not shared and not typed and self.make_key is None
         self.arity = self.call_key.arity if plain else -1
@@ -255,6 +260,9 @@ class _Keys:
         return k if self.fn_id is None else (FN_MARK, self.fn_id, k)
 
     def store(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        if self.text_key is not None:
+            c = self.custom
+            return self.text_key(c(*args, **kwargs) if c else self.call_key(args, kwargs))
         k = self.user(args, kwargs)
         return k if self.make_key is None else self.make_key(k)
 

@@ -51,8 +51,10 @@ from ._entry import ENVELOPE_VERSION, MISSING, Entry, ErrorData, refresh_point
 
 MAGIC = b"\xa5stp"
 _HEAD = struct.Struct("<4sBB8s8sd4d")
+_HEAD_SIZE = _HEAD.size
 _TYPE_LEN = struct.Struct("<H")
 _CRC = struct.Struct("<I")
+_MIN_SIZE = _HEAD_SIZE + 1 + _CRC.size
 
 VALUE, ERROR = 0, 1
 
@@ -67,6 +69,7 @@ _salt = os.urandom(16)
 def _reseed() -> None:
     global _salt
     _salt = os.urandom(16)
+    _heads.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -139,7 +142,6 @@ def decode(
     data: bytes,
     key: str,
     serializer: Any,
-    *,
     now: float,
     remaining: float,
     beta: float,
@@ -152,7 +154,7 @@ def decode(
     """
     if type(data) is not bytes:
         data = bytes(data)
-    if len(data) < _HEAD.size + 1 + _CRC.size:
+    if len(data) < _MIN_SIZE:
         raise CorruptEntry("truncated header")
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     data = data[: -_CRC.size]
@@ -160,39 +162,34 @@ def decode(
         if data[:4] != MAGIC:
             raise CorruptEntry("not a stampede entry")
         raise CorruptEntry("checksum mismatch: the entry is damaged")
-    magic, version, kind, check, writer, at, fresh, stale, retry, delta = _HEAD.unpack_from(data)
-    if magic != MAGIC:
-        raise CorruptEntry("not a stampede entry")
-    if version != ENVELOPE_VERSION:
-        raise CorruptEntry(f"entry format {version}, this stampede reads {ENVELOPE_VERSION}")
-    if check != key_check(key):
+    head = data[:_HEAD_SIZE]
+    parsed = _heads.get(head)
+    if parsed is None:
+        parsed = _parse_head(head)
+    kind, check, writer, at, fresh, stale, retry, delta, u = parsed
+    if check != (_checks.get(key) or _check_of(key)):
         raise CorruptEntry("the entry belongs to another key")
-    # fresh may be negative: a stale value rewritten (after a failed refresh).
-    finite = math.isfinite(fresh) and math.isfinite(stale) and math.isfinite(delta)
-    if not finite or stale < 0 or delta < 0 or fresh > stale or retry != retry:
-        raise CorruptEntry("impossible timing")
-    offset = _HEAD.size
-    name_len = data[offset]
-    offset += 1
-    name = data[offset : offset + name_len]
-    offset += name_len
-    if name != serializer.name.encode("ascii"):
-        raise CorruptEntry(f"written by serializer {name!r}, reading with {serializer.name!r}")
+    name = _names.get(serializer.name) or _name_of(serializer.name)
+    offset = _HEAD_SIZE + len(name)
+    if data[_HEAD_SIZE:offset] != name:
+        raise CorruptEntry(
+            f"written by serializer {data[_HEAD_SIZE + 1 : offset]!r}, "
+            f"reading with {serializer.name!r}"
+        )
     context = key.encode("utf-8", "surrogatepass")
-    if writer == domain and math.isfinite(at) and at <= now:
+    if writer == domain and at <= now:
         written = at
     else:
         written = now - max(0.0, stale - remaining)
     fresh_until = written + fresh
-    stale_until = written + stale
     retry_at = written + retry
     if kind == VALUE:
-        value = _loads(serializer, data[offset:], context)
-        u = _draw(data)
+        try:
+            value = serializer.loads(data[offset:], context=context)
+        except Exception as exc:  # SerializationError, or a serializer's own failure
+            raise CorruptEntry(f"payload: {exc}") from exc
         check_at = refresh_point(written, fresh, delta, beta, u)
-        return Entry(value, None, fresh_until, stale_until, delta, check_at, retry_at)
-    if kind != ERROR:
-        raise CorruptEntry(f"unknown entry kind {kind}")
+        return Entry(value, None, fresh_until, written + stale, delta, check_at, retry_at)
     if len(data) < offset + _TYPE_LEN.size:
         raise CorruptEntry("truncated error type")
     (type_len,) = _TYPE_LEN.unpack_from(data, offset)
@@ -214,6 +211,54 @@ def decode(
     return Entry(MISSING, error, fresh_until, fresh_until, 0.0, -math.inf)
 
 
+# What a read learns from the fixed-size head alone, kept per head (a hot key's head
+# is the same on every read until it is written again) and checked once: (kind, key
+# check, writer, written, fresh, stale, retry, delta, XFetch draw). Also the key
+# checks of keys read lately and the serializer names as stored. Each map is emptied
+# when full (a read then parses again), and the heads at fork (a child draws apart).
+_heads: dict[bytes, tuple[int, bytes, bytes, float, float, float, float, float, float]] = {}
+_checks: dict[str, bytes] = {}
+_names: dict[str, bytes] = {}
+_MEMO = 1024
+
+
+def _parse_head(
+    head: bytes,
+) -> tuple[int, bytes, bytes, float, float, float, float, float, float]:
+    magic, version, kind, check, writer, at, fresh, stale, retry, delta = _HEAD.unpack(head)
+    if magic != MAGIC:
+        raise CorruptEntry("not a stampede entry")
+    if version != ENVELOPE_VERSION:
+        raise CorruptEntry(f"entry format {version}, this stampede reads {ENVELOPE_VERSION}")
+    if kind != VALUE and kind != ERROR:
+        raise CorruptEntry(f"unknown entry kind {kind}")
+    # fresh may be negative: a stale value rewritten (after a failed refresh).
+    finite = math.isfinite(fresh) and math.isfinite(stale) and math.isfinite(delta)
+    if not finite or stale < 0 or delta < 0 or fresh > stale or retry != retry:
+        raise CorruptEntry("impossible timing")
+    if not math.isfinite(at):
+        at = math.inf  # never taken as the write time (a reader's now is finite)
+    parsed = (kind, check, writer, at, fresh, stale, retry, delta, _draw(head))
+    if len(_heads) >= _MEMO:
+        _heads.clear()
+    _heads[head] = parsed
+    return parsed
+
+
+def _check_of(key: str) -> bytes:
+    check = key_check(key)
+    if len(_checks) >= _MEMO:
+        _checks.clear()
+    _checks[key] = check
+    return check
+
+
+def _name_of(name: str) -> bytes:
+    raw = name.encode("ascii")
+    stored = _names[name] = bytes([len(raw)]) + raw
+    return stored
+
+
 def _loads(serializer: Any, payload: bytes, context: bytes) -> Any:
     try:
         return serializer.loads(payload, context=context)
@@ -221,9 +266,9 @@ def _loads(serializer: Any, payload: bytes, context: bytes) -> Any:
         raise CorruptEntry(f"payload: {exc}") from exc
 
 
-def _draw(data: bytes) -> float:
-    """This process's XFetch draw for this stored value, in (0, 1]."""
-    digest = hashlib.blake2b(data[: _HEAD.size], digest_size=8, key=_salt).digest()
+def _draw(head: bytes) -> float:
+    """This process's XFetch draw for the stored value of this head, in (0, 1]."""
+    digest = hashlib.blake2b(head, digest_size=8, key=_salt).digest()
     return 1.0 - int.from_bytes(digest, "little") / 2.0**64
 
 

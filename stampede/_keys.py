@@ -208,13 +208,46 @@ def encode_key(namespace: str, key: Hashable) -> str:
 
     Raises ``TypeError`` for a value it cannot encode faithfully.
     """
-    body = _encode(key)
+    return _text_key(namespace_prefix(namespace), _encode(key))
+
+
+def function_key_encoder(namespace: str, fn_id: str) -> Callable[[Hashable], str]:
+    """``encode_key(namespace, (FN_MARK, fn_id, k))`` as a function of ``k``, its
+    constant part made once (a decorated function's every call builds one)."""
+    prefix = namespace_prefix(namespace)
+    head = f"@{_fn_digest(fn_id)}{_encode(fn_id)}"
+    # The texts of calls with one or two str or int arguments are kept (a hot key
+    # is asked for again and again). Only of those: equal keys of other types may
+    # encode apart (1, 1.0, True), and a lookup with one would find the other.
+    made: dict[Hashable, str] = {}
+
+    def encode(k: Hashable) -> str:
+        if type(k) is tuple and (
+            (len(k) == 1 and type(k[0]) in _PLAIN)
+            or (len(k) == 2 and type(k[0]) in _PLAIN and type(k[1]) in _PLAIN)
+        ):
+            text = made.get(k)
+            if text is None:
+                if len(made) >= _TEXTS_KEPT:
+                    made.clear()
+                text = made[k] = _text_key(prefix, head + _encode(k))
+            return text
+        return _text_key(prefix, head + _encode(k))
+
+    return encode
+
+
+_PLAIN = frozenset((str, int))  # exactly these types (not bool, not subclasses)
+_TEXTS_KEPT = 256  # per decorated function
+
+
+def _text_key(prefix: str, body: str) -> str:
     if len(body) > MAX_KEY_LENGTH:
         # Keep the head readable (and a function's keys sharing their prefix, so
         # they can be found by it); the digest of the whole keeps keys distinct.
         digest = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
         body = f"{body[:_KEPT_HEAD]}#{digest}"
-    rest = f"{namespace_prefix(namespace)}{body}"
+    rest = prefix + body
     tag = hashlib.blake2b(rest.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
     return f"stampede:{{{tag}}}:{rest}"
 

@@ -106,7 +106,7 @@ class DataSerializer:
 
     def loads(self, data: bytes, *, context: bytes = b"") -> Any:
         try:
-            return self._codec.decode(_as_bytes(data))
+            return self._codec.decode(data if type(data) is bytes else _as_bytes(data))
         except _dataformat.FormatError as exc:
             raise SerializationError(*exc.args) from exc.__cause__
 

@@ -300,3 +300,45 @@ def test_a_key_not_laid_out_by_encode_key_has_no_namespace() -> None:
     tag = "stampede:{0123456789abcdef}:"
     for text in ("k", "", f"{tag}x", f"{tag}5:ab", f"{tag}\u00b2:ab:v1:", f"{tag}2:ab:v2:"):
         assert key_namespace(text) is None, text
+
+
+# One encoder (and its kept texts) for the whole run: hypothesis's examples meet in it.
+_kept_encoder = None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(keys, min_size=1, max_size=6))
+def test_a_functions_encoder_gives_encode_keys_text_whatever_it_kept(calls: list[Any]) -> None:
+    """``function_key_encoder`` keeps the texts of calls with str/int arguments; a
+    later call with equal arguments of other types (1.0, True for 1) still gets
+    its own text, the one ``encode_key`` gives."""
+    from stampede._keys import FN_MARK, function_key_encoder
+
+    global _kept_encoder
+    if _kept_encoder is None:
+        _kept_encoder = function_key_encoder("ns", "mod.fn")
+    for k in calls:
+        args = k if type(k) is tuple else (k,)
+        assert _kept_encoder(args) == encode_key("ns", (FN_MARK, "mod.fn", args))
+
+
+def test_kept_texts_never_answer_for_an_equal_key_of_another_type() -> None:
+    from stampede._keys import FN_MARK, function_key_encoder
+
+    encode = function_key_encoder("ns", "mod.fn")
+    for args in [(1,), (1, "a"), ("a", 1)]:
+        encode(args)  # kept
+    for args in [(1.0,), (True,), (1, "a"), (True, "a"), (1.0, "a"), ("a", True)]:
+        assert encode(args) == encode_key("ns", (FN_MARK, "mod.fn", args))
+    assert len({encode((1,)), encode((1.0,)), encode((True,))}) == 3
+
+
+def test_a_shared_stores_key_maker_keeps_only_str_keys_texts(tmp_path: Path) -> None:
+    from .helpers import disk_store
+
+    cache: CoalescingCache[Any] = CoalescingCache(disk_store(tmp_path), namespace="ns")
+    make = cache._make_key
+    assert make is not None
+    for k in ["a", "a", 1, 1.0, True, ("a",)]:
+        assert make(k) == encode_key("ns", k)
+    assert len({make(1), make(1.0), make(True), make("1")}) == 4

@@ -15,12 +15,11 @@ is made (``bind``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from .. import _envelope
@@ -29,7 +28,27 @@ from .._entry import Entry
 from .._errors import BackendUnavailable, SerializationError
 from .._keys import encode_key, namespace_prefix
 
+if sys.version_info >= (3, 11):
+
+    def _cancels() -> tuple[asyncio.Task[Any] | None, int]:
+        """The current task and how many cancellations it has been asked so far."""
+        task = asyncio.current_task()
+        return task, 0 if task is None else task.cancelling()
+
+    def _swallowed(task: asyncio.Task[Any] | None, asked: int) -> bool:
+        return task is not None and task.cancelling() > asked
+
+else:  # pragma: no cover - Python 3.10 has no Task.cancelling()
+
+    def _cancels() -> tuple[asyncio.Task[Any] | None, int]:
+        return None, 0
+
+    def _swallowed(task: asyncio.Task[Any] | None, asked: int) -> bool:
+        return False
+
 log = logging.getLogger("stampede")
+
+_KEYS_KEPT = 1024  # text keys of str keys a cache keeps (key_maker)
 
 DEFAULT_MAX_VALUE_SIZE = 1 << 20  # bytes; a larger entry is returned to callers, not stored
 
@@ -71,11 +90,11 @@ class Codec:
             data,
             key,
             self.serializer,
-            now=self.clock(),
-            remaining=remaining,
-            beta=self.beta,
-            error_types=self.error_types,
-            domain=self.domain,
+            self.clock(),
+            remaining,
+            self.beta,
+            self.error_types,
+            self.domain,
         )
 
 
@@ -113,8 +132,19 @@ class SharedStore:
         return view
 
     def key_maker(self, namespace: str) -> Callable[[Hashable], Hashable]:
+        # The text of a str key is kept (a service reads the same keys over and
+        # over); only a str's: keys that are equal may encode apart (1, 1.0, True).
+        made: dict[str, str] = {}
+
         def make(key: Hashable) -> Hashable:
-            return encode_key(namespace, key)
+            if type(key) is not str:
+                return encode_key(namespace, key)
+            text = made.get(key)
+            if text is None:
+                if len(made) >= _KEYS_KEPT:
+                    made.clear()
+                text = made[key] = encode_key(namespace, key)
+            return text
 
         return make
 
@@ -308,54 +338,60 @@ class SharedStore:
     async def aclear(self, prefix: str | None = None) -> None:
         await self._acall(self._aclear_raw, prefix or namespace_prefix(self.namespace))
 
-    if sys.version_info >= (3, 11):
-
-        async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-            # A cancellation that the client library swallowed is raised here, once
-            # the operation is done, so the caller withdraws on time: redis-py awaits
-            # asyncio.wait_for, which on Python <= 3.11 returns the inner call's
-            # result instead of raising a cancel that arrives as it completes.
-            # Python 3.10 has no Task.cancelling(), so a swallowed cancel goes unseen
-            # there (docs/guarantees.md).
-            task = asyncio.current_task()
-            asked = 0 if task is None else task.cancelling()
-            with self._judged():
-                result = await op(*args)
-            if task is not None and task.cancelling() > asked:
-                raise asyncio.CancelledError(f"{self.name}'s client library swallowed it")
-            return result
-
-    else:  # pragma: no cover - Python 3.10
-
-        async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-            with self._judged():
-                return await op(*args)
+    # Each operation on the store goes behind the breaker: the library's errors are
+    # wrapped in BackendUnavailable and judged; anything else (cancellation, an
+    # exhausted client pool, an error not of the store's doing) frees the probe and
+    # judges nothing. Written out in both (no context manager: this is the hit path).
 
     def _call(self, op: Callable[..., Any], *args: Any) -> Any:
-        with self._judged():
-            return op(*args)
+        self._admit()
+        try:
+            result = op(*args)
+        except BaseException as exc:
+            wrapped = self._judge(exc)
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
+        self.breaker.success()
+        return result
 
-    @contextlib.contextmanager
-    def _judged(self) -> Iterator[None]:
-        """One operation on the store, behind the breaker: the library's errors are
-        wrapped in ``BackendUnavailable`` and judged; anything else (cancellation,
-        an exhausted client pool, an error not of the store's doing) frees the
-        probe and judges nothing."""
+    async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        # A cancellation that the client library swallowed is raised here, once the
+        # operation is done, so the caller withdraws on time: redis-py awaits
+        # asyncio.wait_for, which on Python <= 3.11 returns the inner call's result
+        # instead of raising a cancel that arrives as it completes. Python 3.10 has
+        # no Task.cancelling(), so a swallowed cancel goes unseen there
+        # (docs/guarantees.md).
+        task, asked = _cancels()
+        self._admit()
+        try:
+            result = await op(*args)
+        except BaseException as exc:
+            wrapped = self._judge(exc)
+            if wrapped is exc:
+                raise
+            raise wrapped from exc
+        self.breaker.success()
+        if _swallowed(task, asked):
+            raise asyncio.CancelledError(f"{self.name}'s client library swallowed it")
+        return result
+
+    def _admit(self) -> None:
+        """Raise unless an operation may go to the store now."""
         self._refuse()
         if not self.breaker.allow():
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
-        try:
-            yield
-        except self.busy_errors as exc:
+
+    def _judge(self, exc: BaseException) -> BaseException:
+        """What an operation that raised ``exc`` raises, the breaker told."""
+        if isinstance(exc, self.busy_errors):
             self.breaker.release()
-            raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
-        except self.errors as exc:
+            return StoreBusy(f"{self.name}: no free connection ({exc})")
+        if isinstance(exc, self.errors):
             self.breaker.failure()
-            raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
-        except BaseException:
-            self.breaker.release()
-            raise
-        self.breaker.success()
+            return BackendUnavailable(f"{self.name} failed: {exc}")
+        self.breaker.release()
+        return exc
 
     # -- what a subclass supplies --------------------------------------------------
 

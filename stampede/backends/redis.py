@@ -14,7 +14,9 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -48,6 +50,7 @@ from ._shared import SharedStore, lease_key, ttl_ms
 # which answers the length of one past max_value_size instead of its bytes: a
 # planted giant costs at most the prefix, and is never fetched whole.
 PREFIX_MAX = 64 * 1024  # bytes
+_PACKED_KEPT = 1024  # packed hits a client keeps (_Link.packed)
 
 
 def _prefix(max_value_size: int) -> int:
@@ -288,11 +291,24 @@ def _reply(conn: Any, refused: type[Exception]) -> Any:
         return exc
 
 
-async def _areply(conn: Any, refused: type[Exception]) -> Any:
+async def _areply(conn: Any, refused: type[Exception], timeout: float | None = None) -> Any:
     try:
-        return await conn.read_response()
+        return await conn.read_response(timeout=timeout)
     except refused as exc:
         return exc
+
+
+async def _areplies(conn: Any, refused: type[Exception], limit: float) -> tuple[Any, Any]:
+    """A hit's two replies within one ``limit`` (redis-py 8 reads with no timeout
+    of its own when told ``math.inf``: one timer for the pair, not one each)."""
+    if sys.version_info < (3, 11):  # pragma: no cover - no asyncio.timeout
+        return await _areply(conn, refused), await _areply(conn, refused)
+    try:
+        async with asyncio.timeout(limit):
+            data = await _areply(conn, refused, math.inf)
+            return data, await _areply(conn, refused, math.inf)
+    except TimeoutError:
+        raise _redis().TimeoutError("Timeout reading the replies of a read") from None
 
 
 def _found(data: Any, pttl: Any, prefix: int) -> tuple[bytes | None, float | None] | None:
@@ -343,11 +359,26 @@ def _break_args(key: str, drop_value: bool, data: bytes | None, ttl: float) -> l
 class _Link:
     """A client, the pool a read borrows from, and stampede's scripts on the client."""
 
-    __slots__ = ("client", "pool", "refused", "read", "acquire", "renew", "commit", "break_")
+    __slots__ = (
+        "client",
+        "pool",
+        "refused",
+        "read",
+        "acquire",
+        "renew",
+        "commit",
+        "break_",
+        "packed",
+        "timed",
+    )
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.pool = _borrowable_pool(client)
+        # The packed hit of a key, kept: the same bytes go out on every read of it
+        # (a pool's connections share their encoder). Emptied when full.
+        self.packed: dict[tuple[str, int], Any] = {}
+        self.timed = _version(_redis()) >= (8, 0)  # see _areplies
         self.refused: type[Exception] = _redis().ResponseError  # an error reply
         self.read = client.register_script(_READ)  # unflagged() may replace it
         self.acquire = client.register_script(_ACQUIRE)
@@ -366,9 +397,7 @@ class _Link:
             return data, pttl
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(
-                conn.pack_commands([("GETRANGE", key, 0, prefix - 1), ("PTTL", key)])
-            )
+            conn.send_packed_command(self._packed(conn, key, prefix))
             return _reply(conn, self.refused), _reply(conn, self.refused)
         except BaseException:
             conn.disconnect()  # a reply may be left unread: the connection is out of step
@@ -387,16 +416,26 @@ class _Link:
             return data, pttl
         conn = await pool.get_connection()
         try:
-            await conn.send_packed_command(
-                conn.pack_commands([("GETRANGE", key, 0, prefix - 1), ("PTTL", key)])
-            )
-            return await _areply(conn, self.refused), await _areply(conn, self.refused)
+            await conn.send_packed_command(self._packed(conn, key, prefix))
+            limit = conn.socket_timeout
+            if limit is None or not self.timed:
+                return await _areply(conn, self.refused), await _areply(conn, self.refused)
+            return await _areplies(conn, self.refused, limit)
         except BaseException:
             # Cancelled or failed mid-exchange: never reuse the connection.
             await conn.disconnect(nowait=True)
             raise
         finally:
             await pool.release(conn)
+
+    def _packed(self, conn: Any, key: str, prefix: int) -> Any:
+        packed = self.packed.get((key, prefix))
+        if packed is None:
+            if len(self.packed) >= _PACKED_KEPT:
+                self.packed.clear()
+            packed = conn.pack_commands([("GETRANGE", key, 0, prefix - 1), ("PTTL", key)])
+            self.packed[key, prefix] = packed
+        return packed
 
     def unflagged(self, exc: BaseException) -> bool:
         """Whether ``exc`` says the server predates script flags (Redis before 7.0
@@ -424,6 +463,7 @@ class _RedisStore(SharedStore):
         _check_bytes(client)
         self.given = client  # as its owner made it
         self._link = _Link(_without_retries(client, self._asynchronous))
+        self._read_prefix = _prefix(self.max_value_size)  # what a hit fetches at once
         self.errors: tuple[type[BaseException], ...] = (
             redis.RedisError,
             OSError,
@@ -478,7 +518,7 @@ class RedisBackend(_RedisStore):
 
     def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         link = self._here()
-        prefix = _prefix(self.max_value_size)
+        prefix = self._read_prefix
         found = _found(*link.get(key, prefix), prefix)
         if found is not None:
             return found
@@ -583,7 +623,7 @@ class AsyncRedisBackend(_RedisStore):
 
     async def _aget_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         link = self._here()
-        prefix = _prefix(self.max_value_size)
+        prefix = self._read_prefix
         found = _found(*await link.aget(key, prefix), prefix)
         if found is not None:
             return found
