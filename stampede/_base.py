@@ -17,16 +17,20 @@ the shell's slow path, which reads again and lets the policy decide.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from ._async import engine as async_engine
 from ._hitpath import make_peek
+from ._near import NearTier
 from ._leader import Host
 from ._options import CacheOptions, Options
 from ._primitives import AsyncFences, Fences
 from ._reads import ReadGroup
 from ._singleflight import AsyncSingleFlight, SingleFlight
+from ._sync import engine as sync_engine
 from ._stats import Recorder, Stats
 from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
@@ -112,6 +116,11 @@ class CacheBase(Generic[V]):
                 f"distributed=True needs leases, which {store!r} cannot hold (a diskcache "
                 "FanoutCache spreads a value and its lease over shards: use a plain Cache)"
             )
+        if opts.near_maxsize and store.local:
+            raise ValueError(
+                "near_maxsize keeps near copies of a store shared between processes "
+                f"(Redis, diskcache); {store!r} lives in this process already"
+            )
         if isinstance(store, SharedStore):
             serializer = opts.serializer
             if serializer is None:
@@ -134,23 +143,38 @@ class CacheBase(Generic[V]):
         self._clock = opts.clock
         # How keys become store keys; None: used as they are (the hit path's fast case).
         self._make_key = store.key_maker(opts.namespace)
-        # The hit path's read: an in-process store's; a shared store has none (its
-        # read is a round trip, made once, by the slow path).
-        self._hit_get = store.get if store.local else None
-        self._peek = make_peek(self._hit_get, opts.clock, self._counters)
+        # The near cache of a shared store (near_maxsize), if any.
+        self._near: NearTier | None = None
+        if opts.near_maxsize and isinstance(store, SharedStore):
+            self._near = NearTier(
+                opts.near_maxsize, opts.near_ttl, opts.clock, watched=store.announces
+            )
+            if not self._asynchronous:
+                store.near_watch(self._near)  # an asyncio store's, on each loop it runs on
+        # The hit path's read: an in-process store's, or the near cache's; a shared
+        # store has none (its read is a round trip, made once, by the slow path).
+        near = self._near
+        self._hit_get = store.get if store.local else None if near is None else near.get
+        self._peek = make_peek(self._hit_get, opts.clock, self._counters, near=near is not None)
         leases = store if opts.distributed else None
         # Fencing of in-process stores: thread locks, whatever the flavour.
         self._thread_fences: Fences | None = None
         self._host: Host[Any, Any, Any]
         if self._asynchronous:
             self._flight = AsyncSingleFlight()
-            fences = AsyncFences(store.local)
+            fences = AsyncFences(store.local, near)
             self._thread_fences = fences.threads
-            self._host = Host(store, leases, opts, self._rec, self._flight, fences)
+            self._host = Host(store, leases, opts, self._rec, self._flight, fences, near)
+            if near is not None:
+                self._host.filler = functools.partial(async_engine.filled, self._host)
         else:
             self._flight = SingleFlight()
-            self._thread_fences = Fences(None if store.local else ReadGroup())
-            self._host = Host(store, leases, opts, self._rec, self._flight, self._thread_fences)
+            self._thread_fences = Fences(None if store.local else ReadGroup(), near)
+            self._host = Host(
+                store, leases, opts, self._rec, self._flight, self._thread_fences, near
+            )
+            if near is not None:
+                self._host.filler = functools.partial(sync_engine.filled, self._host)
 
     # -- introspection -------------------------------------------------------
 

@@ -329,6 +329,7 @@ def _hit_path(
         store_key=keys.store,
         unhashable=keys.unhashable,
         slow=cache._slow,  # type: ignore[attr-defined]
+        near=cache._near is not None,
     )
 
 

@@ -42,7 +42,7 @@ _READ = """\
     if entry is not None:
         try:
             if clock() < entry.check_at:
-                counters.hits += 1
+                counters.{counter} += 1
                 return entry.value
         except (AttributeError, TypeError):  # not an Entry: the slow path counts it
             pass
@@ -66,6 +66,10 @@ def _code(source: str, name: str) -> Any:
     return compile(source, filename, "exec")
 
 
+def _counter(near: bool) -> str:
+    return "near_hits" if near else "hits"  # a fixed fragment, chosen
+
+
 def _build(source: str, name: str, namespace: dict[str, Any]) -> Any:
     """Define the function of ``source`` with ``namespace`` as its globals."""
     exec(_code(source, name), namespace)  # fixed fragments only; see the module docstring
@@ -73,12 +77,17 @@ def _build(source: str, name: str, namespace: dict[str, Any]) -> Any:
 
 
 def make_peek(
-    get: Callable[[Hashable], Any] | None, clock: Callable[[], float], counters: Counters
+    get: Callable[[Hashable], Any] | None,
+    clock: Callable[[], float],
+    counters: Counters,
+    *,
+    near: bool = False,
 ) -> Callable[[Hashable], Any]:
     """A cache's hit path: ``peek(k)`` is the value of a fresh entry under the store
-    key ``k`` (counted as a hit), else ``MISSING``. ``get``: the store's read, or
-    None for a store shared between processes (no hit path: always ``MISSING``)."""
-    read = "" if get is None else _READ.format(unhashable="raise")
+    key ``k`` (counted as a hit), else ``MISSING``. ``get``: the store's read, the
+    near cache's (``near``: counted as near hits), or None for a store shared
+    between processes without one (no hit path: always ``MISSING``)."""
+    read = "" if get is None else _READ.format(unhashable="raise", counter=_counter(near))
     namespace = {"get": get, "clock": clock, "counters": counters, "MISSING": MISSING}
     peek: Callable[[Hashable], Any] = _build(_PEEK.format(read=read), "peek", namespace)
     return peek
@@ -95,12 +104,13 @@ def make_wrapper(
     store_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
     unhashable: Callable[[tuple[Any, ...], dict[str, Any]], TypeError],
     slow: Callable[..., Any],
+    near: bool = False,
 ) -> Callable[..., Any]:
     """``@cached``'s wrapper of ``fn``: its key (the ``args`` tuple itself when the
     call has ``arity`` positional arguments and nothing else), the hit path, else
     ``slow(k, loader)`` (awaited when ``asynchronous``)."""
     unhashable_raise = "raise unhashable(args, kwargs) from None"
-    read = "" if get is None else _READ.format(unhashable=unhashable_raise)
+    read = "" if get is None else _READ.format(unhashable=unhashable_raise, counter=_counter(near))
     source = _WRAPPER.format(
         define="async def" if asynchronous else "def",
         read=read,

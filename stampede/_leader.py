@@ -25,6 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import _policy
 from ._entry import MISSING, Entry, ErrorData, error_entry, value_entry
 from ._envelope import CorruptEntry
+from ._near import NearTier
 from ._errors import LoadTimeout
 from ._failures import read_failed, write_failed
 from ._options import Options, seconds
@@ -82,7 +83,18 @@ class Host(Generic[S, L, F]):
     """What the leader's work needs of a cache (``S``: its store, ``L``: the same
     store when it holds leases, ``F``: its fences)."""
 
-    __slots__ = ("store", "local", "leases", "options", "rec", "flight", "fences", "elsewhere")
+    __slots__ = (
+        "store",
+        "local",
+        "leases",
+        "options",
+        "rec",
+        "flight",
+        "fences",
+        "elsewhere",
+        "near",
+        "filler",
+    )
 
     def __init__(
         self,
@@ -92,8 +104,12 @@ class Host(Generic[S, L, F]):
         rec: Recorder,
         flight: Flight,
         fences: F,
+        near: NearTier | None = None,
     ) -> None:
         self.store = store
+        self.near = near  # the near cache of a shared store, if the cache has one
+        # A near cache's store read, which keeps what it brings (the shell sets it).
+        self.filler: Any = None
         self.local: bool = bool(getattr(store, "local", False))  # a mapping of this process
         self.leases = leases  # the store, when distributed; else None
         self.options = options

@@ -37,6 +37,8 @@ class CacheOptions(TypedDict, total=False):
     distributed: bool | None  # single-flight across processes through the store (False)
     lease_ttl: float | None  # seconds a lease lives unrenewed (10)
     maxsize: int | None  # entries of the default in-process LRU (4096)
+    near_maxsize: int | None  # near copies of a shared store's entries kept here (0: off)
+    near_ttl: float | None  # the most seconds a near copy is served after its read (5)
     name: str | None  # the cache's name for the metrics hook (the namespace, or "default")
     metrics: MetricsHook | None  # told of misses, loads, waits, errors (none)
     on_backend_error: Literal["fail-open", "raise"] | None  # a failing store's effect (fail-open)
@@ -85,6 +87,8 @@ class Options:
         "distributed",
         "serializer",
         "maxsize",
+        "near_maxsize",
+        "near_ttl",
         "name",
         "metrics",
         "clock",
@@ -104,6 +108,8 @@ class Options:
     distributed: bool
     serializer: Any
     maxsize: int | None
+    near_maxsize: int
+    near_ttl: float
     name: str
     metrics: MetricsHook | None
     clock: Callable[[], float]
@@ -156,6 +162,13 @@ class Options:
         self.distributed = bool(get("distributed", False))
         self.serializer = get("serializer")
         self.maxsize = get("maxsize")
+        near_maxsize = get("near_maxsize", 0)
+        if isinstance(near_maxsize, bool) or not isinstance(near_maxsize, int):
+            raise TypeError(f"near_maxsize must be an int, got {type(near_maxsize).__name__}")
+        if near_maxsize < 0:
+            raise ValueError(f"near_maxsize must be >= 0 (0: no near cache), got {near_maxsize}")
+        self.near_maxsize = near_maxsize
+        self.near_ttl = seconds("near_ttl", get("near_ttl", 5.0), positive=True)
         self.metrics = get("metrics")
         self.name = get("name") or namespace or "default"
         self.clock = get("clock", time.monotonic)

@@ -28,6 +28,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from typing import Any, Protocol, TypeVar
 
+from ._near import NearTier
 from ._reads import AsyncReadGroup, ReadGroup
 
 V = TypeVar("V")
@@ -150,14 +151,15 @@ class Fences:
     this process); leaving a key's fence forgets its read in flight.
     """
 
-    def __init__(self, reads: ReadGroup | None = None) -> None:
+    def __init__(self, reads: ReadGroup | None = None, near: NearTier | None = None) -> None:
         self.locks = tuple(threading.RLock() for _ in range(STRIPES))
         self.reads = reads
+        self.near = near  # a shared store's near cache: leaving a fence drops the key
         _live_fences.add(self)
 
     def fence(self, k: Hashable) -> contextlib.AbstractContextManager[Any]:
         lock = self.locks[hash(k) % STRIPES]
-        return lock if self.reads is None else _Fence(lock, self.reads, k)
+        return lock if self.reads is None else _Fence(lock, self.reads, k, self.near)
 
     @contextlib.contextmanager
     def fence_all(self) -> Iterator[None]:
@@ -170,6 +172,8 @@ class Fences:
             try:
                 if self.reads is not None:
                     self.reads.forget_all()
+                if self.near is not None:
+                    self.near.drop_all()
             finally:
                 for lock in locks:
                     lock.release()
@@ -179,10 +183,12 @@ class _Fence:
     """A key's stripe lock, held around its write; leaving it (the write done, or
     failed) forgets the key's read in flight."""
 
-    __slots__ = ("_lock", "_reads", "_k")
+    __slots__ = ("_lock", "_reads", "_k", "_near")
 
-    def __init__(self, lock: threading.RLock, reads: ReadGroup, k: Hashable) -> None:
-        self._lock, self._reads, self._k = lock, reads, k
+    def __init__(
+        self, lock: threading.RLock, reads: ReadGroup, k: Hashable, near: NearTier | None
+    ) -> None:
+        self._lock, self._reads, self._k, self._near = lock, reads, k, near
 
     def __enter__(self) -> None:
         self._lock.acquire()
@@ -190,6 +196,8 @@ class _Fence:
     def __exit__(self, *exc: object) -> None:
         try:
             self._reads.forget(self._k)
+            if self._near is not None:
+                self._near.drop(self._k)
         finally:
             self._lock.release()
 
@@ -219,9 +227,10 @@ class AsyncFences:
     asyncio lock binds to one loop), held across the awaited write.
     """
 
-    def __init__(self, local: bool) -> None:
+    def __init__(self, local: bool, near: NearTier | None = None) -> None:
         self.threads = Fences() if local else None
         self.reads = None if local else AsyncReadGroup()
+        self.near = near
         self._loops: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[asyncio.Lock, ...]
         ] = weakref.WeakKeyDictionary()
@@ -237,7 +246,7 @@ class AsyncFences:
         if self.threads is not None:
             return _HeldOnThread(self.threads.locks[hash(k) % STRIPES])  # no reads to forget
         assert self.reads is not None
-        return _AsyncFence(self._of_loop()[hash(k) % STRIPES], self.reads, k)
+        return _AsyncFence(self._of_loop()[hash(k) % STRIPES], self.reads, k, self.near)
 
     @contextlib.asynccontextmanager
     async def fence_all(self) -> AsyncIterator[None]:
@@ -253,15 +262,19 @@ class AsyncFences:
             finally:
                 assert self.reads is not None
                 self.reads.forget_all()
+                if self.near is not None:
+                    self.near.drop_all()
 
 
 class _AsyncFence:
     """``_Fence`` for a store reached over the network from asyncio."""
 
-    __slots__ = ("_lock", "_reads", "_k")
+    __slots__ = ("_lock", "_reads", "_k", "_near")
 
-    def __init__(self, lock: asyncio.Lock, reads: AsyncReadGroup, k: Hashable) -> None:
-        self._lock, self._reads, self._k = lock, reads, k
+    def __init__(
+        self, lock: asyncio.Lock, reads: AsyncReadGroup, k: Hashable, near: NearTier | None
+    ) -> None:
+        self._lock, self._reads, self._k, self._near = lock, reads, k, near
 
     async def __aenter__(self) -> None:
         await self._lock.acquire()
@@ -269,5 +282,7 @@ class _AsyncFence:
     async def __aexit__(self, *exc: object) -> None:
         try:
             self._reads.forget(self._k)
+            if self._near is not None:
+                self._near.drop(self._k)
         finally:
             self._lock.release()

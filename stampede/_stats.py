@@ -14,7 +14,8 @@ from typing import Protocol
 log = logging.getLogger("stampede")
 
 _FIELDS = (
-    "hits",  # served a fresh value
+    "hits",  # served a fresh value (near hits included)
+    "near_hits",  # of those, served from the near cache (no I/O)
     "misses",  # found nothing usable and loaded (or joined a load) in the foreground
     "loads",  # loader calls that returned a value
     "load_errors",  # loader calls that raised
@@ -36,6 +37,7 @@ class Stats:
     """A frozen snapshot of a cache's counters (see ``CoalescingCache.stats``)."""
 
     hits: int = 0
+    near_hits: int = 0
     misses: int = 0
     loads: int = 0
     load_errors: int = 0
@@ -64,6 +66,7 @@ class Counters:
     __slots__ = (*_FIELDS, "load_time")
 
     hits: int
+    near_hits: int
     misses: int
     loads: int
     load_errors: int
@@ -87,7 +90,9 @@ class Counters:
         self.load_time = 0.0
 
     def snapshot(self) -> Stats:
-        return Stats(**{name: getattr(self, name) for name in self.__slots__})
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields["hits"] += fields["near_hits"]  # counted apart by the hit paths
+        return Stats(**fields)
 
 
 class MetricsHook(Protocol):

@@ -30,7 +30,7 @@ from stampede.testing import AsyncGate, FakeClock, Gate, async_wait_until, wait_
 
 from .helpers import join_all
 
-COUNTED = [name for name in _FIELDS if name != "hits"]
+COUNTED = [name for name in _FIELDS if name not in ("hits", "near_hits")]
 
 # -- driving real caches ---------------------------------------------------------
 
@@ -174,7 +174,7 @@ def test_prometheus_exposition_parses(registry: CollectorRegistry) -> None:
     families = {
         f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
     }
-    for event in (*COUNTED, "hits"):
+    for event in (*COUNTED, "hits", "near_hits"):
         assert families[f"stampede_{event}"].type == "counter", event
         assert families[f"stampede_{event}"].documentation
     assert families["stampede_load_duration_seconds"].type == "histogram"
@@ -520,7 +520,7 @@ def test_a_dropped_registry_or_meter_is_forgotten() -> None:
 
 
 def test_every_stats_counter_is_exported() -> None:
-    assert set(_common.EVENTS) | {"hits"} == set(_FIELDS)
+    assert set(_common.EVENTS) | {"hits", "near_hits"} == set(_FIELDS)
     assert set(_common._HELP) == set(_FIELDS)
     assert set(_common.LOAD_OUTCOMES) | _common.WAITS <= set(_common.EVENTS)
 

@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar, cast
 from .._entry import MISSING, Entry
 from .._errors import BackendUnavailable
 from .._leader import Fenced, Host, Patience, Step, look
+from .._near import NearTier
 from .._primitives import ALoader, AsyncRenewer, acall_loader
 from .._reads import AsyncReadGroup
 from ..backends._shared import StoreBusy
@@ -59,6 +60,8 @@ class AsyncEntryStore(Protocol):
     async def adelete(self, key: Hashable) -> None: ...
 
     async def aclear(self) -> None: ...
+
+    def near_watch(self, near: NearTier) -> None: ...
 
 
 class AsyncLeaseStore(AsyncEntryStore, Protocol):
@@ -104,6 +107,11 @@ async def read(
     leader's second look, which must not take an older read's answer; a ``set``).
     """
     reads = host.fences.reads if shared else None
+    near = host.near if shared else None
+    if near is not None:
+        kept = near.entry(k, host.options.clock())
+        if kept is not None:
+            return kept  # the shared entry as read a moment ago: the policy decides
     if reads is None:
         try:
             entry = await host.store.aget(k)
@@ -111,11 +119,23 @@ async def read(
             host.read_failed(exc, count_foreign)
             return None
     else:
-        entry, failure = await reads.read(k, host.store.aget)
+        read = host.store.aget if near is None else host.filler
+        entry, failure = await reads.read(k, read)
         if failure is not None:  # every reader of the failed read: its own failure rules
             host.read_failed(failure, count_foreign)
             return None
     return host.valid(entry, count_foreign)
+
+
+async def filled(host: AsyncHost, k: Hashable) -> Any:
+    """A store read of ``k`` whose entry the near cache keeps (``host.filler``)."""
+    near = host.near
+    assert near is not None
+    host.store.near_watch(near)  # (an asyncio store: on this event loop's listener)
+    began = near.begin()
+    entry = await host.store.aget(k)
+    near.keep(k, entry, began)
+    return entry
 
 
 async def load(

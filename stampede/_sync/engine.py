@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar, cast
 from .._entry import MISSING, Entry
 from .._errors import BackendUnavailable
 from .._leader import Fenced, Host, Patience, Step, look
+from .._near import NearTier
 from .._primitives import Loader, Renewer, call_loader
 from .._reads import ReadGroup
 from ..backends._shared import StoreBusy
@@ -61,6 +62,8 @@ class SyncEntryStore(Protocol):
     def delete(self, key: Hashable) -> None: ...
 
     def clear(self) -> None: ...
+
+    def near_watch(self, near: NearTier) -> None: ...
 
 
 class SyncLeaseStore(SyncEntryStore, Protocol):
@@ -106,6 +109,11 @@ def read(
     leader's second look, which must not take an older read's answer; a ``set``).
     """
     reads = host.fences.reads if shared else None
+    near = host.near if shared else None
+    if near is not None:
+        kept = near.entry(k, host.options.clock())
+        if kept is not None:
+            return kept  # the shared entry as read a moment ago: the policy decides
     if reads is None:
         try:
             entry = host.store.get(k)
@@ -113,11 +121,23 @@ def read(
             host.read_failed(exc, count_foreign)
             return None
     else:
-        entry, failure = reads.read(k, host.store.get)
+        read = host.store.get if near is None else host.filler
+        entry, failure = reads.read(k, read)
         if failure is not None:  # every reader of the failed read: its own failure rules
             host.read_failed(failure, count_foreign)
             return None
     return host.valid(entry, count_foreign)
+
+
+def filled(host: SyncHost, k: Hashable) -> Any:
+    """A store read of ``k`` whose entry the near cache keeps (``host.filler``)."""
+    near = host.near
+    assert near is not None
+    host.store.near_watch(near)  # (an asyncio store: on this event loop's listener)
+    began = near.begin()
+    entry = host.store.get(k)
+    near.keep(k, entry, began)
+    return entry
 
 
 def load(

@@ -27,6 +27,7 @@ from .._breaker import Breaker
 from .._entry import Entry
 from .._errors import BackendUnavailable, SerializationError
 from .._keys import encode_key, namespace_prefix
+from .._near import NearTier
 
 if sys.version_info >= (3, 11):
 
@@ -147,6 +148,16 @@ class SharedStore:
             return text
 
         return make
+
+    # -- the near cache (DESIGN.md section 7) ---------------------------------------------
+
+    # Whether writes are announced on a channel that near caches listen to (Redis);
+    # without one (diskcache) a near copy is bounded by near_ttl alone.
+    announces = False
+
+    def near_watch(self, near: NearTier) -> None:
+        """Keep ``near`` told of every write of this namespace (and of a lost channel).
+        Called again at every fill: for an asyncio client, on the running loop."""
 
     # -- the cache's operations ----------------------------------------------------
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._keys import key_namespace, key_rest
+from .._near import CLEAR_MARK, NearTier
 from ._shared import SharedStore, lease_key, ttl_ms
 
 # The read (``_Link.get``): two plain read commands, pipelined, on one connection
@@ -126,6 +127,20 @@ elseif ARGV[1] == '1' then
   redis.call('DEL', KEYS[1])
 end
 redis.call('PUBLISH', ARGV[2], KEYS[1])
+return 1
+"""
+
+# A write, announced: near caches (and waiters) of the namespace hear of it. One
+# round trip, and the write is done before the message goes (a Cluster refuses
+# PUBLISH in a pipeline; inside a script it is fine, as the commit's).
+_SET = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], KEYS[1])
+return 1
+"""
+_DELETE = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], KEYS[1])
 return 1
 """
 
@@ -368,6 +383,8 @@ class _Link:
         "renew",
         "commit",
         "break_",
+        "write",
+        "delete",
         "packed",
         "timed",
     )
@@ -385,6 +402,8 @@ class _Link:
         self.renew = client.register_script(_RENEW)
         self.commit = client.register_script(_COMMIT)
         self.break_ = client.register_script(_BREAK)
+        self.write = client.register_script(_SET)
+        self.delete = client.register_script(_DELETE)
 
     def get(self, key: str, prefix: int) -> tuple[Any, Any]:
         """The ``GETRANGE key 0 prefix-1`` and ``PTTL key`` replies, errors as values."""
@@ -454,6 +473,7 @@ class _RedisStore(SharedStore):
 
     name = "Redis"
     supports_leases = True
+    announces = True  # every write is published on its namespace's channel
     more_errors: tuple[type[BaseException], ...] = ()
     _asynchronous = False
 
@@ -510,6 +530,9 @@ class RedisBackend(_RedisStore):
     def lease_listen(self, key: str) -> _Listening:
         return _Listening(_notifier_for(self.client), key)
 
+    def near_watch(self, near: NearTier) -> None:
+        _notifier_for(self.client).watch(namespace_channel(self.namespace), near)
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
         redis = _redis()
@@ -534,10 +557,10 @@ class RedisBackend(_RedisStore):
         return _whole(found)
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
-        self.client.set(key, data, px=ttl_ms(ttl))
+        self._here().write(keys=[key], args=[data, ttl_ms(ttl), _channel_of(key)])
 
     def _delete_raw(self, key: str) -> None:
-        self.client.delete(key)
+        self._here().delete(keys=[key], args=[_channel_of(key)])
 
     def _clear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
@@ -550,6 +573,7 @@ class RedisBackend(_RedisStore):
                 batch.clear()
         if batch:
             self.client.unlink(*batch)
+        self.client.publish(namespace_channel(self.namespace), CLEAR_MARK)
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.client!r})"
@@ -614,6 +638,9 @@ class AsyncRedisBackend(_RedisStore):
     def alease_listen(self, key: str) -> _AsyncListening:
         return _AsyncListening(_async_notifier_for(self.client), key)
 
+    def near_watch(self, near: NearTier) -> None:
+        _async_notifier_for(self.client).watch(namespace_channel(self.namespace), near)
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisBackend:
         store = cls(cls._connect(url), **options)
@@ -639,10 +666,10 @@ class AsyncRedisBackend(_RedisStore):
         return _whole(found)
 
     async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:
-        await self.client.set(key, data, px=ttl_ms(ttl))
+        await self._here().write(keys=[key], args=[data, ttl_ms(ttl), _channel_of(key)])
 
     async def _adelete_raw(self, key: str) -> None:
-        await self.client.delete(key)
+        await self._here().delete(keys=[key], args=[_channel_of(key)])
 
     async def _aclear_raw(self, prefix: str) -> None:
         batch: list[bytes] = []
@@ -655,6 +682,7 @@ class AsyncRedisBackend(_RedisStore):
                 batch.clear()
         if batch:
             await self.client.unlink(*batch)
+        await self.client.publish(namespace_channel(self.namespace), CLEAR_MARK)
 
     def _get_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         raise TypeError("an asyncio Redis client serves AsyncCoalescingCache only")
@@ -705,8 +733,31 @@ class _AsyncNotifier:
         # on the channel from then on wakes its waiters.
         self._channels: dict[bytes, asyncio.Event] = {}
         self._asked = asyncio.Event()  # a channel was added: the listener subscribes
+        self._watchers: dict[bytes, weakref.WeakSet[NearTier]] = {}  # see _Notifier
         self._stopped = False
         self._task = asyncio.get_running_loop().create_task(self._guard())
+
+    def watch(self, channel_name: str, near: NearTier) -> None:
+        """Tell ``near`` of every write announced on the channel, and of its loss."""
+        if self in near.watching:
+            return
+        channel = channel_name.encode()
+        near.watching.add(self)
+        self._watchers.setdefault(channel, weakref.WeakSet()).add(near)
+        ready = self._channels.get(channel)
+        if ready is None:
+            ready = self._channels[channel] = asyncio.Event()
+            self._asked.set()
+        if ready.is_set():
+            near.found()
+
+    def _lost(self) -> None:
+        for ready in self._channels.values():
+            ready.clear()
+        for group in list(self._watchers.values()):
+            for near in list(group):
+                near.lost()
+                near.watching.discard(self)  # a new listener registers it again
 
     def register(self, key: str, event: asyncio.Event) -> asyncio.Event:
         """Set ``event`` when ``key``'s lease ends; returns its channel's ready event."""
@@ -739,6 +790,7 @@ class _AsyncNotifier:
             await asyncio.wait([listener])
         finally:
             self._stopped = True
+            self._lost()  # nobody hears this loop's messages any more
             listener.cancel()
             # Bounded: the listener sees the flag within one read slice.
             await asyncio.wait([listener], timeout=2.0)
@@ -770,8 +822,12 @@ class _AsyncNotifier:
                             ready = self._channels.get(message["channel"])
                             if ready is not None:
                                 ready.set()
+                            for near in list(self._watchers.get(message["channel"], ())):
+                                near.found()
                         if message.get("type") != "message":
                             continue
+                        for near in list(self._watchers.get(message["channel"], ())):
+                            near.message(message["data"])
                         for event in list(self._waiters.get(message["data"], ())):
                             event.set()
                 finally:
@@ -782,8 +838,7 @@ class _AsyncNotifier:
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
-                for ready in self._channels.values():
-                    ready.clear()
+                self._lost()
                 log.debug("lease notifications interrupted", exc_info=True)
                 await asyncio.sleep(0.5)
 
@@ -872,6 +927,8 @@ class _Notifier:
         # subscribed: a commit on the channel from then on wakes its waiters.
         self._channels: dict[bytes, threading.Event] = {}
         self._asked = threading.Event()  # a channel was added: the listener subscribes
+        # Near caches told of every message on their channel (guarded by _lock).
+        self._watchers: dict[bytes, weakref.WeakSet[NearTier]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
         _listeners.add(self)
@@ -888,6 +945,21 @@ class _Notifier:
                 self._asked.set()
         return ready
 
+    def watch(self, channel_name: str, near: NearTier) -> None:
+        """Tell ``near`` of every write announced on the channel, and of its loss."""
+        if self in near.watching:
+            return
+        channel = channel_name.encode()
+        with self._lock:
+            near.watching.add(self)
+            self._watchers.setdefault(channel, weakref.WeakSet()).add(near)
+            ready = self._channels.get(channel)
+            if ready is None:
+                ready = self._channels[channel] = threading.Event()
+                self._asked.set()
+            if ready.is_set():  # subscribed already: messages reach it from now on
+                near.found()
+
     def unregister(self, key: str, event: threading.Event) -> None:
         with self._lock:
             events = self._waiters.get(key.encode())
@@ -898,6 +970,15 @@ class _Notifier:
 
     def _running(self) -> bool:
         return not self._stop.is_set() and self._client_ref() is not None
+
+    def _lost(self) -> None:
+        """The connection is gone: messages may be missed until it is back."""
+        with self._lock:
+            for ready in self._channels.values():
+                ready.clear()
+            watchers = [near for group in self._watchers.values() for near in group]
+        for near in watchers:
+            near.lost()
 
     def _run(self) -> None:
         while self._running():
@@ -925,21 +1006,27 @@ class _Notifier:
                     if message.get("type") == "subscribe":
                         with self._lock:  # the server confirmed the subscription
                             ready = self._channels.get(message["channel"])
-                        if ready is not None:
-                            ready.set()
+                            if ready is not None:
+                                ready.set()
+                            watchers = list(self._watchers.get(message["channel"], ()))
+                        for near in watchers:
+                            near.found()
                     if message.get("type") != "message":
                         continue
                     with self._lock:
                         events = list(self._waiters.get(message["data"], ()))
+                        watchers = list(self._watchers.get(message["channel"], ()))
+                    for near in watchers:
+                        near.message(message["data"])
                     for event in events:
                         event.set()
             except Exception:  # Redis away: waiters poll meanwhile; try again soon
-                with self._lock:
-                    for ready in self._channels.values():
-                        ready.clear()
+                self._lost()
                 log.debug("lease notifications interrupted", exc_info=True)
                 self._stop.wait(0.5)
             finally:
+                if not self._running():
+                    self._lost()  # nobody hears the messages any more
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         pubsub.close()

@@ -29,6 +29,7 @@ Watchable = TypeVar(
 
 _HELP = {
     "hits": "Reads served a fresh value from the cache.",
+    "near_hits": "Of the hits, those served from the near cache (no I/O).",
     "misses": "Reads that found nothing usable and loaded, or joined a load, in the foreground.",
     "loads": "Loader calls that returned a value.",
     "load_errors": "Loader calls that raised.",
@@ -43,9 +44,10 @@ _HELP = {
     "serialization_errors": "Values that could not be encoded, or entries not decoded.",
 }
 
-# The events a hook receives: every Stats counter but hits. Built from the
+# The events a hook receives: every Stats counter but the hits (read from stats()
+# at collection time: the hit paths call nothing). Built from the
 # counters themselves, so a counter added to the core is exported too.
-EVENTS: tuple[str, ...] = tuple(name for name in _FIELDS if name != "hits")
+EVENTS: tuple[str, ...] = tuple(name for name in _FIELDS if name not in ("hits", "near_hits"))
 
 # Bucket bounds in seconds (the OpenTelemetry SDK's defaults are meant for
 # milliseconds): loaders range from a sub-millisecond lookup to a long report.
@@ -88,14 +90,15 @@ class Watched:
         with self._lock:
             self._caches.add(cache)
 
-    def hits(self) -> dict[str, int]:
-        """Hits per cache name; caches of one name (say two ``"default"``) add up."""
+    def hits(self, field: str = "hits") -> dict[str, int]:
+        """Hits (or ``near_hits``) per cache name; caches of one name (say two
+        ``"default"``) add up."""
         with self._lock:
             caches = list(self._caches)  # strong refs: none dies halfway through
         totals: dict[str, int] = {}
         for cache in caches:
             try:
-                name, hits = cache.name, cache.stats().hits
+                name, hits = cache.name, getattr(cache.stats(), field)
             except Exception:  # a scrape must not fail because of one cache
                 log.warning("could not read the stats of %r", cache, exc_info=True)
                 continue

@@ -23,7 +23,8 @@ the attribute ``cache`` (the cache's ``name``):
   ``fenced``, ``lease_waits``, ``lease_takeovers``, ``backend_errors``,
   ``serialization_errors``.
 - ``stampede.hits``: an observable counter of the hits of the caches passed
-  to ``watch()``, read from ``stats()`` at collection time.
+  to ``watch()``, read from ``stats()`` at collection time; ``stampede.near_hits``
+  the same for those served from the near cache.
 - ``stampede.load.duration`` (unit ``s``, attribute ``outcome``: ``"ok"`` or
   ``"error"``): time in loader calls, a histogram.
 - ``stampede.wait.duration`` (unit ``s``): time callers waited for another
@@ -162,6 +163,11 @@ class _Instruments:
         meter.create_observable_counter(
             f"{prefix}.hits", callbacks=[self._observe_hits], description=describe("hits")
         )
+        meter.create_observable_counter(
+            f"{prefix}.near_hits",
+            callbacks=[self._observe_near_hits],
+            description=describe("near_hits"),
+        )
 
     def record(self, cache: str, event: str, duration: float | None) -> None:
         counter = self._counters.get(event)
@@ -179,6 +185,10 @@ class _Instruments:
 
     def _observe_hits(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(hits, {"cache": name}) for name, hits in self.watched.hits().items()]
+
+    def _observe_near_hits(self, options: CallbackOptions) -> Iterable[Observation]:
+        watched = self.watched.hits("near_hits")
+        return [Observation(hits, {"cache": name}) for name, hits in watched.items()]
 
 
 def _histogram(meter: Meter, name: str, description: str) -> Histogram:

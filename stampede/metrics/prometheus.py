@@ -23,7 +23,8 @@ cache's ``name``):
   ``fenced``, ``lease_waits``, ``lease_takeovers``, ``backend_errors``,
   ``serialization_errors``.
 - ``stampede_hits_total``: hits of the caches passed to ``watch()``, read
-  from ``stats()`` at scrape time (hits never reach the hook).
+  from ``stats()`` at scrape time (hits never reach the hook), and
+  ``stampede_near_hits_total``: those of them served from the near cache.
 - ``stampede_load_duration_seconds{outcome="ok"|"error"}``: time in loader
   calls, a histogram.
 - ``stampede_wait_duration_seconds``: time callers waited for another
@@ -161,6 +162,7 @@ class _Exporter(Collector):
         self.buckets = buckets
         self.watched = Watched()
         self._hits = f"{prefix}_hits"
+        self._near_hits = f"{prefix}_near_hits"
         self._counters = {
             event: Counter(f"{prefix}_{event}", describe(event), ["cache"], registry=None)
             for event in EVENTS
@@ -200,19 +202,23 @@ class _Exporter(Collector):
         if duration is not None and histogram is not None:
             histogram.observe(max(duration, 0.0))
 
-    def _hit_family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self._hits, describe("hits"), labels=["cache"])
+    def _hit_families(self) -> list[tuple[str, CounterMetricFamily]]:
+        return [
+            (field, CounterMetricFamily(name, describe(field), labels=["cache"]))
+            for field, name in (("hits", self._hits), ("near_hits", self._near_hits))
+        ]
 
     def describe(self) -> Iterable[Metric]:
         """The metric names, for the registry's check of duplicates (no samples)."""
         for metric in (*self._counters.values(), self._load, self._wait):
             yield from metric.describe()
-        yield self._hit_family()
+        for _, family in self._hit_families():
+            yield family
 
     def collect(self) -> Iterable[Metric]:
         for metric in (*self._counters.values(), self._load, self._wait):
             yield from metric.collect()
-        family = self._hit_family()
-        for name, hits in sorted(self.watched.hits().items()):
-            family.add_metric([name], hits)
-        yield family
+        for field, family in self._hit_families():
+            for name, hits in sorted(self.watched.hits(field).items()):
+                family.add_metric([name], hits)
+            yield family
