@@ -24,14 +24,14 @@ from typing import Any, Generic, TypeVar
 
 from ._async import engine as async_engine
 from ._hitpath import make_peek
-from ._near import NearTier
 from ._leader import Host
+from ._near import NearTier
 from ._options import CacheOptions, Options
 from ._primitives import AsyncFences, Fences
 from ._reads import ReadGroup
 from ._singleflight import AsyncSingleFlight, SingleFlight
-from ._sync import engine as sync_engine
 from ._stats import Recorder, Stats
+from ._sync import engine as sync_engine
 from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
 from .backends.memory import MemoryBackend

@@ -25,9 +25,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import _policy
 from ._entry import MISSING, Entry, ErrorData, error_entry, value_entry
 from ._envelope import CorruptEntry
-from ._near import NearTier
 from ._errors import LoadTimeout
 from ._failures import read_failed, write_failed
+from ._near import NearTier
 from ._options import Options, seconds
 from ._policy import Decision
 from ._stats import Recorder
