@@ -90,6 +90,11 @@ class CacheBase(Generic[V]):
             lease_ttl (float): seconds a lease lives without renewal (default 10); a
                 loader that runs longer keeps it renewed.
             maxsize (int): entries of the default in-process LRU (default 4096).
+            near_maxsize (int): for a shared store (Redis, diskcache), copies of its
+                entries kept in this process and served with no I/O, kept coherent by
+                the writes' announcements (default 0: off; docs/concepts/near-cache.md).
+            near_ttl (float): the most seconds a near copy is served after its read
+                (default 5).
             name (str): the cache's name for the metrics hook (default: the
                 namespace, else ``"default"``).
             metrics (MetricsHook): a ``MetricsHook`` told of misses, loads, waits, errors.
@@ -101,8 +106,8 @@ class CacheBase(Generic[V]):
 
         Raises:
             TypeError: an unknown option, or an option of the wrong type.
-            ValueError: an option out of range, or ``distributed=True`` on a
-                store that lives in this process only.
+            ValueError: an option out of range, or ``distributed=True`` or
+                ``near_maxsize`` on a store that lives in this process only.
         """
         opts = Options.parse(options, where=type(self).__name__)
         store = resolve(backend, maxsize=opts.maxsize, asynchronous=self._asynchronous)

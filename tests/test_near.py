@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from .helpers import disk_store
 pytestmark = pytest.mark.timeout(60)
 
 LONG = 600.0  # a near_ttl no test waits out: a copy dropped sooner was dropped by a message
+
+
+def _own() -> str:
+    """A namespace of the test's own: no other test's writes are announced on it."""
+    return f"near-{uuid.uuid4().hex}"
 
 
 def _never() -> str:
@@ -85,10 +91,14 @@ def test_near_options_are_checked(tmp_path: Path, options: dict[str, Any], error
 # -- Redis, one process ------------------------------------------------------------------
 
 
-def test_a_near_hit_does_no_io_and_is_counted_apart(redis_server: RedisServer) -> None:
-    client = redis.Redis.from_url(redis_server.url)
+def test_a_near_hit_does_no_io_and_is_counted_apart(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
     observer = redis_server.client()
-    cache: CoalescingCache[str] = CoalescingCache(client, ttl=60, near_maxsize=10, near_ttl=LONG)
+    cache: CoalescingCache[str] = CoalescingCache(
+        client, ttl=60, near_maxsize=10, near_ttl=LONG, namespace=_own()
+    )
     wait_until(lambda: _ready(cache), 10, "the near cache's channel")
     near = cache._near
     assert near is not None
@@ -107,7 +117,13 @@ def test_a_near_hit_does_no_io_and_is_counted_apart(redis_server: RedisServer) -
 def test_the_decorator_serves_near_hits(redis_url: str) -> None:
     calls: list[int] = []
 
-    @cached(cache=redis.Redis.from_url(redis_url), ttl=60, near_maxsize=10, near_ttl=LONG)
+    @cached(
+        cache=redis.Redis.from_url(redis_url),
+        ttl=60,
+        near_maxsize=10,
+        near_ttl=LONG,
+        namespace=_own(),
+    )
     def double(x: int) -> int:
         calls.append(x)
         return 2 * x
@@ -165,13 +181,13 @@ def test_a_fenced_load_reaches_no_near_cache(redis_url: str) -> None:
     assert cache.get_or_load("k", lambda: "new") == "new"
 
 
-def test_a_copy_is_never_served_past_near_ttl(redis_server: RedisServer) -> None:
+def test_a_copy_is_never_served_past_near_ttl(redis_url: str) -> None:
     """A write made behind stampede's back (no announcement) is seen once the copy's
     near_ttl has passed: the copy is not served a moment longer."""
     clock = FakeClock()
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_url)
     cache: CoalescingCache[str] = CoalescingCache(
-        client, ttl=60, near_maxsize=10, near_ttl=2.0, clock=clock
+        client, ttl=60, near_maxsize=10, near_ttl=2.0, clock=clock, namespace=_own()
     )
     wait_until(lambda: _ready(cache), 10)
     _set_heard(cache, "k", "v")
@@ -295,11 +311,16 @@ def test_another_processs_writes_are_seen_within_a_bounded_wait(redis_url: str) 
 
 def test_async_near_hits_and_another_clients_writes(redis_url: str) -> None:
     async def main() -> None:
+        namespace = _own()
         reader: AsyncCoalescingCache[str] = AsyncCoalescingCache(
-            redis.asyncio.Redis.from_url(redis_url), ttl=60, near_maxsize=10, near_ttl=LONG
+            redis.asyncio.Redis.from_url(redis_url),
+            ttl=60,
+            near_maxsize=10,
+            near_ttl=LONG,
+            namespace=namespace,
         )
         writer: AsyncCoalescingCache[str] = AsyncCoalescingCache(
-            redis.asyncio.Redis.from_url(redis_url), ttl=60
+            redis.asyncio.Redis.from_url(redis_url), ttl=60, namespace=namespace
         )
         assert await reader.get("k") is None  # the first read registers the listener
         await async_wait_until(lambda: _ready(reader), 10, "the near cache's channel")
