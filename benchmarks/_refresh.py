@@ -68,13 +68,24 @@ STAMPEDE_SWR = (
     "stampede `@cached(cache=redis, ttl=1, distributed=True, beta=0, stale_ttl=1)` "
     "(lease + stale-while-revalidate, no XFetch)"
 )
+STAMPEDE_NEAR = (
+    "stampede `@cached(cache=redis, ttl=1, distributed=True, near_maxsize=1000)` "
+    "(XFetch + lease + near cache)"
+)
+STAMPEDE_MEMORY = "stampede `@cached(ttl=1)` on its in-process store (each process for itself)"
 FLOOR = "floor: raw redis-py `GET` of a key (no cache, no loads)"
+CSC_FLOOR = (
+    "redis-py client-side cache: raw `GET` on a `protocol=3, cache_config=CacheConfig()` "
+    "client (no loads)"
+)
 
 # label, builder name (built in each worker), modules it needs, async?
 VARIANTS: list[tuple[str, str, tuple[str, ...], bool]] = [
     (STAMPEDE_LEASE, "stampede_lease", ("redis",), False),
     (STAMPEDE_LOCAL, "stampede_local", ("redis",), False),
     (STAMPEDE_SWR, "stampede_swr", ("redis",), False),
+    (STAMPEDE_NEAR, "stampede_near", ("redis",), False),
+    (STAMPEDE_MEMORY, "stampede_memory", (), False),
     (
         "dogpile redis region `distributed_lock=True` (threads)",
         "dogpile",
@@ -87,7 +98,14 @@ VARIANTS: list[tuple[str, str, tuple[str, ...], bool]] = [
         ("redis", "cashews"),
         True,
     ),
+    (
+        "cashews redis `@cache.early(ttl=1)`, `client_side=True` (tasks)",
+        "cashews_client_side",
+        ("redis", "cashews"),
+        True,
+    ),
     (FLOOR, "floor", ("redis",), False),
+    (CSC_FLOOR, "csc_floor", ("redis",), False),
 ]
 
 
@@ -139,11 +157,11 @@ def _dogpile(url: str, load: Callable[[], Any]) -> Callable[[str], Any]:
     return cached
 
 
-def _cashews(url: str, aload: Callable[[], Any]) -> Callable[[str], Any]:
+def _cashews(url: str, aload: Callable[[], Any], **options: Any) -> Callable[[str], Any]:
     import cashews
 
     cache = cashews.Cache()
-    cache.setup(url)
+    cache.setup(url, **options)
 
     @cache.early(ttl=TTL)  # early_ttl: a third of the TTL by default
     async def value(key: str) -> Any:
@@ -152,10 +170,24 @@ def _cashews(url: str, aload: Callable[[], Any]) -> Callable[[str], Any]:
     return value
 
 
-def _floor(url: str) -> Callable[[str], Any]:
+def _memory(load: Callable[[], Any]) -> Callable[[str], Any]:
+    import stampede
+
+    def value(key: str) -> Any:
+        return load()
+
+    cached: Callable[[str], Any] = stampede.cached(ttl=TTL)(value)
+    return cached
+
+
+def _floor(url: str, **options: Any) -> Callable[[str], Any]:
     import redis
 
-    client = redis.Redis.from_url(url)
+    if options.get("protocol") == 3:
+        from redis.cache import CacheConfig
+
+        options["cache_config"] = CacheConfig()
+    client = redis.Redis.from_url(url, **options)
 
     def value(key: str) -> Any:
         return client.get(key)
@@ -206,12 +238,20 @@ def _build(name: str, url: str, loads: _Loads) -> Callable[[str], Any]:
         return _stampede(url, load)
     if name == "stampede_swr":
         return _stampede(url, load, distributed=True, beta=0.0, stale_ttl=TTL)
+    if name == "stampede_near":
+        return _stampede(url, load, distributed=True, near_maxsize=1000)
+    if name == "stampede_memory":
+        return _memory(load)
     if name == "dogpile":
         return _dogpile(url, load)
     if name == "cashews":
         return _cashews(url, aload)
+    if name == "cashews_client_side":
+        return _cashews(url, aload, client_side=True)
     if name == "floor":
         return _floor(url)
+    if name == "csc_floor":
+        return _floor(url, protocol=3)
     raise ValueError(name)
 
 
@@ -662,8 +702,65 @@ def refresh_note(results: RefreshResults) -> str:
         "Commands: the server's `INFO commandstats` delta over the window (commands a Lua "
         "script runs inside Redis count too; a stampede read is 2, `GETRANGE` + `PTTL` sent "
         "together, and concurrent reads of the key in one process share one), per process "
-        "per second and per read."
+        "per second and per read. The near-cache row keeps copies in each process (served "
+        "with no I/O until an announced write drops them, or 5 s); the in-process row is each "
+        "process's own memory store (one load per process per expiry: its p99 is the near "
+        "row's target); the redis-py client-side cache row is a raw `GET` on a RESP3 client "
+        "with `CacheConfig()` (server-assisted tracking; no loads)."
     )
+
+
+def near_targets(results: RefreshResults) -> list[Target]:
+    """DESIGN.md section 4's hot-key row with the near cache on."""
+    what = f"near cache, hot key ({results.processes} processes x {READERS} readers)"
+    row = next((r for r in results.rows if r.label == STAMPEDE_NEAR and r.measured), None)
+    memory = next((r for r in results.rows if r.label == STAMPEDE_MEMORY and r.measured), None)
+    floor = next((r for r in results.rows if r.label == FLOOR and r.measured), None)
+    if row is None or row.commands is None or not row.latencies:
+        why = "n/a" if row is None else (row.note or "not measured")
+        return [Target(f"{what}: Redis commands per read", "<= 0.01", why, None)]
+    per_read = sum(row.commands.values()) / len(row.latencies)
+    p99 = percentile(row.latencies, 0.99) * 1e3
+    targets = [
+        Target(
+            f"{what}: Redis commands per read",
+            "<= 0.01",
+            f"{per_read:.4f} ({sum(row.commands.values()):,} commands / "
+            f"{len(row.latencies):,} reads)",
+            per_read <= 0.01,
+        )
+    ]
+    if memory is not None and memory.latencies:
+        mp99 = percentile(memory.latencies, 0.99) * 1e3
+        targets.append(
+            Target(
+                f"{what}: read p99 <= the in-process store's row",
+                f"<= {mp99:.2f} ms",
+                f"{p99:.2f} ms",
+                p99 <= mp99,
+            )
+        )
+    if row.rounds:
+        per = row.per_expiry
+        assert per is not None
+        targets.append(
+            Target(
+                f"{what}: refreshes per expiry",
+                "1.0",
+                f"{per:.2f} ({len(row.loads)} calls / {len(row.rounds)} rounds)",
+                max(row.rounds) == 1,
+            )
+        )
+    context = f" (floor row: {floor.waited})" if floor is not None else ""
+    targets.append(
+        Target(
+            f"{what}: reads that waited for a load",
+            "0 beyond the floor row's",
+            f"{row.waited}{context}",
+            row.waited <= (floor.waited if floor is not None else 0),
+        )
+    )
+    return targets
 
 
 def refresh_targets(results: RefreshResults) -> list[Target]:

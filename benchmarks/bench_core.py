@@ -63,7 +63,15 @@ from _common import Config, Target, find, table
 from _fleet import bench_fleet, fleet_note, fleet_targets, report_fleet
 from _hit import bench_hit_async, bench_hit_sync, hit_targets, report_hit_async, report_hit_sync
 from _hot import HOT_LOADER_S, HOT_TTL, bench_hot, hot_note, hot_targets, report_hot
-from _refresh import bench_refresh, refresh_note, refresh_targets, refresh_title, report_refresh
+from _invalidation import GAP_S, INVALIDATION_NOTE, bench_invalidation, report_invalidation
+from _refresh import (
+    bench_refresh,
+    near_targets,
+    refresh_note,
+    refresh_targets,
+    refresh_title,
+    report_refresh,
+)
 from _shared_hits import (
     ASYNC_DATA,
     ASYNC_FLOOR,
@@ -115,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run)")
     parser.add_argument(
         "--only",
-        choices=("hit", "cold", "hot", "shared", "fleet", "refresh"),
+        choices=("hit", "cold", "hot", "shared", "fleet", "refresh", "invalidation"),
         help="run one part only",
     )
     parser.add_argument(
@@ -207,6 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit(report_refresh(refresh) + "\n")
         emit(refresh_note(refresh) + "\n")
         targets += refresh_targets(refresh)
+        targets += near_targets(refresh)
+
+    if args.only in (None, "invalidation"):
+        delivery = bench_invalidation(cfg)
+        emit("## 9. Invalidation delivery to other processes' near caches (Redis)\n")
+        emit(report_invalidation(delivery) + "\n")
+        emit(
+            INVALIDATION_NOTE.format(
+                writes=delivery.writes, gap=GAP_S * 1e3, readers=delivery.readers
+            )
+            + "\n"
+        )
 
     emit("## Targets (DESIGN.md section 4)\n")
     emit(table(["what", "target", "measured", "verdict"], [t.row() for t in targets]) + "\n")
