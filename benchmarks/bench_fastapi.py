@@ -50,6 +50,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class Variant:
     label: str
     app: str  # what uvicorn imports
     modules: tuple[str, ...]  # peers that must be installed
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for its workers
 
 
 VARIANTS = [
@@ -84,6 +86,13 @@ VARIANTS = [
         "stampede (the example app: `distributed=True`, `stale_ttl`)",
         "examples.service.app:app",
         (),
+    ),
+    Variant(
+        "stampede-near",
+        "stampede, the example app with `CACHE_NEAR_MAXSIZE=1000` (near cache)",
+        "examples.service.app:app",
+        (),
+        {"CACHE_NEAR_MAXSIZE": "1000"},
     ),
     Variant(
         "cashews",
@@ -122,7 +131,7 @@ VARIANTS = [
         (),
     ),
 ]
-QUICK_KEYS = ("stampede", "cashews", "aiocache")
+QUICK_KEYS = ("stampede", "stampede-near", "cashews", "aiocache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +313,12 @@ async def _measure(
 ) -> None:
     variant = result.variant
     observer.client.flushall()
-    options: dict[str, Any] = {"ttl": cfg.ttl, "stale_ttl": cfg.stale_ttl, "app": variant.app}
+    options: dict[str, Any] = {
+        "ttl": cfg.ttl,
+        "stale_ttl": cfg.stale_ttl,
+        "app": variant.app,
+        "env": dict(variant.env),
+    }
     with Service(redis_url, origin.url, WORKERS, **options) as service:
         pids = await service.wait_ready()
         progress(f"{variant.key}: {len(pids)} workers up; hot key {cfg.hot_s:g} s")
@@ -312,7 +326,7 @@ async def _measure(
         if not first_round:
             return
         progress(f"{variant.key}: expiry window {cfg.expiry_s:g} s (TTL {cfg.ttl:g} s)")
-        result.expiry = await _expiry(cfg, service, origin, variant.key == "stampede")
+        result.expiry = await _expiry(cfg, service, origin, variant.key.startswith("stampede"))
     # The bursts get a service of their own with a TTL far longer than a burst, as
     # examples.service.loadtest does: with the short TTL, a burst's last requests (a
     # second or more after its first on two busy cores) could meet a due refresh, and

@@ -57,22 +57,24 @@ class _Copy:
 class NearTier:
     """Near copies of one cache's entries; see the module docstring."""
 
-    def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float], *, watched: bool):
-        self.maxsize = maxsize
-        self.ttl = ttl
+    def __init__(
+        self, maxsize: int, ttl: float, clock: Callable[[], float], *, watched: bool
+    ) -> None:
+        self.maxsize: int = maxsize
+        self.ttl: float = ttl
         self._clock = clock
         self._copies: dict[Hashable, _Copy] = {}
         # The hit path's read (a dict's own get: no Python frame).
         self.get: Callable[[Hashable], _Copy | None] = self._copies.get
         # Reentrant: a finalizer run while it is held may read through the cache.
         self._lock = threading.RLock()
-        self._generation = 0  # bumped by every drop
-        self._floor = 0  # reads begun before this generation keep nothing
+        self._generation: int = 0  # bumped by every drop
+        self._floor: int = 0  # reads begun before this generation keep nothing
         self._dropped: dict[Hashable, int] = {}  # key -> the generation of its last drop
-        self.watched = watched  # its store announces writes on a channel (Redis)
-        self.ready = not watched  # a tier with a channel waits for its subscription
+        self.watched: bool = watched  # its store announces writes on a channel (Redis)
+        self.ready: bool = not watched  # a tier with a channel waits for its subscription
         self.watching: set[Any] = set()  # the listeners it is registered with (by the store)
-        self.heard = 0  # messages heard (tests wait on it)
+        self.heard: int = 0  # messages heard (tests wait on it)
         _tiers.add(self)
 
     def __len__(self) -> int:

@@ -228,3 +228,14 @@ def test_hot_key_expiring_under_load_never_makes_a_request_wait(
         assert len(server) == result.requests
         assert result.server_waited == [], sorted(result.server_waited)[-5:]
         assert stat(after, "load_errors", before) == stat(after, "backend_errors", before) == 0
+
+
+def test_the_near_cache_setting_is_read_and_checked() -> None:
+    from examples.service.app import Settings
+
+    base = {"REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert Settings.from_env(base).near_maxsize == 0  # off unless asked for
+    assert Settings.from_env({**base, "CACHE_NEAR_MAXSIZE": "1000"}).near_maxsize == 1000
+    for bad in ("-1", "1.5", "lots"):
+        with pytest.raises(RuntimeError, match="CACHE_NEAR_MAXSIZE"):
+            Settings.from_env({**base, "CACHE_NEAR_MAXSIZE": bad})

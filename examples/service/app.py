@@ -29,6 +29,8 @@ Configuration, from environment variables:
     CACHE_WAIT_TIMEOUT  most seconds a request waits for someone's load (10)
     ORIGIN_TIMEOUT      seconds an origin request may take (5)
     REDIS_TIMEOUT       seconds a Redis call may take before it counts as failed (1)
+    CACHE_NEAR_MAXSIZE  products each worker also keeps in memory, served with no
+                        Redis read until a write anywhere drops them (0: off)
 
 Endpoints: ``GET /products/{id}`` (the product and the pid of the worker that
 answered), ``GET /healthz``, ``GET /stats`` (this worker's cache counters).
@@ -76,6 +78,7 @@ class Settings:
     wait_timeout: float = 10.0
     origin_timeout: float = 5.0
     redis_timeout: float = 1.0
+    near_maxsize: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +99,14 @@ class Settings:
                 raise RuntimeError(f"{name} must be >= 0, got {raw!r}")
             return value
 
+        def count(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit():
+                raise RuntimeError(f"{name} must be a whole number >= 0, got {raw!r}")
+            return int(raw)
+
         return cls(
             redis_url=redis_url,
             origin_url=env.get("ORIGIN_URL", "").strip() or cls.origin_url,
@@ -106,6 +117,7 @@ class Settings:
             wait_timeout=seconds("CACHE_WAIT_TIMEOUT", cls.wait_timeout),
             origin_timeout=seconds("ORIGIN_TIMEOUT", cls.origin_timeout),
             redis_timeout=seconds("REDIS_TIMEOUT", cls.redis_timeout),
+            near_maxsize=count("CACHE_NEAR_MAXSIZE", cls.near_maxsize),
         )
 
 
@@ -135,6 +147,9 @@ class Catalog:
         # - wait_timeout: no request hangs longer than this waiting for another
         #   caller's load (LoadTimeout, answered 504); above origin_timeout, so a
         #   slow but successful origin call is still waited for.
+        # - near_maxsize (CACHE_NEAR_MAXSIZE, off by default): each worker keeps hot
+        #   products in memory too, dropped when any worker writes them; a hot
+        #   product then costs no Redis read at all (docs/concepts/near-cache.md).
         # - Redis failures fail open (the default): each worker then coalesces
         #   its own requests and calls the origin, behind a circuit breaker.
         @stampede.cached(
@@ -146,6 +161,7 @@ class Catalog:
             cache_errors=(ProductNotFound,),
             error_ttl=settings.error_ttl,
             wait_timeout=settings.wait_timeout,
+            near_maxsize=settings.near_maxsize,
             name="products",
         )
         async def product(product_id: str) -> dict[str, Any]:
