@@ -23,7 +23,7 @@ from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
 from ._cache import CoalescingCache
 from ._hitpath import make_wrapper
-from ._keys import FN_MARK, CallKey, function_key_encoder, function_prefix, key_rest
+from ._keys import FN_MARK, CallKey, FunctionKeys, function_prefix, key_rest
 from ._options import CacheOptions
 from ._stats import Stats
 from .backends import SharedStore
@@ -248,9 +248,14 @@ class _Keys:
         self.make_key = cache._make_key
         # A store shared between processes takes text keys: this function's are
         # built from their constant part (the same text as make_key would give).
-        self.text_key: Callable[[Hashable], str] | None = None
+        self.text_key: FunctionKeys | None = None
         if self.fn_id is not None and not isinstance(cache.backend, MemoryBackend):
-            self.text_key = function_key_encoder(cache.namespace, self.fn_id)
+            self.text_key = FunctionKeys(cache.namespace, self.fn_id)
+        # The texts kept for one-argument calls, looked up by the hit path itself
+        # (a near cache's): only where a call's key is its args tuple as it is.
+        self.texts: dict[Hashable, str] | None = None
+        if self.text_key is not None and key is None and not typed:
+            self.texts = self.text_key.made
         # Only the plainest setup may use the args tuple as the store key as is.
         plain = key is None and not shared and not typed and self.make_key is None
         self.arity = self.call_key.arity if plain else -1
@@ -330,6 +335,7 @@ def _hit_path(
         unhashable=keys.unhashable,
         slow=cache._slow,  # type: ignore[attr-defined]
         near=cache._near is not None,
+        texts=keys.texts if cache._near is not None else None,
     )
 
 

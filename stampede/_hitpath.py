@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from ._entry import MISSING
+from ._keys import PLAIN
 from ._stats import Counters
 
 # One store read, one clock read, one comparison, one counter. A failing read
@@ -52,8 +53,18 @@ _PEEK = "def peek(k):\n{read}    return MISSING\n"
 
 _WRAPPER = """\
 {define} wrapper(*args, **kwargs):
-    k = args if not kwargs and len(args) == arity else store_key(args, kwargs)
-{read}    return {wait}slow(k, partial(fn, *args, **kwargs))
+{key}{read}    return {wait}slow(k, partial(fn, *args, **kwargs))
+"""
+_KEY = "    k = args if not kwargs and len(args) == arity else store_key(args, kwargs)\n"
+# A shared store's text key, kept for one str or int argument (``FunctionKeys.made``):
+# looked up here, with the types checked first (1, 1.0 and True are equal keys).
+_TEXT_KEY = """\
+    if not kwargs and len(args) == 1 and type(args[0]) in plain:
+        k = texts.get(args)
+        if k is None:
+            k = store_key(args, kwargs)
+    else:
+        k = store_key(args, kwargs)
 """
 
 @functools.cache  # a handful of variants (kind, flavour, store): one code object each
@@ -105,6 +116,7 @@ def make_wrapper(
     unhashable: Callable[[tuple[Any, ...], dict[str, Any]], TypeError],
     slow: Callable[..., Any],
     near: bool = False,
+    texts: dict[Hashable, str] | None = None,
 ) -> Callable[..., Any]:
     """``@cached``'s wrapper of ``fn``: its key (the ``args`` tuple itself when the
     call has ``arity`` positional arguments and nothing else), the hit path, else
@@ -113,6 +125,7 @@ def make_wrapper(
     read = "" if get is None else _READ.format(unhashable=unhashable_raise, counter=_counter(near))
     source = _WRAPPER.format(
         define="async def" if asynchronous else "def",
+        key=_KEY if texts is None else _TEXT_KEY,
         read=read,
         wait="await " if asynchronous else "",
     )
@@ -124,6 +137,8 @@ def make_wrapper(
         "store_key": store_key,
         "unhashable": unhashable,
         "slow": slow,
+        "texts": texts,
+        "plain": PLAIN,
         "partial": functools.partial,
         "fn": fn,
     }

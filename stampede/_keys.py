@@ -211,33 +211,39 @@ def encode_key(namespace: str, key: Hashable) -> str:
     return _text_key(namespace_prefix(namespace), _encode(key))
 
 
-def function_key_encoder(namespace: str, fn_id: str) -> Callable[[Hashable], str]:
+class FunctionKeys:
     """``encode_key(namespace, (FN_MARK, fn_id, k))`` as a function of ``k``, its
-    constant part made once (a decorated function's every call builds one)."""
-    prefix = namespace_prefix(namespace)
-    head = f"@{_fn_digest(fn_id)}{_encode(fn_id)}"
-    # The texts of calls with one or two str or int arguments are kept (a hot key
-    # is asked for again and again). Only of those: equal keys of other types may
-    # encode apart (1, 1.0, True), and a lookup with one would find the other.
-    made: dict[Hashable, str] = {}
+    constant part made once (a decorated function's every call builds one).
 
-    def encode(k: Hashable) -> str:
+    The texts of calls with one or two str or int arguments are kept in ``made``
+    (a hot key is asked for again and again). Only of those: equal keys of other
+    types may encode apart (1, 1.0, True), and a lookup with one would find the
+    other; whoever looks in ``made`` checks the types first.
+    """
+
+    __slots__ = ("_head", "_prefix", "made")
+
+    def __init__(self, namespace: str, fn_id: str) -> None:
+        self._prefix = namespace_prefix(namespace)
+        self._head = f"@{_fn_digest(fn_id)}{_encode(fn_id)}"
+        self.made: dict[Hashable, str] = {}
+
+    def __call__(self, k: Hashable) -> str:
         if type(k) is tuple and (
-            (len(k) == 1 and type(k[0]) in _PLAIN)
-            or (len(k) == 2 and type(k[0]) in _PLAIN and type(k[1]) in _PLAIN)
+            (len(k) == 1 and type(k[0]) in PLAIN)
+            or (len(k) == 2 and type(k[0]) in PLAIN and type(k[1]) in PLAIN)
         ):
+            made = self.made
             text = made.get(k)
             if text is None:
                 if len(made) >= _TEXTS_KEPT:
                     made.clear()
-                text = made[k] = _text_key(prefix, head + _encode(k))
+                text = made[k] = _text_key(self._prefix, self._head + _encode(k))
             return text
-        return _text_key(prefix, head + _encode(k))
-
-    return encode
+        return _text_key(self._prefix, self._head + _encode(k))
 
 
-_PLAIN = frozenset((str, int))  # exactly these types (not bool, not subclasses)
+PLAIN = frozenset((str, int))  # exactly these types (not bool, not subclasses)
 _TEXTS_KEPT = 256  # per decorated function
 
 

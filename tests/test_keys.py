@@ -312,20 +312,20 @@ def test_a_functions_encoder_gives_encode_keys_text_whatever_it_kept(calls: list
     """``function_key_encoder`` keeps the texts of calls with str/int arguments; a
     later call with equal arguments of other types (1.0, True for 1) still gets
     its own text, the one ``encode_key`` gives."""
-    from stampede._keys import FN_MARK, function_key_encoder
+    from stampede._keys import FN_MARK, FunctionKeys
 
     global _kept_encoder
     if _kept_encoder is None:
-        _kept_encoder = function_key_encoder("ns", "mod.fn")
+        _kept_encoder = FunctionKeys("ns", "mod.fn")
     for k in calls:
         args = k if type(k) is tuple else (k,)
         assert _kept_encoder(args) == encode_key("ns", (FN_MARK, "mod.fn", args))
 
 
 def test_kept_texts_never_answer_for_an_equal_key_of_another_type() -> None:
-    from stampede._keys import FN_MARK, function_key_encoder
+    from stampede._keys import FN_MARK, FunctionKeys
 
-    encode = function_key_encoder("ns", "mod.fn")
+    encode = FunctionKeys("ns", "mod.fn")
     for args in [(1,), (1, "a"), ("a", 1)]:
         encode(args)  # kept
     for args in [(1.0,), (True,), (1, "a"), (True, "a"), (1.0, "a"), ("a", True)]:

@@ -376,3 +376,18 @@ def test_disk_near_copies_are_bounded_by_near_ttl(tmp_path: Path) -> None:
     assert reader.get("k") == "v2"
     reader.set("k", "v3")
     assert reader.get("k") == "v3"
+
+
+def test_near_hits_of_equal_arguments_of_other_types_stay_apart(tmp_path: Path) -> None:
+    """The hit path looks up kept text keys by the args tuple for str and int
+    arguments only: 1, 1.0 and True (equal, one hash) are three keys."""
+    calls: list[Any] = []
+
+    @cached(cache=disk_store(tmp_path), ttl=60, near_maxsize=10)
+    def kind(x: Any) -> str:
+        calls.append(x)
+        return type(x).__name__
+
+    for _ in range(3):  # loaded, read into the near cache, then near hits
+        assert [kind(1), kind(1.0), kind(True), kind("1")] == ["int", "float", "bool", "str"]
+    assert len(calls) == 4 and kind.cache.stats().near_hits >= 4
