@@ -361,3 +361,31 @@ def test_asyncio_cluster_round_trips_and_one_load(cluster: LocalCluster) -> None
             await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_near_caches_on_a_cluster_hear_writes_made_through_any_node(
+    cluster: LocalCluster, client: RedisCluster
+) -> None:
+    """Near caches on a Redis Cluster: a write announced by one client (its PUBLISH
+    runs in the slot owner's script) reaches a near cache listening through another."""
+    other = RedisCluster(host=cluster.host, port=cluster.ports[-1], socket_timeout=10.0)
+    try:
+        reader: CoalescingCache[str] = CoalescingCache(
+            other, ttl=60, near_maxsize=100, near_ttl=600, namespace="near"
+        )
+        writer: CoalescingCache[str] = CoalescingCache(client, ttl=60, namespace="near")
+        near = reader._near
+        assert near is not None
+        wait_until(lambda: near.ready, 10, "the near cache's subscription")
+        keys = [f"user:{i}" for i in range(6)]  # over several slots and nodes
+        for key in keys:
+            heard = near.heard
+            writer.set(key, "v1")
+            wait_until(lambda heard=heard: near.heard > heard, 10, "the write's announcement")
+            assert reader.get(key) == "v1"
+        assert len(near) == len(keys)
+        for key in keys:
+            writer.set(key, "v2")
+            wait_until(lambda key=key: reader.get(key) == "v2", 10, f"{key}'s new value")
+    finally:
+        other.close()

@@ -391,3 +391,53 @@ def test_near_hits_of_equal_arguments_of_other_types_stay_apart(tmp_path: Path) 
     for _ in range(3):  # loaded, read into the near cache, then near hits
         assert [kind(1), kind(1.0), kind(True), kind("1")] == ["int", "float", "bool", "str"]
     assert len(calls) == 4 and kind.cache.stats().near_hits >= 4
+
+
+class NotFound(LookupError):
+    pass
+
+
+def test_a_negative_entry_is_raised_again_from_its_near_copy(tmp_path: Path) -> None:
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        disk_store(tmp_path),
+        ttl=60,
+        near_maxsize=10,
+        cache_errors=(NotFound,),
+        error_ttl=10,
+        clock=clock,
+    )
+    calls: list[int] = []
+
+    def missing() -> str:
+        calls.append(1)
+        raise NotFound("no such user")
+
+    for _ in range(4):
+        with pytest.raises(NotFound):
+            cache.get_or_load("u", missing)
+    k = cache._key("u")
+    assert cache._near is not None and cache._near.entry(k, clock()) is not None  # kept
+    assert calls == [1] and cache.stats().negative_hits == 3
+    clock.advance(10)  # the error's time is over: the copy with it
+    assert cache.get_or_load("u", lambda: "found") == "found"
+
+
+def test_a_stale_near_copy_is_served_while_the_refresh_runs(tmp_path: Path) -> None:
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        disk_store(tmp_path), ttl=1, beta=0, stale_ttl=10, near_maxsize=10, clock=clock
+    )
+    assert cache.get_or_load("k", lambda: "v1") == "v1"
+    assert cache.get_or_load("k", _never) == "v1" and _holds(cache, "k")
+    clock.advance(1.5)  # past ttl, within stale_ttl: stale, from the near copy
+    release = threading.Event()
+
+    def refresh() -> str:
+        assert release.wait(10)
+        return "v2"
+
+    assert cache.get_or_load("k", refresh) == "v1"
+    assert cache.stats().stale_served == 1
+    release.set()
+    wait_until(lambda: cache.get_or_load("k", _never) == "v2", 10, "the refreshed value")
