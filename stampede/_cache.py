@@ -97,6 +97,8 @@ class CoalescingCache(CacheBase[V]):
         assert entry is not None
         if decision is Decision.REFRESH or decision is Decision.STALE:
             self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
+            if decision is Decision.REFRESH and self._near is not None:
+                self._near.refreshing(k, entry)
         return entry.value  # type: ignore[return-value]
 
     def _join_wait(self, call: _Call) -> V:

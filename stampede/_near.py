@@ -94,6 +94,15 @@ class NearTier:
                 del self._copies[k]
         return None
 
+    def refreshing(self, k: Hashable, entry: Entry[Any]) -> None:
+        """``entry``'s early refresh is started (here, or by the process holding its
+        lease): its copy is served by the hit path again, until the entry's fresh end
+        (or the copy's), rather than deciding again on every read until the refresh's
+        announcement drops it."""
+        copy = self._copies.get(k)
+        if copy is not None and copy.entry is entry:
+            copy.check_at = min(entry.fresh_until, copy.until)
+
     def begin(self) -> int:
         """The generation a store read begins at (give it to ``keep``)."""
         return self._generation

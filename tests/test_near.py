@@ -441,3 +441,36 @@ def test_a_stale_near_copy_is_served_while_the_refresh_runs(tmp_path: Path) -> N
     assert cache.stats().stale_served == 1
     release.set()
     wait_until(lambda: cache.get_or_load("k", _never) == "v2", 10, "the refreshed value")
+
+
+def test_a_copy_whose_early_refresh_runs_is_served_by_the_hit_path(tmp_path: Path) -> None:
+    """Past its XFetch point, a copy's first read starts the refresh; later reads are
+    near hits again until the refreshed value replaces it, not a decision each."""
+    clock = FakeClock()
+    cache: CoalescingCache[str] = CoalescingCache(
+        disk_store(tmp_path), ttl=10, beta=1.0, near_maxsize=10, clock=clock
+    )
+
+    def slow_v1() -> str:
+        clock.advance(2.0)  # the load's duration: XFetch refreshes about that early
+        return "v1"
+
+    assert cache.get_or_load("k", slow_v1) == "v1"
+    assert cache.get_or_load("k", _never) == "v1"  # read into the near cache
+    near = cache._near
+    assert near is not None
+    entry = near.entry(cache._key("k"), clock())
+    assert entry is not None and entry.check_at < entry.fresh_until
+    clock.set(entry.check_at)  # due for its early refresh, still fresh
+    release = threading.Event()
+
+    def gated() -> str:
+        assert release.wait(10)
+        return "v2"
+
+    assert cache.get_or_load("k", gated) == "v1"  # the decision: a refresh starts
+    hits = cache.stats().near_hits
+    assert [cache.get_or_load("k", _never) for _ in range(5)] == ["v1"] * 5
+    assert cache.stats().near_hits == hits + 5  # the hit path again, while it runs
+    release.set()
+    wait_until(lambda: cache.get_or_load("k", _never) == "v2", 10, "the refreshed value")
