@@ -474,3 +474,44 @@ def test_a_copy_whose_early_refresh_runs_is_served_by_the_hit_path(tmp_path: Pat
     assert cache.stats().near_hits == hits + 5  # the hit path again, while it runs
     release.set()
     wait_until(lambda: cache.get_or_load("k", _never) == "v2", 10, "the refreshed value")
+
+
+def test_async_a_copy_whose_early_refresh_runs_is_served_by_the_hit_path(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        cache: AsyncCoalescingCache[str] = AsyncCoalescingCache(
+            disk_store(tmp_path), ttl=10, beta=1.0, near_maxsize=10, clock=clock
+        )
+
+        async def slow_v1() -> str:
+            clock.advance(2.0)
+            return "v1"
+
+        assert await cache.get_or_load("k", slow_v1) == "v1"
+        assert await cache.get_or_load("k", _anever) == "v1"
+        near = cache._near
+        assert near is not None
+        entry = near.entry(cache._key("k"), clock())
+        assert entry is not None and entry.check_at < entry.fresh_until
+        clock.set(entry.check_at)
+        release = asyncio.Event()
+
+        async def gated() -> str:
+            await release.wait()
+            return "v2"
+
+        assert await cache.get_or_load("k", gated) == "v1"  # the refresh starts
+        hits = cache.stats().near_hits
+        for _ in range(5):
+            assert await cache.get_or_load("k", _anever) == "v1"
+        assert cache.stats().near_hits == hits + 5
+        release.set()
+        await async_wait_until(
+            lambda: near.get(cache._key("k")) is None, 10, "the refresh's write to drop it"
+        )
+        assert await cache.get_or_load("k", _anever) == "v2"
+
+    asyncio.run(main())
