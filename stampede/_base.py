@@ -17,12 +17,10 @@ the shell's slow path, which reads again and lets the policy decide.
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from ._async import engine as async_engine
 from ._hitpath import make_peek
 from ._leader import Host
 from ._near import NearTier
@@ -31,7 +29,6 @@ from ._primitives import AsyncFences, Fences
 from ._reads import ReadGroup
 from ._singleflight import AsyncSingleFlight, SingleFlight
 from ._stats import Recorder, Stats
-from ._sync import engine as sync_engine
 from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
 from .backends.memory import MemoryBackend
@@ -170,16 +167,12 @@ class CacheBase(Generic[V]):
             fences = AsyncFences(store.local, near)
             self._thread_fences = fences.threads
             self._host = Host(store, leases, opts, self._rec, self._flight, fences, near)
-            if near is not None:
-                self._host.filler = functools.partial(async_engine.filled, self._host)
         else:
             self._flight = SingleFlight()
             self._thread_fences = Fences(None if store.local else ReadGroup(), near)
             self._host = Host(
                 store, leases, opts, self._rec, self._flight, self._thread_fences, near
             )
-            if near is not None:
-                self._host.filler = functools.partial(sync_engine.filled, self._host)
 
     # -- introspection -------------------------------------------------------
 

@@ -357,6 +357,16 @@ class _Rechecked(Exception):
     """A map with keys other than str or bytes: the payload is read again, checked."""
 
 
+def _unpack_unchecked(data: bytes | memoryview, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    """msgpack's C reader with str-keyed maps; ``_Rechecked`` for any other map key."""
+    try:
+        return msgpack.unpackb(data, ext_hook=ext_hook, unicode_errors="surrogatepass", timestamp=1)
+    except ValueError as exc:
+        if "map key" in str(exc) and not isinstance(exc, FormatError):
+            raise _Rechecked from exc
+        raise
+
+
 class _Decoder:
     """One payload's reader: the extension hook, its depth, the classes brought in."""
 
@@ -378,14 +388,7 @@ class _Decoder:
                 unicode_errors="surrogatepass",
                 timestamp=1,
             )
-        try:
-            return msgpack.unpackb(
-                data, ext_hook=self.ext, unicode_errors="surrogatepass", timestamp=1
-            )
-        except ValueError as exc:
-            if "map key" in str(exc) and not isinstance(exc, FormatError):
-                raise _Rechecked from exc
-            raise
+        return _unpack_unchecked(data, self.ext)
 
     def items(self, data: bytes) -> list[Any]:
         """An extension's body: a msgpack array, one extension level down."""
@@ -661,28 +664,21 @@ class Codec:
             raise FormatError("not a DataSerializer payload (unknown format byte)")
         body = data[1:] if len(data) < 4096 else memoryview(data)[1:]  # no big copy
         try:
-            try:  # most payloads hold no extension: read them with no decoder state
-                return msgpack.unpackb(
-                    body, ext_hook=_no_extension, unicode_errors="surrogatepass", timestamp=1
-                )
-            except _Extended:
-                pass  # read again below, extensions and all
-            except ValueError as exc:
-                if "map key" not in str(exc) or isinstance(exc, FormatError):
-                    raise
-                return _Decoder(self.registry, True).unpack(body)
-            free = self._readers
-            decoder = free.pop() if free else _Decoder(self.registry, False)
             try:
-                return decoder.unpack(body)
-            except _Rechecked:
-                pass
-            finally:
-                decoder.classes.clear()
-                decoder.depth = 0
-                free.append(decoder)
-            # A map with keys other than str or bytes: read again, checking each map.
-            return _Decoder(self.registry, True).unpack(body)
+                try:  # most payloads hold no extension: read them with no decoder state
+                    return _unpack_unchecked(body, _no_extension)
+                except _Extended:
+                    pass  # read again, extensions and all
+                free = self._readers
+                decoder = free.pop() if free else _Decoder(self.registry, False)
+                try:
+                    return decoder.unpack(body)
+                finally:
+                    decoder.classes.clear()
+                    decoder.depth = 0
+                    free.append(decoder)
+            except _Rechecked:  # a map with keys other than str or bytes: read again,
+                return _Decoder(self.registry, True).unpack(body)  # checking each map
         except FormatError:
             raise
         except msgpack.ExtraData as exc:

@@ -251,8 +251,8 @@ class _Keys:
         self.text_key: FunctionKeys | None = None
         if self.fn_id is not None and not isinstance(cache.backend, MemoryBackend):
             self.text_key = FunctionKeys(cache.namespace, self.fn_id)
-        # The texts kept for one-argument calls, looked up by the hit path itself
-        # (a near cache's): only where a call's key is its args tuple as it is.
+        # The texts kept for one-argument calls, looked up by the wrapper itself: only
+        # where a call's key is its args tuple as it is.
         self.texts: dict[Hashable, str] | None = None
         if self.text_key is not None and key is None and not typed:
             self.texts = self.text_key.made
@@ -260,14 +260,17 @@ class _Keys:
         plain = key is None and not shared and not typed and self.make_key is None
         self.arity = self.call_key.arity if plain else -1
 
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """The call's own key: the custom key function's, or the bound arguments."""
+        return self.custom(*args, **kwargs) if self.custom else self.call_key(args, kwargs)
+
     def user(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        k: Hashable = self.custom(*args, **kwargs) if self.custom else self.call_key(args, kwargs)
+        k = self._call(args, kwargs)
         return k if self.fn_id is None else (FN_MARK, self.fn_id, k)
 
     def store(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         if self.text_key is not None:
-            c = self.custom
-            return self.text_key(c(*args, **kwargs) if c else self.call_key(args, kwargs))
+            return self.text_key(self._call(args, kwargs))
         k = self.user(args, kwargs)
         return k if self.make_key is None else self.make_key(k)
 
@@ -335,7 +338,7 @@ def _hit_path(
         unhashable=keys.unhashable,
         slow=cache._slow,  # type: ignore[attr-defined]
         near=cache._near is not None,
-        texts=keys.texts if cache._near is not None else None,
+        texts=keys.texts,
     )
 
 

@@ -184,10 +184,7 @@ def decode(
     fresh_until = written + fresh
     retry_at = written + retry
     if kind == VALUE:
-        try:
-            value = serializer.loads(data[offset:], context=context)
-        except Exception as exc:  # SerializationError, or a serializer's own failure
-            raise CorruptEntry(f"payload: {exc}") from exc
+        value = _loads(serializer, data[offset:], context)
         check_at = refresh_point(written, fresh, delta, beta, u)
         return Entry(value, None, fresh_until, written + stale, delta, check_at, retry_at)
     if len(data) < offset + _TYPE_LEN.size:

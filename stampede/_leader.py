@@ -93,7 +93,6 @@ class Host(Generic[S, L, F]):
         "fences",
         "elsewhere",
         "near",
-        "filler",
     )
 
     def __init__(
@@ -108,8 +107,6 @@ class Host(Generic[S, L, F]):
     ) -> None:
         self.store = store
         self.near = near  # the near cache of a shared store, if the cache has one
-        # A near cache's store read, which keeps what it brings (the shell sets it).
-        self.filler: Any = None
         self.local: bool = bool(getattr(store, "local", False))  # a mapping of this process
         self.leases = leases  # the store, when distributed; else None
         self.options = options

@@ -28,6 +28,7 @@ single-flights.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Hashable
 from contextlib import AbstractAsyncContextManager
@@ -119,7 +120,7 @@ async def read(
             host.read_failed(exc, count_foreign)
             return None
     else:
-        read = host.store.aget if near is None else host.filler
+        read = host.store.aget if near is None else functools.partial(filled, host)
         entry, failure = await reads.read(k, read)
         if failure is not None:  # every reader of the failed read: its own failure rules
             host.read_failed(failure, count_foreign)
@@ -128,7 +129,7 @@ async def read(
 
 
 async def filled(host: AsyncHost, k: Hashable) -> Any:
-    """A store read of ``k`` whose entry the near cache keeps (``host.filler``)."""
+    """A store read of ``k`` whose entry the near cache keeps."""
     near = host.near
     assert near is not None
     host.store.near_watch(near)  # (an asyncio store: on this event loop's listener)

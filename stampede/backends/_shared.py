@@ -20,7 +20,7 @@ import logging
 import math
 import sys
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import _envelope
 from .._breaker import Breaker
@@ -359,10 +359,7 @@ class SharedStore:
         try:
             result = op(*args)
         except BaseException as exc:
-            wrapped = self._judge(exc)
-            if wrapped is exc:
-                raise
-            raise wrapped from exc
+            self._failed(exc)
         self.breaker.success()
         return result
 
@@ -378,10 +375,7 @@ class SharedStore:
         try:
             result = await op(*args)
         except BaseException as exc:
-            wrapped = self._judge(exc)
-            if wrapped is exc:
-                raise
-            raise wrapped from exc
+            self._failed(exc)
         self.breaker.success()
         if _swallowed(task, asked):
             raise asyncio.CancelledError(f"{self.name}'s client library swallowed it")
@@ -393,16 +387,17 @@ class SharedStore:
         if not self.breaker.allow():
             raise CircuitOpen(f"{self.name} is failing: circuit open, not trying")
 
-    def _judge(self, exc: BaseException) -> BaseException:
-        """What an operation that raised ``exc`` raises, the breaker told."""
+    def _failed(self, exc: BaseException) -> NoReturn:
+        """Tell the breaker of an operation that raised ``exc``, and raise what the
+        caller sees: ``StoreBusy``, ``BackendUnavailable``, or ``exc`` itself."""
         if isinstance(exc, self.busy_errors):
             self.breaker.release()
-            return StoreBusy(f"{self.name}: no free connection ({exc})")
+            raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
         if isinstance(exc, self.errors):
             self.breaker.failure()
-            return BackendUnavailable(f"{self.name} failed: {exc}")
+            raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
         self.breaker.release()
-        return exc
+        raise exc
 
     # -- what a subclass supplies --------------------------------------------------
 

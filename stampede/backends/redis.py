@@ -723,6 +723,31 @@ def _notifier_for(client: Any) -> _Notifier:
     return notifier
 
 
+class _NearWatchers:
+    """The near caches a listener tells of its channels' messages and of its losses
+    (both notifiers keep one: the decisions live here once)."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[bytes, weakref.WeakSet[NearTier]] = {}
+
+    def add(self, listener: object, channel: bytes, near: NearTier, subscribed: bool) -> None:
+        near.watching.add(listener)
+        self._by_channel.setdefault(channel, weakref.WeakSet()).add(near)
+        if subscribed:  # messages reach it from now on
+            near.found()
+
+    def on(self, channel: bytes) -> list[NearTier]:
+        return list(self._by_channel.get(channel, ()))
+
+    def lost(self, listener: object) -> list[NearTier]:
+        """Every near cache, no longer watched by ``listener`` (watched again at its
+        next fill: by the same listener once reconnected, or by a new one)."""
+        watchers = [near for group in self._by_channel.values() for near in group]
+        for near in watchers:
+            near.watching.discard(listener)
+        return watchers
+
+
 class _AsyncNotifier:
     """``_Notifier`` for asyncio: one listener task per client and event loop."""
 
@@ -733,41 +758,35 @@ class _AsyncNotifier:
         # on the channel from then on wakes its waiters.
         self._channels: dict[bytes, asyncio.Event] = {}
         self._asked = asyncio.Event()  # a channel was added: the listener subscribes
-        self._watchers: dict[bytes, weakref.WeakSet[NearTier]] = {}  # see _Notifier
+        self._near = _NearWatchers()
         self._stopped = False
         self._task = asyncio.get_running_loop().create_task(self._guard())
+
+    def _ready(self, channel: bytes) -> asyncio.Event:
+        """The channel's ready event, set once subscribed; asks for it if new."""
+        ready = self._channels.get(channel)
+        if ready is None:
+            ready = self._channels[channel] = asyncio.Event()
+            self._asked.set()
+        return ready
 
     def watch(self, channel_name: str, near: NearTier) -> None:
         """Tell ``near`` of every write announced on the channel, and of its loss."""
         if self in near.watching:
             return
         channel = channel_name.encode()
-        near.watching.add(self)
-        self._watchers.setdefault(channel, weakref.WeakSet()).add(near)
-        ready = self._channels.get(channel)
-        if ready is None:
-            ready = self._channels[channel] = asyncio.Event()
-            self._asked.set()
-        if ready.is_set():
-            near.found()
+        self._near.add(self, channel, near, self._ready(channel).is_set())
 
     def _lost(self) -> None:
         for ready in self._channels.values():
             ready.clear()
-        for group in list(self._watchers.values()):
-            for near in list(group):
-                near.lost()
-                near.watching.discard(self)  # a new listener registers it again
+        for near in self._near.lost(self):
+            near.lost()
 
     def register(self, key: str, event: asyncio.Event) -> asyncio.Event:
         """Set ``event`` when ``key``'s lease ends; returns its channel's ready event."""
         self._waiters.setdefault(key.encode(), set()).add(event)
-        channel = _channel_of(key).encode()
-        ready = self._channels.get(channel)
-        if ready is None:
-            ready = self._channels[channel] = asyncio.Event()
-            self._asked.set()
-        return ready
+        return self._ready(_channel_of(key).encode())
 
     def unregister(self, key: str, event: asyncio.Event) -> None:
         events = self._waiters.get(key.encode())
@@ -822,11 +841,11 @@ class _AsyncNotifier:
                             ready = self._channels.get(message["channel"])
                             if ready is not None:
                                 ready.set()
-                            for near in list(self._watchers.get(message["channel"], ())):
+                            for near in self._near.on(message["channel"]):
                                 near.found()
                         if message.get("type") != "message":
                             continue
-                        for near in list(self._watchers.get(message["channel"], ())):
+                        for near in self._near.on(message["channel"]):
                             near.message(message["data"])
                         for event in list(self._waiters.get(message["data"], ())):
                             event.set()
@@ -927,23 +946,26 @@ class _Notifier:
         # subscribed: a commit on the channel from then on wakes its waiters.
         self._channels: dict[bytes, threading.Event] = {}
         self._asked = threading.Event()  # a channel was added: the listener subscribes
-        # Near caches told of every message on their channel (guarded by _lock).
-        self._watchers: dict[bytes, weakref.WeakSet[NearTier]] = {}
+        self._near = _NearWatchers()  # guarded by _lock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease-done", daemon=True)
         _listeners.add(self)
         self._thread.start()
 
+    def _ready(self, channel: bytes) -> threading.Event:
+        """The channel's ready event, set once subscribed; asks for it if new (under
+        _lock)."""
+        ready = self._channels.get(channel)
+        if ready is None:
+            ready = self._channels[channel] = threading.Event()
+            self._asked.set()
+        return ready
+
     def register(self, key: str, event: threading.Event) -> threading.Event:
         """Set ``event`` when ``key``'s lease ends; returns its channel's ready event."""
-        channel = _channel_of(key).encode()
         with self._lock:
             self._waiters.setdefault(key.encode(), set()).add(event)
-            ready = self._channels.get(channel)
-            if ready is None:
-                ready = self._channels[channel] = threading.Event()
-                self._asked.set()
-        return ready
+            return self._ready(_channel_of(key).encode())
 
     def watch(self, channel_name: str, near: NearTier) -> None:
         """Tell ``near`` of every write announced on the channel, and of its loss."""
@@ -951,14 +973,7 @@ class _Notifier:
             return
         channel = channel_name.encode()
         with self._lock:
-            near.watching.add(self)
-            self._watchers.setdefault(channel, weakref.WeakSet()).add(near)
-            ready = self._channels.get(channel)
-            if ready is None:
-                ready = self._channels[channel] = threading.Event()
-                self._asked.set()
-            if ready.is_set():  # subscribed already: messages reach it from now on
-                near.found()
+            self._near.add(self, channel, near, self._ready(channel).is_set())
 
     def unregister(self, key: str, event: threading.Event) -> None:
         with self._lock:
@@ -976,7 +991,7 @@ class _Notifier:
         with self._lock:
             for ready in self._channels.values():
                 ready.clear()
-            watchers = [near for group in self._watchers.values() for near in group]
+            watchers = self._near.lost(self)
         for near in watchers:
             near.lost()
 
@@ -1008,14 +1023,14 @@ class _Notifier:
                             ready = self._channels.get(message["channel"])
                             if ready is not None:
                                 ready.set()
-                            watchers = list(self._watchers.get(message["channel"], ()))
+                            watchers = self._near.on(message["channel"])
                         for near in watchers:
                             near.found()
                     if message.get("type") != "message":
                         continue
                     with self._lock:
                         events = list(self._waiters.get(message["data"], ()))
-                        watchers = list(self._watchers.get(message["channel"], ()))
+                        watchers = self._near.on(message["channel"])
                     for near in watchers:
                         near.message(message["data"])
                     for event in events:
