@@ -787,30 +787,13 @@ def shared_targets(results: SharedResults) -> list[Target]:
         )
     ]
     floor_row = next((r for r in results.sync if r.label == REDIS_FLOOR), None)
-    cpu = [r for r in (get_or_load, cached) if r.server_us is not None]
-    if floor_row is not None and floor_row.server_us and cpu:
-        worst = max(r.server_us or 0.0 for r in cpu) / floor_row.server_us
-        targets.append(
-            Target(
-                "Redis CPU per hit <= 2x a GET: the commands' own time (`INFO commandstats`)",
-                "<= 2x",
-                f"{worst:.2f}x ({', '.join(f'{r.server_us:.2f}' for r in cpu)} µs "
-                f"vs GET {floor_row.server_us:.2f} µs)",
-                worst <= 2.0,
-            )
-        )
-    process = [r for r in (get_or_load, cached) if r.process_us is not None]
-    if floor_row is not None and floor_row.process_us and process:
-        worst = max(r.process_us or 0.0 for r in process) / floor_row.process_us
-        targets.append(
-            Target(
-                "Redis CPU per hit <= 2x a GET: the server process's (`INFO cpu`)",
-                "<= 2x",
-                f"{worst:.2f}x ({', '.join(f'{r.process_us:.1f}' for r in process)} µs "
-                f"vs GET {floor_row.process_us:.1f} µs)",
-                worst <= 2.0,
-            )
-        )
+    for field, what, digits in (
+        ("server_us", "the commands' own time (`INFO commandstats`)", 2),
+        ("process_us", "the server process's (`INFO cpu`)", 1),
+    ):
+        target = _cpu_target(floor_row, (get_or_load, cached), field, what, digits)
+        if target is not None:
+            targets.append(target)
     targets.append(
         _speed_target(results.sync, REDIS_FLOOR, REDIS_CACHED, REDIS_GET_OR_LOAD, TARGET)
     )
@@ -818,6 +801,24 @@ def shared_targets(results: SharedResults) -> list[Target]:
         _speed_target(results.asyn, ASYNC_FLOOR, ASYNC_CACHED, ASYNC_GET_OR_LOAD, ASYNC_TARGET)
     )
     return targets
+
+
+def _cpu_target(
+    floor: SharedResult | None, ours: tuple[SharedResult, ...], field: str, what: str, digits: int
+) -> Target | None:
+    """Redis CPU per hit of ``ours`` (``field``: µs per hit) against a ``GET``'s: <= 2x."""
+    reference = None if floor is None else getattr(floor, field)
+    measured = [getattr(r, field) for r in ours if getattr(r, field) is not None]
+    if not reference or not measured:
+        return None
+    worst = max(measured) / reference
+    return Target(
+        f"Redis CPU per hit <= 2x a GET: {what}",
+        "<= 2x",
+        f"{worst:.2f}x ({', '.join(f'{v:.{digits}f}' for v in measured)} µs "
+        f"vs GET {reference:.{digits}f} µs)",
+        worst <= 2.0,
+    )
 
 
 def _paired(row: SharedResult, floor: SharedResult) -> float | None:
