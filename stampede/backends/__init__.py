@@ -7,6 +7,10 @@
 - a ``diskcache.Cache``/``FanoutCache`` or ``"disk:///path"``: ``DiskBackend``;
 - a ``redis.Redis``/``RedisCluster`` or ``"redis://"``, ``"rediss://"``,
   ``"unix://"``: ``RedisBackend``;
+- a Django cache (``caches["x"]``, ``django.core.cache.cache``) or a
+  Flask-Caching ``Cache`` (or its backend): a ``RedisBackend`` for the same
+  server when it sits on Redis, else an adapter over the framework's own
+  cache API (``_django``, ``_flask``, ``_framework``);
 - a store object already made (to set ``max_value_size`` and friends).
 """
 
@@ -112,10 +116,27 @@ def _resolve(backend: Any, maxsize: int | None, asynchronous: bool) -> Store:
         from .redis import AsyncRedisBackend
 
         return AsyncRedisBackend(backend)
+    framework = _framework_store(backend, asynchronous)
+    if framework is not None:
+        return framework
     if is_mapping(backend):
         return MemoryBackend(backend)
     raise TypeError(
         f"cannot use {type(backend).__name__} as a cache backend: pass a mapping "
         f"(dict, a cachetools or cachebox cache), a diskcache Cache, a redis.Redis client, "
-        f"a backend object, or a URL ({', '.join(_SCHEMES)})"
+        f"a Django or Flask-Caching cache, a backend object, or a URL ({', '.join(_SCHEMES)})"
     )
+
+
+def _framework_store(backend: Any, asynchronous: bool) -> SharedStore | None:
+    """The store for a Django or Flask-Caching cache (Redis underneath, or the
+    framework's own API), None for anything else. Neither framework is imported
+    here: an object of one means it is loaded already."""
+    from ._django import django_store, is_django_cache
+    from ._flask import flask_store, is_flask_cache
+
+    if is_django_cache(backend):
+        return django_store(backend, asynchronous=asynchronous)
+    if is_flask_cache(backend):
+        return flask_store(backend, asynchronous=asynchronous)
+    return None
