@@ -9,6 +9,13 @@ Strategies: no cache at all; a plain TTL cache (cachetools' ``cached`` with a
 lock, the usual recipe: the lock guards the dict, not the load); stampede's
 ``@cached`` (single-flight plus XFetch early refresh). The tables show how
 often the origin was called and how long callers took.
+
+The text under the tables is computed from the numbers of the run
+(``burst_note``, ``summary``: pure functions of the results), so it claims
+only what the run showed: a demo on a loaded machine or a failing store must
+not print a canned victory. A ``--backend`` is checked before any scenario
+runs (``preflight``): a store that cannot be reached would make every run
+fail open, and the tables would compare nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
@@ -24,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import cachetools
 
@@ -57,6 +66,9 @@ class Setup:
 
 Strategy = Callable[[Origin, float, Setup], Callable[[str], str]]
 
+NO_CACHE = "no cache"
+TTL_CACHE = "TTL cache (cachetools)"
+
 
 def no_cache(origin: Origin, ttl: float, setup: Setup) -> Callable[[str], str]:
     return origin.fetch
@@ -88,7 +100,7 @@ def _stampede(distributed: bool) -> Strategy:
 
 
 def strategies(setup: Setup) -> dict[str, Strategy]:
-    found: dict[str, Strategy] = {"no cache": no_cache, "TTL cache (cachetools)": ttl_cache}
+    found: dict[str, Strategy] = {NO_CACHE: no_cache, TTL_CACHE: ttl_cache}
     if setup.backend and setup.processes > 1:
         found["stampede, per process"] = _stampede(False)
         found["stampede, distributed"] = _stampede(True)
@@ -110,19 +122,20 @@ class Result:
     waited: int  # requests that took at least half the origin's latency
     call_times: list[float]
 
+    def p99(self) -> float:
+        """The 99th percentile latency in seconds (0 with no requests)."""
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else 0.0
+
     def row(self) -> list[str]:
         lat = sorted(self.latencies)
-
-        def p(q: float) -> float:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
-
         return [
             self.strategy,
             f"{self.requests:,}",
             f"{self.origin_calls:,}",
             f"{self.waited:,}",
             f"{statistics.median(lat) * 1000:.1f}" if lat else "-",
-            f"{p(0.99) * 1000:.1f}",
+            f"{self.p99() * 1000:.1f}",
             f"{lat[-1] * 1000:.1f}" if lat else "-",
         ]
 
@@ -231,6 +244,219 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def plural(n: int, one: str, many: str = "") -> str:
+    """``n`` and the noun that goes with it: "1 process", "4 processes"."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _ours(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.strategy.startswith("stampede")]
+
+
+def _listed(results: list[Result], number: Callable[[Result], int]) -> str:
+    return "; ".join(f"{r.strategy} {number(r):,}" for r in results)
+
+
+def burst_note(burst: list[Result], cores: int | None) -> str | None:
+    """Why stampede's p99 is above no cache's in ``burst``, when it is (else None)."""
+    base = {r.strategy: r for r in burst}.get(NO_CACHE)
+    if base is None:
+        return None
+    slower = [r for r in _ours(burst) if r.p99() > base.p99()]
+    if not slower:
+        return None
+    on = plural(cores, "CPU core") if cores else "this machine's CPU cores"
+    rows = "; ".join(f"{r.strategy} {_ms(r.p99())} ms" for r in slower)
+    saved = ", ".join(f"{plural(r.origin_calls, 'call')} ({r.strategy})" for r in slower)
+    return (
+        f"Why is stampede's p99 above no cache's ({_ms(base.p99())} ms) here? {rows}. The callers "
+        f"that coalesce all wait for one load and are woken together when it ends; on {on} "
+        f"they resume a few at a time, so the last of them finish later than callers that "
+        f"each slept through their own origin call (this fake origin takes as long however "
+        f"many call it at once). What the cache saves is the origin's work: {saved} instead "
+        f"of {base.origin_calls:,}."
+    )
+
+
+def _burst_summary(burst: list[Result], processes: int) -> list[str]:
+    by_name = {r.strategy: r for r in burst}
+    base, plain = by_name.get(NO_CACHE), by_name.get(TTL_CACHE)
+    callers = max((r.requests for r in burst), default=0)
+    said = [
+        f"Burst: {plural(callers, 'caller')} missed one key at once. Origin calls: "
+        f"{_listed(burst, lambda r: r.origin_calls)}."
+    ]
+    for r in _ours(burst):
+        if base is not None and r.origin_calls >= base.origin_calls:
+            said.append(
+                f"{r.strategy} saved no origin calls in this burst ({r.origin_calls:,}, "
+                f"against {base.origin_calls:,} with no cache)."
+            )
+        elif r.origin_calls == 1 and r.requests > 1:
+            said.append(f"{r.strategy} made one origin call for all {r.requests:,} callers.")
+        else:
+            said.append(
+                f"{r.strategy} made {plural(r.origin_calls, 'origin call')} for "
+                f"{plural(r.requests, 'caller')}."
+            )
+    if plain is not None and plain.requests > 1 and plain.origin_calls == plain.requests:
+        said.append(
+            "The TTL cache let every caller call the origin: its lock guards its dict, "
+            "not the load."
+        )
+    said += _across(by_name, processes, "in the burst")
+    return said
+
+
+def _across(by_name: dict[str, Result], processes: int, where: str) -> list[str]:
+    """What the fleet's lease saved over coalescing in each process, if both ran."""
+    fleet, each = by_name.get("stampede, distributed"), by_name.get("stampede, per process")
+    if fleet is None or each is None:
+        return []
+    if fleet.origin_calls < each.origin_calls:
+        return [
+            f"Across {plural(processes, 'process', 'processes')}, the lease in the store saved "
+            f"{plural(each.origin_calls - fleet.origin_calls, 'origin call')} {where} "
+            f"({fleet.origin_calls:,} distributed, {each.origin_calls:,} per process)."
+        ]
+    return [
+        f"The lease in the store saved no origin calls {where} over coalescing in each "
+        f"process ({fleet.origin_calls:,} distributed, {each.origin_calls:,} per process)."
+    ]
+
+
+def _hot_summary(hot: list[Result], expiries: int, processes: int) -> list[str]:
+    by_name = {r.strategy: r for r in hot}
+    plain = by_name.get(TTL_CACHE)
+    if expiries == 0:
+        expires = "does not expire during the run"
+    else:
+        expires = "expires about " + ("once" if expiries == 1 else f"{expiries:,} times")
+    said = [
+        f"Hot key: the key {expires}. Origin calls: "
+        f"{_listed(hot, lambda r: r.origin_calls)}. Requests that waited for the origin: "
+        f"{_listed(hot, lambda r: r.waited)}."
+    ]
+    for r in _ours(hot):
+        if plain is None:
+            continue
+        name, waited, theirs = r.strategy, r.waited, plain.waited
+        if waited == 0 and theirs == 0:
+            said.append(f"No request waited for the origin with {name} or the TTL cache.")
+        elif waited == 0 and r.origin_calls > 0:
+            said.append(
+                f"{name} refreshed the key in the background before it expired (XFetch): "
+                f"no request waited for the origin, against {theirs:,} with the TTL cache."
+            )
+        elif waited == 0:
+            said.append(f"No request waited with {name}, against {theirs:,} with the TTL cache.")
+        elif waited < theirs:
+            said.append(
+                f"{name} made fewer requests wait for the origin than the TTL cache "
+                f"({waited:,} against {theirs:,}), but not none (on a busy machine an early "
+                f"refresh can start too late)."
+            )
+        else:
+            said.append(
+                f"{name} did not spare requests the wait at expiry in this run: "
+                f"{waited:,} waited, against {theirs:,} with the TTL cache."
+            )
+        ours, other = r.origin_calls, plain.origin_calls
+        if ours < other:
+            said.append(
+                f"It called the origin {plural(ours, 'time')}, the TTL cache "
+                f"{plural(other, 'time')}."
+            )
+        elif ours > other:
+            said.append(
+                f"It called the origin more often than the TTL cache ({ours:,} against "
+                f"{other:,}): refreshing early takes the calls out of the readers' way, it "
+                f"does not remove them."
+            )
+        else:
+            said.append(f"It called the origin as often as the TTL cache ({ours:,}).")
+    said += _across(by_name, processes, "on the hot key")
+    return said
+
+
+def summary(
+    burst: list[Result],
+    hot: list[Result],
+    *,
+    expiries: int,
+    latency: float,
+    processes: int = 1,
+) -> str:
+    """The closing text: what the numbers of this run show, and nothing they do not."""
+    paragraphs = [
+        _burst_summary(burst, processes),
+        _hot_summary(hot, expiries, processes),
+        [
+            f"'waited for origin' counts requests that took at least half the origin "
+            f"latency ({_ms(latency / 2)} ms)."
+        ],
+    ]
+    return "\n\n".join(" ".join(p) for p in paragraphs)
+
+
+def _shown(url: str) -> str:
+    """``url`` with any password hidden, fit to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def preflight(url: str) -> str | None:
+    """Why the demo cannot use the store at ``url``, or None when it answers.
+
+    Made the way the demo's caches make it (the same client, its 1 s timeouts):
+    a Redis server must answer a PING, a disk folder must open. Checked before
+    any scenario runs: a store that fails would make every run "fail open"
+    (load without the store) and the tables would compare nothing.
+    """
+    from .backends import resolve
+
+    shown = _shown(url)
+    try:
+        store: Any = resolve(url)
+    except ImportError as exc:
+        return f"cannot use {shown}: {_reason(exc)}."
+    except Exception as exc:  # a bad URL, a folder that cannot be made or opened
+        advice = ""
+        if url.startswith("disk:"):
+            advice = " Pass a folder this user can create, e.g. disk:///tmp/stampede-demo."
+        return f"cannot use {shown} as the demo's store: {_reason(exc)}.{advice}"
+    try:
+        if url.startswith("disk:"):
+            store.cache.close()
+            return None
+        client = store.client
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        port = urlsplit(url).port or 6379
+        return (
+            f"cannot reach Redis at {shown}: {_reason(exc)}. Start a Redis server there (a "
+            f"throwaway one: redis-server --port {port} --save '', or docker run --rm "
+            f"-p {port}:6379 redis) or pass another --backend; without --backend the demo "
+            f"runs in this process's memory."
+        )
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).rstrip(".") or type(exc).__name__
+
+
 def _pyplot() -> Any:
     try:
         matplotlib = importlib.import_module("matplotlib")
@@ -299,6 +525,11 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         parser.error("counts, --duration, --ttl and --processes must be positive")
     if args.backend and args.backend.startswith("memory:"):
         args.backend = None
+    if args.backend:
+        problem = preflight(args.backend)
+        if problem is not None:
+            print(f"python -m stampede demo: {problem}", file=sys.stderr)
+            return 1
     setup = Setup(args.backend, args.processes, f"demo-{uuid.uuid4().hex[:8]}")
     chosen = strategies(setup)
 
@@ -310,8 +541,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
 
     progress(
         f"origin latency {latency * 1000:.0f} ms, TTL {args.ttl:g} s; "
-        f"burst of {callers} callers; hot key: {workers} workers for {duration:g} s each; "
-        f"{args.processes} process(es); stampede on {args.backend or 'memory'}"
+        f"burst of {plural(callers, 'caller')}; hot key: {plural(workers, 'worker')} for "
+        f"{duration:g} s each; {plural(args.processes, 'process', 'processes')}; "
+        f"stampede on {_shown(args.backend) if args.backend else 'memory'}"
     )
     burst: list[Result] = []
     hot: list[Result] = []
@@ -327,18 +559,20 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         scenario = Scenario("hot key", name, workers, latency, args.ttl, duration)
         hot.append(run(scenario, setup))
 
-    print(f"\n## Burst: {callers} callers ask for one missing key at once\n", file=out)
+    ask = "asks" if callers == 1 else "ask"
+    print(f"\n## Burst: {plural(callers, 'caller')} {ask} for one missing key at once\n", file=out)
     print(table(burst), file=out)
-    print(f"\n## Hot key: {workers} workers, TTL {args.ttl:g} s, {duration:g} s\n", file=out)
-    print(table(hot), file=out)
-    expiries = int(duration / args.ttl)
-    times = "once" if expiries == 1 else f"{expiries} times"
+    note = burst_note(burst, os.cpu_count())
+    if note is not None:
+        print(f"\n{note}", file=out)
     print(
-        f"\nThe key expires about {times} during the hot-key run. 'waited for origin' "
-        f"counts requests that took at least half the origin latency: stampede refreshes the "
-        f"key in the background before it expires (XFetch), so nobody waits.",
+        f"\n## Hot key: {plural(workers, 'worker')}, TTL {args.ttl:g} s, {duration:g} s\n",
         file=out,
     )
+    print(table(hot), file=out)
+    expiries = int(duration / args.ttl)
+    closing = summary(burst, hot, expiries=expiries, latency=latency, processes=args.processes)
+    print(f"\n## What this run shows\n\n{closing}", file=out)
     if args.plot:
         plot(hot, args.plot, duration)
         progress(f"plot written to {args.plot}")
