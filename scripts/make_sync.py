@@ -38,6 +38,7 @@ HEADER = (
 RENAMES = {
     # the store's async operations -> its sync ones
     "aget": "get",
+    "aget_many": "get_many",
     "aset": "set",
     "adelete": "delete",
     "aclear": "clear",

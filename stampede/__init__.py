@@ -8,7 +8,9 @@ stale values can be served while revalidating or when the origin fails.
 from __future__ import annotations
 
 from ._acache import AsyncCoalescingCache
+from ._binding import bind, deferred
 from ._cache import CoalescingCache
+from ._cached_many import AsyncCachedManyFunction, CachedManyFunction, cached_many
 from ._decorator import AsyncCachedFunction, CachedFunction, CacheInfo, cached
 from ._entry import MISSING
 from ._errors import (
@@ -28,12 +30,14 @@ __version__ = "0.1.0"
 __all__ = [
     "MISSING",
     "AsyncCachedFunction",
+    "AsyncCachedManyFunction",
     "AsyncCoalescingCache",
     "AsyncSingleFlight",
     "BackendUnavailable",
     "BlockingWaitInLoop",
     "CacheInfo",
     "CachedFunction",
+    "CachedManyFunction",
     "CoalescingCache",
     "LoadAbandoned",
     "LoadTimeout",
@@ -45,5 +49,8 @@ __all__ = [
     "StampedeError",
     "Stats",
     "__version__",
+    "bind",
     "cached",
+    "cached_many",
+    "deferred",
 ]

@@ -19,16 +19,21 @@ event loop's thread, so wrap blocking I/O in ``asyncio.to_thread`` yourself.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from ._async import engine
 from ._base import CacheBase, V
 from ._entry import MISSING, Entry
+from ._leader import outcome, picked
 from ._policy import Decision
-from ._singleflight import AsyncSingleFlight, _AsyncCall
+from ._primitives import acall_loader
+from ._singleflight import AsyncSingleFlight, _AsyncCall, _leading
+
+K = TypeVar("K", bound=Hashable)
 
 log = logging.getLogger("stampede")
 
@@ -39,7 +44,13 @@ class AsyncCoalescingCache(CacheBase[V]):
     _asynchronous = True
     _flight: AsyncSingleFlight
 
-    async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
+    async def get_or_load(
+        self,
+        key: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        *,
+        cache_if: Callable[[V], bool] | None = None,
+    ) -> V:
         """The cached value of ``key``, loading it with ``loader()`` when missing.
 
         See ``CoalescingCache.get_or_load``; a cancelled caller leaves the load
@@ -49,23 +60,28 @@ class AsyncCoalescingCache(CacheBase[V]):
         k = key if make_key is None else make_key(key)
         value = self._peek(k)
         if value is MISSING:
-            return await self._slow(k, loader)
+            return await self._slow(k, loader, cache_if)
         return value  # type: ignore[no-any-return]
 
-    async def _slow(self, k: Hashable, loader: Callable[[], Awaitable[V] | V]) -> V:
+    async def _slow(
+        self,
+        k: Hashable,
+        loader: Callable[[], Awaitable[V] | V],
+        cache_if: Callable[[Any], bool] | None = None,
+    ) -> V:
         """Everything but a plain hit: read, decide, serve, refresh, or load."""
         host = self._host
         entry = await engine.read(host, k)
         decision = host.served(entry)  # counted; a negative entry raises its error here
         if decision is Decision.MISS:
-            load = functools.partial(engine.load, host, k, loader, entry)
+            load = functools.partial(engine.load, host, k, loader, entry, cache_if=cache_if)
             call, leader = self._flight._join(k, load)
             if leader:
                 return await self._flight._wait(call, self._options.wait_timeout)  # type: ignore[no-any-return]
             return await self._join_wait(call)
         assert entry is not None
         if decision is Decision.REFRESH or decision is Decision.STALE:
-            self._refresh(k, loader, entry, early=decision is Decision.REFRESH)
+            self._refresh(k, loader, entry, decision is Decision.REFRESH, cache_if)
             if decision is Decision.REFRESH and self._near is not None:
                 self._near.refreshing(k, entry)
         return entry.value  # type: ignore[return-value]
@@ -88,11 +104,12 @@ class AsyncCoalescingCache(CacheBase[V]):
         loader: Callable[[], Awaitable[V] | V],
         entry: Entry[V],
         early: bool,
+        cache_if: Callable[[Any], bool] | None = None,
     ) -> None:
         """Start one background refresh of ``k`` as a task (unless one runs already)."""
         if not self._host.refresh_wanted(k):
             return
-        run = functools.partial(self._run_refresh, k, loader, entry, early)
+        run = functools.partial(self._run_refresh, k, loader, entry, early, cache_if)
         if self._flight._reserve(k, run) is not None:
             self._host.refresh_started(early)
 
@@ -102,17 +119,98 @@ class AsyncCoalescingCache(CacheBase[V]):
         loader: Callable[[], Awaitable[V] | V],
         entry: Entry[V],
         early: bool,
+        cache_if: Callable[[Any], bool] | None,
         call: _AsyncCall,
     ) -> V:
         try:
             return await engine.load(
-                self._host, k, loader, entry, call, background=True, early=early
+                self._host, k, loader, entry, call, background=True, early=early, cache_if=cache_if
             )
         except Exception:
             log.warning("background refresh of %r failed", k, exc_info=True)
             raise  # callers that joined the refresh share its error
 
+    # -- many keys at once ----------------------------------------------------------------
+
+    async def get_or_load_many(
+        self,
+        keys: Iterable[K],
+        load_many: Callable[[list[K]], Awaitable[Mapping[K, V]] | Mapping[K, V]],
+        *,
+        cache_if: Callable[[V], bool] | None = None,
+    ) -> dict[K, V]:
+        """The cached values of ``keys``, the missing ones loaded by one
+        ``load_many(missing_keys)`` call; see ``CoalescingCache.get_or_load_many``.
+
+        A cancelled caller leaves the loads running for the others.
+        """
+        ks = self._many(keys)
+        found: dict[Any, Any] = {}
+        todo = self._peek_many(ks, found)
+        if todo:
+            await self._load_many([(key, ks[key]) for key in todo], load_many, cache_if, found)
+        return {key: found[key] for key in ks}
+
+    async def _load_many(
+        self,
+        todo: list[tuple[Any, Hashable]],
+        load_many: Callable[[list[Any]], Any],
+        cache_if: Callable[[Any], bool] | None,
+        found: dict[Any, Any],
+    ) -> None:
+        """See ``CoalescingCache._load_many``: every key runs as its own task, and the
+        tasks of the keys this caller leads share one batch load."""
+        host = self._host
+        entries = await engine.read_many(host, [k for _, k in todo])
+        one = functools.partial(_one, load_many)
+        missing = self._served_many(todo, entries, one, cache_if, found)
+        if not missing:
+            return
+        flight = self._flight
+        batch: dict[str, asyncio.Task[list[Any]]] = {}
+        lead: list[tuple[Any, Hashable, Entry[Any] | None, _AsyncCall]] = []
+        calls: list[tuple[Any, _AsyncCall, bool]] = []
+        for key, k, entry in missing:
+            part = functools.partial(_batch_part, batch, len(lead))
+            call, leader = flight._join(k, part)
+            calls.append((key, call, leader))
+            if leader:
+                lead.append((key, k, entry, call))
+        if lead:
+            # Made before this task yields, so before any key's task runs and looks
+            # for it; the batch is part of each key's load (recursion is detected).
+            load = engine.load_many(
+                host,
+                [k for _, k, _, _ in lead],
+                [key for key, _, _, _ in lead],
+                [entry for _, _, entry, _ in lead],
+                [call for _, _, _, call in lead],
+                load_many,
+                cache_if,
+            )
+            token = _leading.set((*_leading.get(), *(call for _, _, _, call in lead)))
+            try:
+                batch["task"] = asyncio.get_running_loop().create_task(load)
+            finally:
+                _leading.reset(token)
+        failure: Exception | None = None
+        for key, call, leader in calls:
+            try:
+                if leader:
+                    found[key] = await flight._wait(call, self._options.wait_timeout)
+                else:
+                    found[key] = await self._join_wait(call)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
     # -- the public API ----------------------------------------------------------------
+
+    async def get_many(self, keys: Iterable[K]) -> dict[K, V]:
+        """The cached values of ``keys`` that are there; see ``CoalescingCache.get_many``."""
+        ks = self._many(keys)
+        return self._looked_up_many(ks, await engine.read_many(self._host, list(ks.values())))
 
     async def get(self, key: Hashable, default: Any = None) -> V | Any:
         """The cached value of ``key`` (fresh or still servable stale), else ``default``."""
@@ -138,3 +236,16 @@ class AsyncCoalescingCache(CacheBase[V]):
     async def clear(self) -> None:
         """Drop this cache's entries (its namespace) and fence every in-flight load."""
         await engine.clear(self._host)
+
+
+async def _batch_part(
+    batch: dict[str, asyncio.Task[list[Any]]], i: int, _call: _AsyncCall
+) -> Any:
+    """A key's task in a batch: the batch load's outcome for its key."""
+    outcomes = await asyncio.shield(batch["task"])  # the batch outlives any one key's task
+    return outcome(outcomes[i])
+
+
+async def _one(load_many: Callable[[list[Any]], Any], key: Any) -> Any:
+    """One key's value through the batch loader (a background refresh of the key)."""
+    return picked(await acall_loader(functools.partial(load_many, [key])), key)

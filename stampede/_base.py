@@ -17,21 +17,25 @@ the shell's slow path, which reads again and lets the policy decide.
 
 from __future__ import annotations
 
+import copy
+import functools
 import sys
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
+from ._entry import MISSING, Entry
 from ._hitpath import make_peek
 from ._leader import Host
 from ._near import NearTier
 from ._options import CacheOptions, Options
+from ._policy import Decision
 from ._primitives import AsyncFences, Fences
 from ._reads import ReadGroup
 from ._singleflight import AsyncSingleFlight, SingleFlight
 from ._stats import Recorder, Stats
 from .backends import SharedStore, Store, resolve
 from .backends._shared import Codec
-from .backends.memory import MemoryBackend
+from .backends.memory import MemoryBackend, check_lifetime
 
 # At run time too: tools read these hints (typing.get_type_hints, inspect).
 if sys.version_info >= (3, 11):
@@ -108,16 +112,20 @@ class CacheBase(Generic[V]):
         """
         opts = Options.parse(options, where=type(self).__name__)
         store = resolve(backend, maxsize=opts.maxsize, asynchronous=self._asynchronous)
+        # A wrapped mapping that expires entries before they stop being served (unknown
+        # with a ttl function). Warns; see backends/memory.py.
+        check_lifetime(store, None if opts.ttl_of else opts.ttl + opts.stale_ttl)
         if opts.distributed and store.local:
             raise ValueError(
                 "distributed=True needs a backend shared between processes (Redis, "
                 f"diskcache); {store!r} lives in this process only"
             )
         if opts.distributed and not getattr(store, "supports_leases", False):
-            raise ValueError(
-                f"distributed=True needs leases, which {store!r} cannot hold (a diskcache "
-                "FanoutCache spreads a value and its lease over shards: use a plain Cache)"
+            why = getattr(store, "no_leases_reason", None) or (
+                "a diskcache FanoutCache spreads a value and its lease over shards: "
+                "use a plain Cache"
             )
+            raise ValueError(f"distributed=True needs leases, which {store!r} cannot hold ({why})")
         if opts.near_maxsize and store.local:
             raise ValueError(
                 "near_maxsize keeps near copies of a store shared between processes "
@@ -139,6 +147,7 @@ class CacheBase(Generic[V]):
         else:
             store = store.bind(opts.namespace)
         self._options = opts
+        self._root: CacheBase[Any] = self  # the cache a policy view (_with_policy) was made from
         self._backend: Store = store
         self._rec = Recorder(opts.metrics, opts.name)
         self._counters = self._rec.counters
@@ -222,8 +231,107 @@ class CacheBase(Generic[V]):
 
     # -- for the shells and the decorator ---------------------------------------
 
+    def _with_policy(self, policy: Mapping[str, Any], *, where: str = "cached") -> Any:
+        """A view of this cache with its own policy options (``POLICY_NAMES``): the
+        same store, keys, single-flight, fences, counters and near cache.
+
+        ``@cached(cache=<this cache>, ttl=...)`` decorates with one. Raises
+        ``TypeError`` for an option that defines the store (see ``with_policy``).
+        """
+        opts = self._options.with_policy(policy, where=where)
+        view = copy.copy(self)
+        view._options = opts
+        store = self._backend
+        if isinstance(store, SharedStore) and store.codec is not None:
+            # A reader of a shared store draws its XFetch point with its own beta and
+            # rebuilds the error types it names: a codec of the view's own.
+            codec = Codec(
+                store.codec.serializer,
+                clock=opts.clock,
+                beta=opts.beta,
+                error_types=opts.error_types,
+            )
+            store = store.bind(codec, opts.namespace)
+        view._backend = store
+        host = self._host
+        view._host = Host(
+            store,
+            store if host.leases is not None else None,
+            opts,
+            self._rec,
+            self._flight,
+            host.fences,
+            self._near,
+        )
+        view._root = self._root
+        return view
+
+
     def _key(self, key: Hashable) -> Hashable:
         return key if self._make_key is None else self._make_key(key)
+
+    # -- many keys at once: what both shells' get_many / get_or_load_many share ---------
+
+    def _many(self, keys: Iterable[Any]) -> dict[Any, Hashable]:
+        """Each distinct key asked, in order, with its store key."""
+        make_key = self._make_key
+        ks: dict[Any, Hashable] = {}
+        for key in keys:
+            if key not in ks:
+                ks[key] = key if make_key is None else make_key(key)
+        return ks
+
+    def _peek_many(self, ks: dict[Any, Hashable], found: dict[Any, Any]) -> list[Any]:
+        """Serve what the hit path can into ``found``; the keys it could not."""
+        peek = self._peek
+        todo = []
+        for key, k in ks.items():
+            value = peek(k)
+            if value is MISSING:
+                todo.append(key)
+            else:
+                found[key] = value
+        return todo
+
+    def _looked_up_many(
+        self, ks: dict[Any, Hashable], entries: list[Entry[Any] | None]
+    ) -> dict[Any, Any]:
+        """What ``get_many`` answers for the entries read."""
+        host = self._host
+        found = {}
+        for key, entry in zip(ks, entries, strict=True):
+            value = host.looked_up(entry, MISSING)
+            if value is not MISSING:
+                found[key] = value
+        return found
+
+    def _served_many(
+        self,
+        todo: list[tuple[Any, Hashable]],
+        entries: list[Entry[Any] | None],
+        one: Callable[[Any], Any],
+        cache_if: Callable[[Any], bool] | None,
+        found: dict[Any, Any],
+    ) -> list[tuple[Any, Hashable, Entry[Any] | None]]:
+        """Serve the entries read that can be served (starting background refreshes,
+        each through ``one(key)``, a loader of that key alone); the missing keys.
+
+        Every key is judged before any load is joined: a negative entry raises
+        here, leaving no flight led and unfinished.
+        """
+        host = self._host
+        decisions = [host.served(entry) for entry in entries]
+        missing = []
+        for (key, k), entry, decision in zip(todo, entries, decisions, strict=True):
+            if decision is Decision.MISS:
+                missing.append((key, k, entry))
+                continue
+            assert entry is not None
+            if decision is Decision.REFRESH or decision is Decision.STALE:
+                early = decision is Decision.REFRESH
+                self._refresh(k, functools.partial(one, key), entry, early, cache_if)  # type: ignore[attr-defined]
+            found[key] = entry.value
+        return missing
 
     def _drop_local(self, where: Callable[[Hashable], bool]) -> None:
         """Drop the in-process entries whose store key satisfies ``where``, fencing

@@ -17,10 +17,11 @@ import inspect
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
+from ._binding import Deferred
 from ._cache import CoalescingCache
 from ._hitpath import make_wrapper
 from ._keys import FN_MARK, CallKey, FunctionKeys, function_prefix, key_rest
@@ -31,11 +32,13 @@ from .backends.memory import DEFAULT_MAXSIZE, NS_MARK, MemoryBackend
 
 # At run time too: tools read these hints (typing.get_type_hints, inspect).
 if sys.version_info >= (3, 11):
-    from typing import Unpack
+    from typing import Self, Unpack
 else:
-    from typing_extensions import Unpack
+    from typing_extensions import Self, Unpack
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
+S = TypeVar("S")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -57,6 +60,19 @@ class CachedFunction(Protocol[P, R]):
     cache: CoalescingCache[R]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    # A method: through the class, the function with its helpers (which take the
+    # instance first); through an instance, a bound method (its call only).
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[S, Q], R], instance: S, owner: type[Any] | None = None, /
+    ) -> Callable[Q, R]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Self: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable:
         """The key ``self.cache`` uses for this call."""
@@ -82,6 +98,20 @@ class AsyncCachedFunction(Protocol[P, T]):
     cache: AsyncCoalescingCache[T]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: AsyncCachedFunction[Concatenate[S, Q], T],
+        instance: S,
+        owner: type[Any] | None = None,
+        /,
+    ) -> Callable[Q, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Self: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable: ...
 
@@ -144,13 +174,18 @@ def cached(
         typed: arguments of different types are different keys (``1``, ``1.0``, ``True``).
         **options: the options of ``CoalescingCache`` (``CacheOptions``), for
             the cache made for this function: ``ttl`` (seconds a result is
-            fresh, default 60), ``maxsize`` (the size of the function's own
-            cache, default 4096), ``beta``, ``stale_ttl``, ``cache_errors``,
-            ``error_ttl``, ``wait_timeout``, ...; ``None`` means "the default".
+            fresh, default 60, or a function of the result), ``maxsize`` (the
+            size of the function's own cache, default 4096), ``beta``,
+            ``stale_ttl``, ``cache_errors``, ``error_ttl``, ``wait_timeout``,
+            ``cache_if``, ...; ``None`` means "the default". Next to a ready
+            cache, the policy options (``ttl``, ``stale_ttl``, ``beta``,
+            ``cache_errors``, ``error_ttl``, ``wait_timeout``, ``cache_if``)
+            apply to this function's calls only.
 
     Raises ``TypeError`` at decoration for a sync cache on an ``async def``
-    function (or the reverse), or options given next to a ready cache; at
-    call time for an argument that cannot be part of a key.
+    function (or the reverse), or an option that defines the store
+    (``serializer``, ``maxsize``, ...) next to a ready cache; at call time for
+    an argument that cannot be part of a key.
     """
     options = {name: value for name, value in options.items() if value is not None}
     maxsize = options.pop("maxsize", None)
@@ -161,15 +196,35 @@ def cached(
         if not callable(fn):
             raise TypeError(f"@cached needs a function, got {type(fn).__name__}")
         is_async = inspect.iscoroutinefunction(fn)
-        store, shared = _cache_for(fn, is_async, cache, maxsize, options)
-        if isinstance(store, AsyncCoalescingCache):
-            return _wrap_async(fn, store, shared, key, typed)
-        assert isinstance(store, CoalescingCache)
-        return _wrap_sync(fn, store, shared, key, typed)
+        if isinstance(cache, Deferred):  # its store is given at startup (stampede.bind)
+
+            def build(target: Any, namespace: dict[str, Any]) -> Any:
+                return _wrap(fn, is_async, target, maxsize, dict(options), key, typed, namespace)
+
+            return cache._declare(fn, is_async, build)
+        return _wrap(fn, is_async, cache, maxsize, options, key, typed)
 
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+def _wrap(
+    fn: Callable[..., Any],
+    is_async: bool,
+    cache: Any,
+    maxsize: int | None,
+    options: dict[str, Any],
+    key: Callable[..., Hashable] | None,
+    typed: bool,
+    namespace: dict[str, Any] | None = None,
+) -> Any:
+    """``fn`` wrapped on the cache that ``cache=`` names (``namespace``: see ``_hitpath``)."""
+    store, shared = _cache_for(fn, is_async, cache, maxsize, options)
+    if isinstance(store, AsyncCoalescingCache):
+        return _wrap_async(fn, store, shared, key, typed, namespace)
+    assert isinstance(store, CoalescingCache)
+    return _wrap_sync(fn, store, shared, key, typed, namespace)
 
 
 def _cache_for(
@@ -188,11 +243,11 @@ def _cache_for(
                 f"it needs {'an AsyncCoalescingCache' if is_async else 'a CoalescingCache'}, "
                 f"not a {type(cache).__name__}"
             )
-        if options or maxsize is not None:
-            raise TypeError(
-                "options go to the cache when it is made: "
-                f"{', '.join(sorted(options))} cannot be set on a ready {type(cache).__name__}"
-            )
+        if maxsize is not None:
+            options["maxsize"] = maxsize  # refused below: it sizes the shared cache itself
+        if options:
+            # This function's own policy on the shared store (DESIGN.md item 39).
+            return cache._with_policy(options, where="cached"), True
         return cache, True
     options.setdefault("name", _fn_id(fn))
     own = cache is None
@@ -243,7 +298,7 @@ class _Keys:
         self.custom = key
         self.fn_id = _fn_id(fn) if shared else None
         if self.fn_id is not None and key is None:
-            _claim(cache, self.fn_id, fn)
+            _claim(cache._root, self.fn_id, fn)
         self.namespace = cache.namespace
         self.make_key = cache._make_key
         # A store shared between processes takes text keys: this function's are
@@ -324,7 +379,12 @@ def _drop_own_keys(cache: CacheBase[Any], keys: _Keys) -> str | None:
 
 
 def _hit_path(
-    fn: Callable[..., Any], cache: CacheBase[Any], keys: _Keys, *, asynchronous: bool
+    fn: Callable[..., Any],
+    cache: CacheBase[Any],
+    keys: _Keys,
+    *,
+    asynchronous: bool,
+    namespace: dict[str, Any] | None,
 ) -> Callable[..., Any]:
     """The wrapper of ``fn``: its key, the hit path, else the cache's slow path."""
     return make_wrapper(
@@ -339,6 +399,7 @@ def _hit_path(
         slow=cache._slow,  # type: ignore[attr-defined]
         near=cache._near is not None,
         texts=keys.texts,
+        namespace=namespace,
     )
 
 
@@ -348,9 +409,10 @@ def _wrap_sync(
     shared: bool,
     key: Callable[..., Hashable] | None,
     typed: bool,
+    namespace: dict[str, Any] | None = None,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    wrapper = _hit_path(fn, cache, keys, asynchronous=False)
+    wrapper = _hit_path(fn, cache, keys, asynchronous=False, namespace=namespace)
     partial = functools.partial
 
     def invalidate(*args: Any, **kwargs: Any) -> None:
@@ -376,9 +438,10 @@ def _wrap_async(
     shared: bool,
     key: Callable[..., Hashable] | None,
     typed: bool,
+    namespace: dict[str, Any] | None = None,
 ) -> Any:
     keys: _Keys = _Keys(fn, cache, shared, key, typed)
-    wrapper = _hit_path(fn, cache, keys, asynchronous=True)
+    wrapper = _hit_path(fn, cache, keys, asynchronous=True, namespace=namespace)
     partial = functools.partial
 
     async def invalidate(*args: Any, **kwargs: Any) -> None:

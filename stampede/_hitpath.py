@@ -117,10 +117,12 @@ def make_wrapper(
     slow: Callable[..., Any],
     near: bool = False,
     texts: dict[Hashable, str] | None = None,
+    namespace: dict[str, Any] | None = None,
 ) -> Callable[..., Any]:
     """``@cached``'s wrapper of ``fn``: its key (the ``args`` tuple itself when the
     call has ``arity`` positional arguments and nothing else), the hit path, else
-    ``slow(k, loader)`` (awaited when ``asynchronous``)."""
+    ``slow(k, loader)`` (awaited when ``asynchronous``). ``namespace``: the globals
+    to define it in (a function bound at startup swaps its code for this one's)."""
     unhashable_raise = "raise unhashable(args, kwargs) from None"
     read = "" if get is None else _READ.format(unhashable=unhashable_raise, counter=_counter(near))
     source = _WRAPPER.format(
@@ -129,7 +131,9 @@ def make_wrapper(
         read=read,
         wait="await " if asynchronous else "",
     )
-    namespace = {
+    if namespace is None:
+        namespace = {}
+    namespace |= {
         "get": get,
         "clock": clock,
         "counters": counters,

@@ -19,7 +19,7 @@ import enum
 import logging
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from . import _policy
@@ -31,6 +31,7 @@ from ._near import NearTier
 from ._options import Options, seconds
 from ._policy import Decision
 from ._stats import Recorder
+from .backends._shared import SharedStore
 
 V = TypeVar("V")
 S = TypeVar("S")
@@ -114,6 +115,8 @@ class Host(Generic[S, L, F]):
         self.flight = flight
         self.fences = fences
         self.elsewhere = RefreshMemo(options.clock, options.lease_ttl)
+        if isinstance(store, SharedStore):
+            store.recorder = rec  # the breaker's transitions its calls see count here
 
     # -- background refreshes ---------------------------------------------------
 
@@ -139,7 +142,9 @@ class Host(Generic[S, L, F]):
             return entry
         if count_foreign:
             self.rec.count("serialization_errors")
-            log.warning("ignoring a foreign object of type %s in the store", type(entry).__name__)
+            # Debug only: on every read it would flood the log. The in-process store
+            # warns once per key, when it leaves the object in place (backends/memory.py).
+            log.debug("ignoring a foreign object of type %s in the store", type(entry).__name__)
         return None
 
     def read_failed(self, exc: Exception, count: bool = True) -> None:
@@ -150,10 +155,19 @@ class Host(Generic[S, L, F]):
             raise_backend_errors=self.options.raise_backend_errors,
             rec=self.rec,
             count=count,
+            store=self.store,
+            clock=self.options.clock,
         )
 
     def write_failed(self, exc: Exception) -> None:
-        write_failed(exc, raise_backend_errors=self.options.raise_backend_errors, rec=self.rec)
+        opts = self.options
+        write_failed(
+            exc,
+            raise_backend_errors=opts.raise_backend_errors,
+            rec=self.rec,
+            store=self.store,
+            clock=opts.clock,
+        )
 
     def decoded(
         self, key: str, data: bytes | int | None, remaining: float | None
@@ -238,15 +252,58 @@ class Host(Generic[S, L, F]):
         u = 1.0 - opts.random()  # random() is in [0, 1): u in (0, 1]
         return value_entry(value, now, ttl, opts.stale_ttl, delta, opts.beta, u)
 
-    def loaded(self, value: V, started: float) -> tuple[Entry[V], float]:
-        """The entry a successful load stores, and the load's duration."""
-        now = self.options.clock()
+    def loaded(
+        self, value: V, started: float, cache_if: Callable[[Any], bool] | None = None
+    ) -> tuple[Entry[V] | None, float]:
+        """The entry a successful load stores (None: the value is not to be stored,
+        by ``cache_if`` or a ``ttl`` function), and the load's duration."""
+        opts = self.options
+        now = opts.clock()
         delta = max(0.0, now - started)
-        return self.new_entry(value, now, self.options.ttl, delta), delta
+        ttl = self.ttl_for(value, opts.cache_if if cache_if is None else cache_if)
+        if ttl is None:
+            return None, delta
+        return self.new_entry(value, now, ttl, delta), delta
 
-    def set_entry(self, value: V, ttl: float | None, previous: Entry[Any] | None) -> Entry[V]:
-        """The entry ``set(key, value, ttl)`` writes over ``previous``."""
-        ttl = self.options.ttl if ttl is None else seconds("ttl", ttl, positive=True)
+    def ttl_for(self, value: Any, cache_if: Callable[[Any], bool] | None) -> float | None:
+        """Seconds ``value`` is fresh, or None when it is not to be stored.
+
+        The user's ``cache_if`` and ``ttl`` functions decide; one that raises or
+        answers nonsense keeps the value out of the cache (logged), never loses it.
+        """
+        opts = self.options
+        try:
+            if cache_if is not None and not cache_if(value):
+                self.rec.count("not_stored")
+                return None
+            if opts.ttl_of is None:
+                return opts.ttl
+            ttl = opts.ttl_of(value)
+            if ttl is None or ttl == 0:
+                self.rec.count("not_stored")
+                return None
+            return seconds("ttl", ttl, positive=True)
+        except Exception:
+            self.rec.count("not_stored")
+            log.warning(
+                "cache_if or the ttl function failed for a %s: the value is returned, "
+                "not stored",
+                type(value).__name__,
+                exc_info=True,
+            )
+            return None
+
+    def set_entry(
+        self, value: V, ttl: float | None, previous: Entry[Any] | None
+    ) -> Entry[V] | None:
+        """The entry ``set(key, value, ttl)`` writes over ``previous`` (None: ``value``
+        is not stored, its ``ttl`` function said so, and ``previous`` is dropped)."""
+        if ttl is None:
+            ttl = self.ttl_for(value, None)
+            if ttl is None:
+                return None
+        else:
+            ttl = seconds("ttl", ttl, positive=True)
         # Keep the measured load time so XFetch still refreshes a set value early.
         delta = previous.delta if previous is not None and previous.error is None else 0.0
         return self.new_entry(value, self.options.clock(), ttl, delta)
@@ -378,3 +435,38 @@ class Patience:
             self._host.rec.count("lease_takeovers")  # the lease waited on ended with no value
         if early:
             self._host.rec.count("early_refreshes")  # this process's refresh is the fleet's one
+
+
+# -- many keys at once (get_or_load_many) ------------------------------------------------
+
+
+class Failed:
+    """A key's outcome in a batch load that is an exception to raise (its callers')."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def result(self) -> Any:
+        raise self.exc
+
+
+def outcome(value: Any) -> Any:
+    """A batch outcome as its caller sees it: the value, or the exception raised."""
+    if type(value) is Failed:
+        return value.result()
+    return value
+
+
+def picked(loaded: object, key: Hashable) -> Any:
+    """``key``'s value in what ``load_many`` returned; ``KeyError`` if it left it out."""
+    if not isinstance(loaded, Mapping):
+        raise TypeError(
+            f"load_many must return a mapping of the keys asked to their values, "
+            f"got a {type(loaded).__name__}"
+        )
+    try:
+        return loaded[key]
+    except KeyError:
+        raise KeyError(f"load_many returned no value for {key!r}") from None

@@ -25,7 +25,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from ._near import NearTier
@@ -70,47 +70,72 @@ class _ARenews(Protocol):
 
 
 class Renewer:
-    """Keeps a lease alive while a loader runs (a thread); notices when it was lost."""
+    """Keeps leases alive while a loader runs (a thread); notices those that were lost.
 
-    def __init__(self, store: _Renews, key: str, token: str, lease_ttl: float) -> None:
-        self.lost = False
-        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+    ``key``: one key, or the keys of a batch (``get_or_load_many``) under one token.
+    """
+
+    def __init__(
+        self, store: _Renews, key: str | Sequence[str], token: str, lease_ttl: float
+    ) -> None:
+        self.lost_keys: set[str] = set()  # taken over, or fenced: their writes will be refused
+        self._store, self._token, self._ttl = store, token, lease_ttl
+        self._keys = [key] if isinstance(key, str) else list(key)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stampede-lease", daemon=True)
 
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_keys)
+
     def __enter__(self) -> Renewer:
-        self._thread.start()
+        if self._keys:  # (a batch may hold no lease at all)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(self._ttl)
+        if self._keys:
+            self._thread.join(self._ttl)
 
     def _run(self) -> None:
         while not self._stop.wait(self._ttl / 3):
-            try:
-                if not self._store.lease_renew(self._key, self._token, self._ttl):
-                    self.lost = True  # taken over, or fenced: the write will be refused
-                    return
-            except Exception:  # the store is away; the lease may still hold
-                continue
+            for key in self._keys:
+                if key in self.lost_keys:
+                    continue
+                try:
+                    if not self._store.lease_renew(key, self._token, self._ttl):
+                        self.lost_keys.add(key)
+                except Exception:  # the store is away; the lease may still hold
+                    continue
+            if len(self.lost_keys) == len(self._keys):
+                return
 
 
 class AsyncRenewer:
-    """``Renewer`` for asyncio: a task renewing the lease while the loader runs."""
+    """``Renewer`` for asyncio: a task renewing the leases while the loader runs."""
 
-    def __init__(self, store: _ARenews, key: str, token: str, lease_ttl: float) -> None:
-        self.lost = False
-        self._store, self._key, self._token, self._ttl = store, key, token, lease_ttl
+    def __init__(
+        self, store: _ARenews, key: str | Sequence[str], token: str, lease_ttl: float
+    ) -> None:
+        self.lost_keys: set[str] = set()
+        self._store, self._token, self._ttl = store, token, lease_ttl
+        self._keys = [key] if isinstance(key, str) else list(key)
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_keys)
+
     async def __aenter__(self) -> AsyncRenewer:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._keys:  # (a batch may hold no lease at all)
+            self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
+        if self._task is None:
+            return
         # The flag too: a client library may swallow the cancel (asyncio.wait_for
         # on Python <= 3.11 drops one that races its inner call's completion).
         self._stopped = True
@@ -121,12 +146,16 @@ class AsyncRenewer:
     async def _run(self) -> None:
         while not self._stopped:
             await asyncio.sleep(self._ttl / 3)
-            try:
-                if not await self._store.alease_renew(self._key, self._token, self._ttl):
-                    self.lost = True
-                    return
-            except Exception:
-                continue
+            for key in self._keys:
+                if key in self.lost_keys or self._stopped:
+                    continue
+                try:
+                    if not await self._store.alease_renew(key, self._token, self._ttl):
+                        self.lost_keys.add(key)
+                except Exception:
+                    continue
+            if len(self.lost_keys) == len(self._keys):
+                return
 
 
 _live_fences: weakref.WeakSet[Fences] = weakref.WeakSet()

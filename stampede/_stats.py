@@ -19,6 +19,7 @@ _FIELDS = (
     "misses",  # found nothing usable and loaded (or joined a load) in the foreground
     "loads",  # loader calls that returned a value
     "load_errors",  # loader calls that raised
+    "not_stored",  # loaded values kept out of the cache (cache_if, a ttl function)
     "coalesced",  # callers that waited for another caller's load instead of loading
     "early_refreshes",  # background refreshes started before expiry (XFetch; distributed:
     # those this process ran, holding the lease)
@@ -29,6 +30,10 @@ _FIELDS = (
     "lease_takeovers",  # distributed: leases taken over after their owner vanished
     "backend_errors",  # backend operations that failed
     "serialization_errors",  # values that could not be encoded, entries not decoded
+    # The store's circuit breaker opened / closed again. The breaker is shared by the
+    # caches on one store: a transition counts in the cache whose call made it.
+    "breaker_opened",
+    "breaker_closed",
 )
 
 
@@ -41,6 +46,7 @@ class Stats:
     misses: int = 0
     loads: int = 0
     load_errors: int = 0
+    not_stored: int = 0
     coalesced: int = 0
     early_refreshes: int = 0
     stale_served: int = 0
@@ -50,6 +56,8 @@ class Stats:
     lease_takeovers: int = 0
     backend_errors: int = 0
     serialization_errors: int = 0
+    breaker_opened: int = 0
+    breaker_closed: int = 0
     load_time: float = 0.0  # seconds spent in loader calls, summed
 
     @property
@@ -70,6 +78,7 @@ class Counters:
     misses: int
     loads: int
     load_errors: int
+    not_stored: int
     coalesced: int
     early_refreshes: int
     stale_served: int
@@ -79,6 +88,8 @@ class Counters:
     lease_takeovers: int
     backend_errors: int
     serialization_errors: int
+    breaker_opened: int
+    breaker_closed: int
     load_time: float
 
     def __init__(self) -> None:
@@ -101,13 +112,13 @@ class MetricsHook(Protocol):
     ``event`` is the name of the ``Stats`` counter it bumps (``"misses"``,
     ``"loads"``, ``"load_errors"``, ``"coalesced"``, ``"early_refreshes"``,
     ``"stale_served"``, ``"negative_hits"``, ``"fenced"``, ``"backend_errors"``,
-    ``"serialization_errors"``, ...). ``duration`` is set for ``"loads"`` and
-    ``"load_errors"`` (time in the loader), ``"coalesced"`` (time spent
-    waiting for another caller's load in this process) and ``"lease_waits"``
-    (time spent waiting for another process's lease; sent when the wait
-    ends, while ``stats()`` counts it when it starts). Hits are not sent, to
-    keep the hit path free of calls: read them from ``stats()`` at scrape
-    time (the adapters' ``watch()`` does).
+    ``"serialization_errors"``, ``"breaker_opened"``, ``"breaker_closed"``, ...).
+    ``duration`` is set for ``"loads"`` and ``"load_errors"`` (time in the
+    loader), ``"coalesced"`` (time spent waiting for another caller's load in
+    this process) and ``"lease_waits"`` (time spent waiting for another
+    process's lease; sent when the wait ends, while ``stats()`` counts it
+    when it starts). Hits are not sent, to keep the hit path free of calls:
+    the adapters' ``watch()`` reads them from the cache's counters.
 
     ``record`` runs on the caller's thread: keep it quick and never raise.
     """
@@ -140,9 +151,9 @@ class Recorder:
     __slots__ = ("counters", "metrics", "name")
 
     def __init__(self, metrics: MetricsHook | None, name: str) -> None:
-        self.counters = Counters()
-        self.metrics = metrics
-        self.name = name
+        self.counters: Counters = Counters()
+        self.metrics: MetricsHook | None = metrics
+        self.name: str = name
 
     def count(self, event: str, duration: float | None = None) -> None:
         """Bump the counter ``event`` and tell the metrics hook."""

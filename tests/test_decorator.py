@@ -363,9 +363,10 @@ def test_misuse_is_a_clear_type_error() -> None:
         def g() -> int:
             return 1
 
-    with pytest.raises(TypeError, match="ttl"):
+    # Options that define the store are refused next to a ready cache, saying what to do.
+    with pytest.raises(TypeError, match=r"serializer defines the shared cache.*cache=<the client"):
 
-        @cached(cache=CoalescingCache(), ttl=3)
+        @cached(cache=CoalescingCache(), serializer=object())
         def h() -> int:
             return 1
 
@@ -567,12 +568,14 @@ def test_public_api_is_pinned() -> None:
         [
             "MISSING",
             "AsyncCachedFunction",
+            "AsyncCachedManyFunction",
             "AsyncCoalescingCache",
             "AsyncSingleFlight",
             "BackendUnavailable",
             "BlockingWaitInLoop",
             "CacheInfo",
             "CachedFunction",
+            "CachedManyFunction",
             "CoalescingCache",
             "LoadAbandoned",
             "LoadTimeout",
@@ -584,7 +587,10 @@ def test_public_api_is_pinned() -> None:
             "StampedeError",
             "Stats",
             "__version__",
+            "bind",
             "cached",
+            "cached_many",
+            "deferred",
         ]
     )
     for name in stampede.__all__:

@@ -14,6 +14,8 @@ from typing import Any
 
 import prometheus_client
 import pytest
+import redis
+import redis.asyncio
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,11 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import stampede
 from stampede import AsyncCoalescingCache, CoalescingCache, Stats, cached
 from stampede._stats import _FIELDS
+from stampede.backends.redis import AsyncRedisBackend, RedisBackend
 from stampede.metrics import _common
 from stampede.metrics.opentelemetry import DEFAULT_BUCKETS as OTEL_BUCKETS
 from stampede.metrics.opentelemetry import SCOPE, OpenTelemetryMetrics
 from stampede.metrics.prometheus import PrometheusMetrics
 from stampede.testing import AsyncGate, FakeClock, Gate, async_wait_until, wait_until
+from tests.support.redis_server import RedisServer
 
 from .helpers import join_all
 
@@ -186,6 +190,16 @@ def test_prometheus_exposition_parses(registry: CollectorRegistry) -> None:
     assert labels == {"cache", "outcome", "le"}
 
 
+def test_prometheus_shows_a_watched_cache_before_its_first_hit(registry: CollectorRegistry) -> None:
+    metrics = PrometheusMetrics(registry)
+    cold: CoalescingCache[int] = metrics.watch(CoalescingCache(name="cold", metrics=metrics))
+    assert registry.get_sample_value("stampede_hits_total", {"cache": "cold"}) == 0
+    assert registry.get_sample_value("stampede_near_hits_total", {"cache": "cold"}) == 0
+    cold.get_or_load("k", lambda: 1)
+    cold.get_or_load("k", lambda: 1)
+    assert sample(registry, "stampede_hits_total", cache="cold") == 1
+
+
 def test_prometheus_watches_cached_functions(registry: CollectorRegistry) -> None:
     metrics = PrometheusMetrics(registry)
 
@@ -227,7 +241,10 @@ def test_prometheus_watch_sums_names_and_counts_a_cache_once(registry: Collector
     assert sample(registry, "stampede_hits_total", cache="same") == 4
 
 
-def test_prometheus_collected_cache_leaves_the_scrape(registry: CollectorRegistry) -> None:
+def test_prometheus_collected_cache_keeps_its_hits(registry: CollectorRegistry) -> None:
+    """A cache garbage-collected is no longer read, but the hits it counted stay in
+    ``stampede_hits_total`` (a counter never goes back), those since the last scrape
+    included."""
     metrics = PrometheusMetrics(registry)
     kept: CoalescingCache[int] = metrics.watch(CoalescingCache(name="kept"))
     gone: CoalescingCache[int] = metrics.watch(CoalescingCache(name="gone", metrics=metrics))
@@ -235,11 +252,13 @@ def test_prometheus_collected_cache_leaves_the_scrape(registry: CollectorRegistr
         cache.get_or_load("k", lambda: 1)
         cache.get_or_load("k", lambda: 1)
     assert sample(registry, "stampede_hits_total", cache="gone") == 1
+    gone.get_or_load("k", lambda: 1)  # a hit after the scrape, before the cache goes
     ref = weakref.ref(gone)
     del cache, gone
     gc.collect()
     assert ref() is None, "watch() must not keep a cache alive"
-    assert registry.get_sample_value("stampede_hits_total", {"cache": "gone"}) is None
+    assert sample(registry, "stampede_hits_total", cache="gone") == 2
+    assert len(metrics._sink.watched._caches) == 1  # read one last time, then forgotten
     assert sample(registry, "stampede_hits_total", cache="kept") == 1
     assert sample(registry, "stampede_misses_total", cache="gone") == 1  # events stay counted
     generate_latest(registry)
@@ -504,6 +523,61 @@ def test_otel_global_provider_default() -> None:
 
 
 # -- both --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_breaker_transitions_reach_both_adapters(
+    fresh_redis_server: RedisServer, registry: CollectorRegistry, otel: Otel
+) -> None:
+    """A Redis killed, then restarted: each store's breaker opens and closes once,
+    counted by the cache whose call did it, and exported (Prometheus by a sync cache,
+    OpenTelemetry by an async one: both store paths)."""
+    server = fresh_redis_server
+    timeouts: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+    sync_store = RedisBackend(
+        redis.Redis.from_url(server.url, retry=None, **timeouts), failure_threshold=1, cooldown=0
+    )
+    prom = PrometheusMetrics(registry)
+    users: CoalescingCache[str] = prom.watch(
+        CoalescingCache(sync_store, ttl=60, name="users", metrics=prom)
+    )
+    otel_metrics = OpenTelemetryMetrics(meter_provider=otel.provider)
+
+    async def run() -> AsyncCoalescingCache[str]:
+        client = redis.asyncio.Redis.from_url(server.url, retry=None, **timeouts)
+        async_store = AsyncRedisBackend(client, failure_threshold=1, cooldown=0)
+        rates: AsyncCoalescingCache[str] = otel_metrics.watch(
+            AsyncCoalescingCache(async_store, ttl=60, name="rates", metrics=otel_metrics)
+        )
+        try:
+            server.kill()
+            assert users.get_or_load("k", lambda: "v") == "v"
+            assert await rates.get_or_load("k", lambda: "w") == "w"
+            assert sync_store.breaker.is_open and async_store.breaker.is_open
+            server.restart()
+
+            def closed() -> bool:
+                users.get_or_load("k", lambda: "v")
+                return not sync_store.breaker.is_open
+
+            wait_until(closed, deadline=20, what="the sync store's breaker to close")
+            for _ in range(200):  # the first commands may meet the pool's dead connections
+                await rates.get_or_load("k", lambda: "w")
+                if not async_store.breaker.is_open:
+                    break
+            assert not async_store.breaker.is_open
+        finally:
+            await client.aclose()
+        return rates
+
+    rates = asyncio.run(run())
+    for cache in (users, rates):
+        stats = cache.stats()
+        assert (stats.breaker_opened, stats.breaker_closed) == (1, 1), cache.name
+    assert_prometheus_matches(registry, "users", users.stats())
+    points = assert_otel_matches(otel, "rates", rates.stats())
+    assert value(points, "stampede.breaker_opened", cache="rates") == 1
+    assert sample(registry, "stampede_breaker_closed_total", cache="users") == 1
 
 
 def test_a_dropped_registry_or_meter_is_forgotten() -> None:

@@ -6,8 +6,9 @@ Run it from the repository root (the service needs a Redis and an origin)::
     REDIS_URL=redis://127.0.0.1:6380/0 ORIGIN_URL=http://127.0.0.1:8081 \\
         uvicorn examples.service.app:app --port 8000 --workers 4
 
-Every worker process reads through one ``@stampede.cached(..., distributed=True)``
-function on the shared Redis, so the whole fleet of workers:
+Every worker process reads through one ``@stampede.cached`` function, declared at
+import time and bound at startup to a ``distributed=True`` cache on the shared
+Redis, so the whole fleet of workers:
 
 - calls the origin once for a cold key, however many requests arrive at once
   and whichever workers they land on (a lease per key in Redis; the other
@@ -124,50 +125,13 @@ class Settings:
 class Catalog:
     """Products read through the cache: one origin call per key for all the workers."""
 
-    def __init__(
-        self, settings: Settings, http: httpx.AsyncClient, store: redis.asyncio.Redis
-    ) -> None:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
         self.settings = settings
         self._http = http
 
-        # The settings a real service would use, and why:
-        # - distributed=True: the workers (and other hosts on this Redis) share one
-        #   load per key through a lease, not one load per process.
-        # - stale_ttl: stale-while-revalidate and stale-if-error. An expired product
-        #   is served while one background refresh runs, and kept being served if
-        #   the origin fails (no new try before error_ttl has passed), for up to
-        #   stale_ttl past its ttl. A product a few minutes old beats a 502.
-        # - cache_errors=(ProductNotFound,): a 404 is remembered for error_ttl, so
-        #   requests for ids that do not exist (a crawler, an attack) do not all
-        #   reach the origin. It is raised again as ProductNotFound in every worker.
-        # - OriginError (5xx, timeouts, refused connections) is not listed: it is
-        #   shared only with the requests already waiting for that load, and the
-        #   next request tries again; caching it would turn a blip into error_ttl
-        #   seconds of 502s. A usable stale value always wins over it anyway.
-        # - wait_timeout: no request hangs longer than this waiting for another
-        #   caller's load (LoadTimeout, answered 504); above origin_timeout, so a
-        #   slow but successful origin call is still waited for.
-        # - near_maxsize (CACHE_NEAR_MAXSIZE, off by default): each worker keeps hot
-        #   products in memory too, dropped when any worker writes them; a hot
-        #   product then costs no Redis read at all (docs/concepts/near-cache.md).
-        # - Redis failures fail open (the default): each worker then coalesces
-        #   its own requests and calls the origin, behind a circuit breaker.
-        @stampede.cached(
-            cache=store,
-            ttl=settings.ttl,
-            stale_ttl=settings.stale_ttl,
-            distributed=True,
-            namespace=settings.namespace,
-            cache_errors=(ProductNotFound,),
-            error_ttl=settings.error_ttl,
-            wait_timeout=settings.wait_timeout,
-            near_maxsize=settings.near_maxsize,
-            name="products",
-        )
-        async def product(product_id: str) -> dict[str, Any]:
-            return await self._fetch(product_id)
-
-        self.product = product
+    async def product(self, product_id: str) -> dict[str, Any]:
+        """The product, through the cache (``product`` below, bound at startup)."""
+        return await product(self, product_id)
 
     async def _fetch(self, product_id: str) -> dict[str, Any]:
         try:
@@ -185,6 +149,58 @@ class Catalog:
         if not isinstance(body, dict):
             raise OriginError("origin answered JSON that is not an object")
         return body
+
+
+# Declared at import time, on a store named "products" that each worker binds at
+# startup (``lifespan``: the Redis client is made there). Called before that, it
+# raises stampede.StampedeError saying what to bind. The catalog is an argument
+# (it holds the origin's client) but not part of the key: one entry per product.
+@stampede.cached(
+    cache=stampede.deferred("products"), key=lambda catalog, product_id: product_id
+)
+async def product(catalog: Catalog, product_id: str) -> dict[str, Any]:
+    return await catalog._fetch(product_id)
+
+
+def products_cache(
+    settings: Settings, store: redis.asyncio.Redis
+) -> stampede.AsyncCoalescingCache[dict[str, Any]]:
+    """The cache ``product`` is bound to, with the settings a real service would use.
+
+    - distributed=True: the workers (and other hosts on this Redis) share one
+      load per key through a lease, not one load per process.
+    - stale_ttl: stale-while-revalidate and stale-if-error. An expired product
+      is served while one background refresh runs, and kept being served if
+      the origin fails (no new try before error_ttl has passed), for up to
+      stale_ttl past its ttl. A product a few minutes old beats a 502.
+    - cache_errors=(ProductNotFound,): a 404 is remembered for error_ttl, so
+      requests for ids that do not exist (a crawler, an attack) do not all
+      reach the origin. It is raised again as ProductNotFound in every worker.
+    - OriginError (5xx, timeouts, refused connections) is not listed: it is
+      shared only with the requests already waiting for that load, and the
+      next request tries again; caching it would turn a blip into error_ttl
+      seconds of 502s. A usable stale value always wins over it anyway.
+    - wait_timeout: no request hangs longer than this waiting for another
+      caller's load (LoadTimeout, answered 504); above origin_timeout, so a
+      slow but successful origin call is still waited for.
+    - near_maxsize (CACHE_NEAR_MAXSIZE, off by default): each worker keeps hot
+      products in memory too, dropped when any worker writes them; a hot
+      product then costs no Redis read at all (docs/concepts/near-cache.md).
+    - Redis failures fail open (the default): each worker then coalesces
+      its own requests and calls the origin, behind a circuit breaker.
+    """
+    return stampede.AsyncCoalescingCache(
+        store,
+        ttl=settings.ttl,
+        stale_ttl=settings.stale_ttl,
+        distributed=True,
+        namespace=settings.namespace,
+        cache_errors=(ProductNotFound,),
+        error_ttl=settings.error_ttl,
+        wait_timeout=settings.wait_timeout,
+        near_maxsize=settings.near_maxsize,
+        name="products",
+    )
 
 
 def open_clients(settings: Settings) -> tuple[redis.asyncio.Redis, httpx.AsyncClient]:
@@ -210,7 +226,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Per worker: read the settings, open the clients, close them at shutdown."""
     settings = Settings.from_env()
     store, http = open_clients(settings)
-    app.state.catalog = Catalog(settings, http, store)
+    stampede.bind("products", products_cache(settings, store))
+    app.state.catalog = Catalog(settings, http)
     app.state.store = store
     try:
         yield
@@ -270,7 +287,7 @@ async def healthz(request: Request) -> dict[str, Any]:
 @app.get("/stats")
 async def stats(catalog: CatalogDep) -> dict[str, Any]:
     """This worker's cache counters (each worker keeps its own)."""
-    info = catalog.product.cache_info()
+    info = product.cache_info()
     settings = catalog.settings
     return {
         "pid": os.getpid(),

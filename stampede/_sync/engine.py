@@ -32,19 +32,21 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar, cast
 
 from .._entry import MISSING, Entry
 from .._errors import BackendUnavailable
-from .._leader import Fenced, Host, Patience, Step, look
+from .._leader import Failed, Fenced, Host, Patience, Step, look, picked
 from .._near import NearTier
 from .._primitives import Loader, Renewer, call_loader
 from .._reads import ReadGroup
 from ..backends._shared import StoreBusy
 
 V = TypeVar("V")
+
+Keep = Callable[[Any], bool] | None  # a cache_if: is a loaded value stored?
 
 
 class SyncWaker(Protocol):
@@ -87,6 +89,12 @@ class SyncLeaseStore(SyncEntryStore, Protocol):
     ) -> None: ...
 
     def lease_listen(self, key: str) -> AbstractContextManager[SyncWaker]: ...
+
+
+class SyncManyStore(SyncEntryStore, Protocol):
+    """A shared store's batch read (``get_many``: one round trip)."""
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry[Any] | Exception | None]: ...
 
 
 class SyncFencing(Protocol):
@@ -151,18 +159,20 @@ def load(
     force: bool = False,
     background: bool = False,
     early: bool = False,
+    cache_if: Keep = None,
 ) -> V:
     """Load ``k`` as its leader: for this process, or for the fleet when distributed.
 
     ``previous``: the entry the caller read (the value to fall back on);
     ``force``: load whatever is stored (``refresh``); ``background``: a
-    refresh that readers do not wait for; ``early``: an XFetch refresh.
+    refresh that readers do not wait for; ``early``: an XFetch refresh;
+    ``cache_if``: this call's, instead of the cache's.
     """
     if host.leases is not None:
         return _load_leased(
-            host, host.leases, k, loader, previous, call, force, background, early
+            host, host.leases, k, loader, previous, call, force, background, early, cache_if
         )
-    return _load_here(host, k, loader, previous, call, force)
+    return _load_here(host, k, loader, previous, call, force, cache_if)
 
 
 def reload(host: SyncHost, k: Hashable, loader: Loader[V], call: Fenced) -> V:
@@ -180,6 +190,7 @@ def _load_here(
     previous: Entry[V] | None,
     call: Fenced,
     force: bool,
+    cache_if: Keep = None,
 ) -> V:
     """The leader's work for this process alone."""
     if not force:
@@ -199,8 +210,11 @@ def _load_here(
         if instead is MISSING:
             raise
         return cast(V, instead)  # the previous value, served instead (stale-if-error)
-    stored, delta = host.loaded(value, started)
-    _commit(host, k, call, stored)
+    stored, delta = host.loaded(value, started, cache_if)
+    if stored is not None:
+        _commit(host, k, call, stored)
+    elif previous is not None:
+        _drop(host, k, call)  # outdated by a value that is not to be stored
     host.rec.count_load("loads", delta)
     return value
 
@@ -221,6 +235,19 @@ def _commit(host: SyncHost, k: Hashable, call: Fenced, entry: Entry[Any]) -> boo
     return host.committed(fenced, failure)
 
 
+def _drop(host: SyncHost, k: Hashable, call: Fenced) -> None:
+    """Delete ``k``'s entry unless the call was fenced (a newer write stands)."""
+    failure: Exception | None = None
+    with host.fences.fence(k):
+        if not call.fenced:
+            try:
+                host.store.delete(k)
+            except Exception as exc:
+                failure = exc
+    if failure is not None:
+        host.write_failed(failure)
+
+
 def _load_leased(
     host: SyncHost,
     store: SyncLeaseStore,
@@ -231,6 +258,7 @@ def _load_leased(
     force: bool,
     background: bool,
     early: bool,
+    cache_if: Keep,
 ) -> V:
     """The leader of this process loads ``k`` for the fleet, or waits for who does."""
     assert isinstance(k, str)  # a shared store's key
@@ -249,7 +277,7 @@ def _load_leased(
                     host.read_failed(exc)  # counted; raises when configured to
                     patience.finish()  # not the local load's time
                     # Fail open: this process's single-flight only.
-                    return _load_here(host, k, loader, previous, call, force)
+                    return _load_here(host, k, loader, previous, call, force, cache_if)
                 except BaseException:
                     # Cancelled (or interrupted) mid-request: the lease may be ours
                     # (the request ran, or the client swallowed the cancel); free
@@ -285,11 +313,13 @@ def _load_leased(
             if instead is MISSING:
                 raise
             return cast(V, instead)  # the previous value, served instead
-    stored, delta = host.loaded(value, started)
+    stored, delta = host.loaded(value, started, cache_if)
     if renewer.lost:
         _release(host, store, k, token)
         host.rec.count("fenced")
     else:
+        if stored is None and previous is not None:
+            _drop(host, k, call)  # before the lease is freed: no one reads it meanwhile
         _commit_leased(host, store, k, token, call, stored)
     host.rec.count_load("loads", delta)
     return value
@@ -328,6 +358,229 @@ def _release(host: SyncHost, store: SyncLeaseStore, k: str, token: str) -> None:
         host.write_failed(exc)
 
 
+# -- many keys at once: get_many, get_or_load_many ------------------------------------
+
+
+def read_many(
+    host: SyncHost, ks: Sequence[Hashable], near: bool = True
+) -> list[Entry[Any] | None]:
+    """The entries under ``ks`` (None: a miss, a failed read, a foreign object): near
+    copies first, then one store round trip for the rest. ``near=False``: a read of
+    its own, from the store only (the leader's second look, which does not count
+    what the first read counted already)."""
+    count = near
+    found: list[Entry[Any] | None] = [None] * len(ks)
+    tier = host.near if near else None
+    todo: list[int] = []
+    if tier is not None:
+        now = host.options.clock()
+        for i, k in enumerate(ks):
+            kept = tier.entry(k, now)
+            if kept is None:
+                todo.append(i)
+            else:
+                found[i] = kept
+    else:
+        todo = list(range(len(ks)))
+    if not todo:
+        return found
+    if host.local:  # a mapping of this process: no round trip to save
+        for i in todo:
+            try:
+                found[i] = host.valid(host.store.get(ks[i]), count)
+            except Exception as exc:
+                host.read_failed(exc, count)
+        return found
+    store = cast(SyncManyStore, host.store)
+    began = 0
+    if tier is not None:
+        store.near_watch(tier)
+        began = tier.begin()
+    try:
+        entries = store.get_many([cast(str, ks[i]) for i in todo])
+    except Exception as exc:
+        host.read_failed(exc, count)  # one failed round trip: counted once
+        return found
+    for i, entry in zip(todo, entries, strict=True):
+        if isinstance(entry, Exception):  # unreadable bytes: a counted miss
+            host.read_failed(entry, count)
+            continue
+        if tier is not None:
+            tier.keep(ks[i], entry, began)
+        found[i] = host.valid(entry, count)
+    return found
+
+
+def load_many(
+    host: SyncHost,
+    ks: Sequence[Hashable],
+    keys: Sequence[Hashable],
+    previous: list[Entry[Any] | None],
+    calls: Sequence[Fenced],
+    loader: Callable[[list[Hashable]], Any],
+    cache_if: Keep = None,
+) -> list[Any]:
+    """Lead the loads of the store keys ``ks`` (user keys ``keys``) together: one
+    ``loader(keys)`` call for those this process leads.
+
+    Each key is still single-flight in the fleet when distributed: its lease is
+    taken first; a key whose lease another process holds is waited for, as a
+    one-key load would (``load``). Returns each key's value or ``Failed``.
+    """
+    n = len(ks)
+    out: list[Any] = [None] * n
+    here: list[int] = []  # loaded without a lease: local, or the store failing (fail open)
+    leased: list[int] = []  # this process holds the key's lease
+    elsewhere: list[int] = []  # another process loads it (or the pool was busy)
+    token = secrets.token_hex(16)
+    leases = host.leases
+    if leases is None:
+        current = read_many(host, ks, near=False)
+        for i in range(n):
+            found, previous[i] = host.second_look(current[i], previous[i])
+            if found is None:
+                here.append(i)
+            else:
+                out[i] = _answered(host, found)
+    else:
+        _take_leases(host, leases, ks, token, previous, out, here, leased, elsewhere)
+    batch = sorted(here + leased)
+    if batch:
+        _load_batch(
+            host, ks, keys, previous, calls, loader, cache_if, token, batch, leased, out
+        )
+    for i in elsewhere:
+        one = functools.partial(_one, loader, keys[i])
+        try:
+            out[i] = load(host, ks[i], one, previous[i], calls[i], cache_if=cache_if)
+        except Exception as exc:
+            out[i] = Failed(exc)
+    return out
+
+
+def _answered(host: SyncHost, entry: Entry[Any]) -> Any:
+    try:
+        return host.answer(entry)
+    except Exception as exc:  # a negative entry: its error, for this key's callers
+        return Failed(exc)
+
+
+def _one(loader: Callable[[list[Hashable]], Any], key: Hashable) -> Any:
+    """One key's value through the batch loader (a key loaded alone)."""
+    return picked(call_loader(functools.partial(loader, [key])), key)
+
+
+def _take_leases(
+    host: SyncHost,
+    store: SyncLeaseStore,
+    ks: Sequence[Hashable],
+    token: str,
+    previous: list[Entry[Any] | None],
+    out: list[Any],
+    here: list[int],
+    leased: list[int],
+    elsewhere: list[int],
+) -> None:
+    """Try each key's lease (reading its value): sort the keys into answered, led
+    here with the lease, led here without one (fail open), or led elsewhere."""
+    lease_ttl = host.options.lease_ttl
+    for i, k in enumerate(ks):
+        assert isinstance(k, str)
+        try:
+            taken, data, remaining = store.lease_acquire(k, token, lease_ttl)
+        except StoreBusy:
+            elsewhere.append(i)  # the one-key path waits for a connection
+            continue
+        except BackendUnavailable as exc:
+            host.read_failed(exc)  # counted; raises when configured to
+            here.append(i)
+            continue
+        except BaseException:
+            for j in [*leased, i]:  # cancelled mid-request: free what may be ours
+                _release(host, store, cast(str, ks[j]), token)
+            raise
+        current: Entry[Any] | None = host.decoded(k, data, remaining)
+        step, found, previous[i] = look(
+            host, k, taken, current, previous[i], force=False, background=False
+        )
+        if step is Step.ANSWER:
+            assert found is not None
+            if taken:
+                _release(host, store, k, token)
+            out[i] = _answered(host, found)
+        elif step is Step.LEAD:
+            leased.append(i)
+        else:
+            elsewhere.append(i)
+
+
+def _load_batch(
+    host: SyncHost,
+    ks: Sequence[Hashable],
+    keys: Sequence[Hashable],
+    previous: list[Entry[Any] | None],
+    calls: Sequence[Fenced],
+    loader: Callable[[list[Hashable]], Any],
+    cache_if: Keep,
+    token: str,
+    batch: list[int],
+    leased: list[int],
+    out: list[Any],
+) -> None:
+    """One loader call for the keys of ``batch``; each key's outcome committed as its
+    one-key load would commit it (``leased``: with the token)."""
+    store = host.leases
+    holds = set(leased)
+    started = host.options.clock()
+    renewer = Renewer(
+        cast(Any, store), [cast(str, ks[i]) for i in leased], token, host.options.lease_ttl
+    )
+    try:
+        with renewer:
+            loaded = call_loader(functools.partial(loader, [keys[i] for i in batch]))
+    except BaseException as exc:
+        spent = 0.0
+        for i in batch:
+            entry, instead, spent = host.failure(ks[i], calls[i], exc, previous[i], started)
+            if i in holds:
+                assert store is not None
+                _commit_leased(host, store, cast(str, ks[i]), token, calls[i], entry)
+            elif entry is not None:
+                _commit(host, ks[i], calls[i], entry)
+            out[i] = Failed(exc) if instead is MISSING else instead
+        host.rec.count_load("load_errors", spent)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    delta = 0.0
+    for i in batch:
+        try:
+            value = picked(loaded, keys[i])
+        except (KeyError, TypeError) as exc:
+            out[i] = Failed(exc)  # not loaded: nothing stored, the lease freed
+            if i in holds:
+                assert store is not None
+                _release(host, store, cast(str, ks[i]), token)
+            continue
+        stored, delta = host.loaded(value, started, cache_if)
+        out[i] = value
+        if i in holds:
+            assert store is not None
+            k = cast(str, ks[i])
+            if k in renewer.lost_keys:
+                _release(host, store, k, token)
+                host.rec.count("fenced")
+                continue
+            if stored is None and previous[i] is not None:
+                _drop(host, k, calls[i])
+            _commit_leased(host, store, k, token, calls[i], stored)
+        elif stored is not None:
+            _commit(host, ks[i], calls[i], stored)
+        elif previous[i] is not None:
+            _drop(host, ks[i], calls[i])
+    host.rec.count_load("loads", delta)
+
+
 # -- get, set, invalidate, clear -----------------------------------------------------
 
 
@@ -341,6 +594,9 @@ def store_value(host: SyncHost, k: Hashable, value: Any, ttl: float | None) -> N
     distributed, in the fleet: the write and the lease break are one step)."""
     # A read of its own: a write does not wait behind someone else's read in flight.
     entry = host.set_entry(value, ttl, read(host, k, shared=False))
+    if entry is None:  # its ttl function says: not to be stored
+        invalidate(host, k)
+        return
     with host.fences.fence(k):
         host.flight.forget(k)
         if host.leases is not None:

@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, NoReturn
 
 from .. import _envelope
@@ -28,6 +28,7 @@ from .._entry import Entry
 from .._errors import BackendUnavailable, SerializationError
 from .._keys import encode_key, namespace_prefix
 from .._near import NearTier
+from .._stats import Recorder
 
 if sys.version_info >= (3, 11):
 
@@ -122,6 +123,10 @@ class SharedStore:
         self.breaker: Breaker = Breaker(failure_threshold, cooldown)
         self.codec: Codec | None = None
         self.namespace = ""
+        # The counters of the cache this view is bound to (set by the cache): the
+        # breaker is shared by every cache on the store, so a transition counts in
+        # the cache whose call saw it.
+        self.recorder: Recorder | None = None
 
     # -- binding to a cache ------------------------------------------------------
 
@@ -166,6 +171,22 @@ class SharedStore:
         assert self.codec is not None and isinstance(key, str)
         data, remaining = self._call(self._get_raw, key)
         return self.decode(key, data, remaining)
+
+    def get_many(self, keys: Sequence[str]) -> list[Entry[Any] | Exception | None]:
+        """The entries under ``keys`` in one round trip (None: a miss); in place of an
+        entry whose bytes cannot be read, its ``CorruptEntry``."""
+        return self._decode_many(keys, self._call(self._get_many_raw, keys))
+
+    def _decode_many(
+        self, keys: Sequence[str], found: Sequence[tuple[bytes | int | None, float | None]]
+    ) -> list[Entry[Any] | Exception | None]:
+        entries: list[Entry[Any] | Exception | None] = []
+        for key, (data, remaining) in zip(keys, found, strict=True):
+            try:
+                entries.append(self.decode(key, data, remaining))
+            except _envelope.CorruptEntry as exc:
+                entries.append(exc)
+        return entries
 
     def set(self, key: Hashable, entry: Entry[Any]) -> None:
         """Store ``entry``; ``SerializationError`` or ``ValueTooLarge`` if it cannot be."""
@@ -336,6 +357,9 @@ class SharedStore:
         data, remaining = await self._acall(self._aget_raw, key)
         return self.decode(key, data, remaining)
 
+    async def aget_many(self, keys: Sequence[str]) -> list[Entry[Any] | Exception | None]:
+        return self._decode_many(keys, await self._acall(self._aget_many_raw, keys))
+
     async def aset(self, key: Hashable, entry: Entry[Any]) -> None:
         assert isinstance(key, str)
         encoded = self._encoded(key, entry)
@@ -360,7 +384,8 @@ class SharedStore:
             result = op(*args)
         except BaseException as exc:
             self._failed(exc)
-        self.breaker.success()
+        if self.breaker.success():
+            self._breaker_moved("breaker_closed")
         return result
 
     async def _acall(self, op: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -376,7 +401,8 @@ class SharedStore:
             result = await op(*args)
         except BaseException as exc:
             self._failed(exc)
-        self.breaker.success()
+        if self.breaker.success():
+            self._breaker_moved("breaker_closed")
         if _swallowed(task, asked):
             raise asyncio.CancelledError(f"{self.name}'s client library swallowed it")
         return result
@@ -394,10 +420,16 @@ class SharedStore:
             self.breaker.release()
             raise StoreBusy(f"{self.name}: no free connection ({exc})") from exc
         if isinstance(exc, self.errors):
-            self.breaker.failure()
+            if self.breaker.failure(exc, self):
+                self._breaker_moved("breaker_opened")
             raise BackendUnavailable(f"{self.name} failed: {exc}") from exc
         self.breaker.release()
         raise exc
+
+    def _breaker_moved(self, event: str) -> None:
+        """Count a breaker transition (the breaker logs it) in this view's cache."""
+        if self.recorder is not None:
+            self.recorder.count(event)
 
     # -- what a subclass supplies --------------------------------------------------
 
@@ -410,6 +442,10 @@ class SharedStore:
         the bytes, their size when it exceeds ``max_value_size`` (then never fetched:
         every read's cost is bounded, whatever was planted in the store)."""
         raise NotImplementedError
+
+    def _get_many_raw(self, keys: Sequence[str]) -> list[tuple[bytes | int | None, float | None]]:
+        """``_get_raw`` of each key, in one round trip where the store allows it."""
+        return [self._get_raw(key) for key in keys]
 
     def _set_raw(self, key: str, data: bytes, ttl: float) -> None:
         raise NotImplementedError
@@ -425,6 +461,11 @@ class SharedStore:
 
     async def _aget_raw(self, key: str) -> tuple[bytes | int | None, float | None]:
         return self._get_raw(key)
+
+    async def _aget_many_raw(
+        self, keys: Sequence[str]
+    ) -> list[tuple[bytes | int | None, float | None]]:
+        return self._get_many_raw(keys)
 
     async def _aset_raw(self, key: str, data: bytes, ttl: float) -> None:
         await asyncio.to_thread(self._set_raw, key, data, ttl)

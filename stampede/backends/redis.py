@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._keys import key_namespace, key_rest
@@ -447,6 +447,49 @@ class _Link:
         finally:
             await pool.release(conn)
 
+    def get_many(self, keys: Sequence[str], prefix: int) -> list[Any]:
+        """The ``GETRANGE`` and ``PTTL`` replies of each key, in order, errors as values:
+        one write of the kept packed reads, one round trip (a Cluster: a pipeline)."""
+        pool = self.pool
+        if pool is None:
+            return self._pipelined(keys, prefix).execute(raise_on_error=False)  # type: ignore[no-any-return]
+        conn = pool.get_connection()
+        try:
+            # One write: a list would go out as one send per command.
+            conn.send_packed_command(
+                [b"".join(c for key in keys for c in self._packed(conn, key, prefix))]
+            )
+            return [_reply(conn, self.refused) for _ in range(2 * len(keys))]
+        except BaseException:
+            conn.disconnect()  # a reply may be left unread
+            raise
+        finally:
+            pool.release(conn)
+
+    async def aget_many(self, keys: Sequence[str], prefix: int) -> list[Any]:
+        """``get_many`` for a ``redis.asyncio`` client."""
+        pool = self.pool
+        if pool is None:
+            return await self._pipelined(keys, prefix).execute(raise_on_error=False)  # type: ignore[no-any-return]
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(
+                [c for key in keys for c in self._packed(conn, key, prefix)]
+            )
+            return [await _areply(conn, self.refused) for _ in range(2 * len(keys))]
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    def _pipelined(self, keys: Sequence[str], prefix: int) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.getrange(key, 0, prefix - 1)
+            pipe.pttl(key)
+        return pipe
+
     def _packed(self, conn: Any, key: str, prefix: int) -> Any:
         packed = self.packed.get((key, prefix))
         if packed is None:
@@ -501,6 +544,16 @@ class _RedisStore(SharedStore):
         """The client stampede sends its commands through (see ``_without_retries``)."""
         return self._here().client
 
+    def __str__(self) -> str:
+        """The server, for the breaker's log lines (redis-py's repr runs long)."""
+        pool: Any = getattr(self.given, "connection_pool", None)
+        where: Any = getattr(pool, "connection_kwargs", None) or {}
+        if "path" in where:
+            return f"Redis at unix:{where['path']}/{where.get('db', 0)}"
+        if "host" in where:
+            return f"Redis at {where['host']}:{where.get('port', 6379)}/{where.get('db', 0)}"
+        return repr(self)
+
 
 class RedisBackend(_RedisStore):
     """Entries in Redis, through a sync ``redis.Redis`` / ``RedisCluster`` client."""
@@ -546,6 +599,17 @@ class RedisBackend(_RedisStore):
         if found is not None:
             return found
         return self._get_whole(link, key)  # longer than the prefix: a second round trip
+
+    def _get_many_raw(self, keys: Sequence[str]) -> list[tuple[bytes | int | None, float | None]]:
+        # One write (one round trip; a Cluster's pipeline is split by node) of the
+        # same GETRANGE + PTTL pairs a single read sends; an entry longer than the
+        # prefix is then read whole, alone.
+        link = self._here()
+        prefix = self._read_prefix
+        replies = link.get_many(keys, prefix)
+        found = [_found(replies[2 * i], replies[2 * i + 1], prefix) for i in range(len(keys))]
+        pairs = zip(keys, found, strict=True)
+        return [self._get_whole(link, key) if f is None else f for key, f in pairs]
 
     def _get_whole(self, link: _Link, key: str) -> tuple[bytes | int | None, float | None]:
         try:
@@ -655,6 +719,16 @@ class AsyncRedisBackend(_RedisStore):
         if found is not None:
             return found
         return await self._aget_whole(link, key)  # longer than the prefix
+
+    async def _aget_many_raw(
+        self, keys: Sequence[str]
+    ) -> list[tuple[bytes | int | None, float | None]]:
+        link = self._here()  # see RedisBackend._get_many_raw
+        prefix = self._read_prefix
+        replies = await link.aget_many(keys, prefix)
+        found = [_found(replies[2 * i], replies[2 * i + 1], prefix) for i in range(len(keys))]
+        pairs = zip(keys, found, strict=True)
+        return [await self._aget_whole(link, key) if f is None else f for key, f in pairs]
 
     async def _aget_whole(self, link: _Link, key: str) -> tuple[bytes | int | None, float | None]:
         try:

@@ -1,6 +1,6 @@
 """What the Prometheus and OpenTelemetry adapters share: the events, their
-help texts, and the weakly held list of caches whose hits are read at scrape
-time (hits never reach the hook: the hit path makes no calls).
+help texts, and the weakly held list of caches whose hits are read from
+their counters (hits never reach the hook: the hit path makes no calls).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .._acache import AsyncCoalescingCache
 from .._base import CacheBase
 from .._cache import CoalescingCache
 from .._decorator import AsyncCachedFunction, CachedFunction
-from .._stats import _FIELDS
+from .._stats import _FIELDS, Counters
 
 log = logging.getLogger("stampede.metrics")
 
@@ -40,8 +40,13 @@ _HELP = {
     "fenced": "Finished loads not stored: the key was invalidated or set meanwhile.",
     "lease_waits": "Waits for another process's lease (distributed caches).",
     "lease_takeovers": "Leases taken over after their owner vanished (distributed caches).",
+    "not_stored": "Loaded values kept out of the cache (cache_if, or a ttl function).",
     "backend_errors": "Backend operations that failed.",
     "serialization_errors": "Values that could not be encoded, or entries not decoded.",
+    "breaker_opened": "Times the store's circuit breaker opened (counted by the cache "
+    "whose call opened it).",
+    "breaker_closed": "Times the store's circuit breaker closed again (counted by the cache "
+    "whose call closed it).",
 }
 
 # The events a hook receives: every Stats counter but the hits (read from stats()
@@ -78,32 +83,82 @@ def resolve(target: object) -> CacheBase[Any]:
     )
 
 
+class _Seen:
+    """A watched cache: its name, its live counters, and the hits already exported."""
+
+    __slots__ = ("name", "counters", "hits", "near_hits")
+
+    def __init__(self, cache: CacheBase[Any]) -> None:
+        self.name = cache.name
+        # Held strongly (a few ints, not the cache): read once more after the cache
+        # is gone, so that its last hits are exported too.
+        self.counters: Counters = cache._counters
+        self.hits = self.near_hits = 0  # exported so far: hits before watch() count too
+
+
+def _hits(counters: Counters) -> tuple[int, int]:
+    """(hits, near hits) as ``Stats`` counts them: the hits include the near ones."""
+    near = counters.near_hits
+    return counters.hits + near, near
+
+
 class Watched:
-    """Caches held by weak reference, their hits summed by cache name on demand."""
+    """Caches held by weak reference, and the hits read from their counters.
+
+    ``hits()`` gives totals per cache name (an observable counter, read at
+    collection); ``deltas()`` the hits since its previous call (added to a
+    real counter, which multiprocess Prometheus can sum across processes).
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _caches (watch() and scrapes on any thread)
-        self._caches: weakref.WeakSet[CacheBase[Any]] = weakref.WeakSet()
+        self._lock = threading.Lock()  # guards _caches (watch(), scrapes, flushes: any thread)
+        self._caches: dict[weakref.ref[CacheBase[Any]], _Seen] = {}
 
     def add(self, target: object) -> None:
         cache = resolve(target)
+        ref = weakref.ref(cache)  # equal to any other live reference to the cache
         with self._lock:
-            self._caches.add(cache)
+            if ref not in self._caches:
+                self._caches[ref] = _Seen(cache)
 
     def hits(self, field: str = "hits") -> dict[str, int]:
-        """Hits (or ``near_hits``) per cache name; caches of one name (say two
-        ``"default"``) add up."""
+        """Hits (or ``near_hits``) per cache name, of the caches alive; caches of one
+        name (say two ``"default"``) add up."""
         with self._lock:
-            caches = list(self._caches)  # strong refs: none dies halfway through
+            for ref in [ref for ref in self._caches if ref() is None]:
+                del self._caches[ref]
+            seen = list(self._caches.values())
         totals: dict[str, int] = {}
-        for cache in caches:
-            try:
-                name, hits = cache.name, getattr(cache.stats(), field)
-            except Exception:  # a scrape must not fail because of one cache
-                log.warning("could not read the stats of %r", cache, exc_info=True)
-                continue
-            totals[name] = totals.get(name, 0) + hits
+        for one in seen:
+            hits, near = _hits(one.counters)
+            totals[one.name] = totals.get(one.name, 0) + (near if field == "near_hits" else hits)
         return totals
+
+    def deltas(self) -> list[tuple[str, int, int]]:
+        """(cache name, hits, near hits) counted since the previous call, per cache
+        that has new ones; a cache garbage-collected since gives its last ones and
+        is forgotten."""
+        news: list[tuple[str, int, int]] = []
+        with self._lock:
+            for ref, seen in list(self._caches.items()):
+                gone = ref() is None  # before the read: a dead cache's counters are final
+                hits, near = _hits(seen.counters)
+                new_hits, new_near = hits - seen.hits, near - seen.near_hits
+                seen.hits, seen.near_hits = hits, near
+                if new_hits > 0 or new_near > 0:
+                    news.append((seen.name, max(new_hits, 0), max(new_near, 0)))
+                if gone:
+                    del self._caches[ref]
+        return news
+
+    def forked(self, rebase: bool) -> None:
+        """In a child process just forked: a fresh lock (a thread of the parent may have
+        held it) and, with ``rebase``, the hits so far taken as exported (the parent
+        exports them; the child only what it counts from now on)."""
+        self._lock = threading.Lock()
+        if rebase:
+            for seen in self._caches.values():
+                seen.hits, seen.near_hits = _hits(seen.counters)
 
 
 class Sink(Protocol):
@@ -138,13 +193,12 @@ class Adapter:
             )
 
     def watch(self, cache: Watchable) -> Watchable:
-        """Export the hits of ``cache``, read from its ``stats()`` when metrics are collected.
+        """Export the hits of ``cache`` (its ``stats().hits`` and ``.near_hits``).
 
         ``cache`` is a ``CoalescingCache``, an ``AsyncCoalescingCache`` or a
-        ``@cached`` function (its ``.cache``). It is held by weak reference:
-        once it is garbage-collected it is no longer reported. Watching a cache
-        twice counts it once; caches of one name are summed (if one of them
-        goes, the sum drops: Prometheus reads that as a counter reset). Returns
+        ``@cached`` function (its ``.cache``). It is held by weak reference.
+        Watching a cache twice counts it once; caches of one name are summed.
+        How the hits are read depends on the adapter: see its module. Returns
         ``cache``, so that ``cache = metrics.watch(CoalescingCache(...))`` works.
 
         Raises:

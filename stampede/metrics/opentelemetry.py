@@ -7,7 +7,7 @@ Wiring (after the application has set its ``MeterProvider``)::
 
     metrics = OpenTelemetryMetrics()  # meter "stampede" of the global provider
     users = CoalescingCache(ttl=60, name="users", metrics=metrics)
-    metrics.watch(users)  # hits are read from users.stats() at collection time
+    metrics.watch(users)  # its hits are read from its counters at collection time
 
     @cached(ttl=60, metrics=metrics)  # its cache is named after the function
     def price(sku: str) -> int: ...
@@ -19,12 +19,16 @@ the attribute ``cache`` (the cache's ``name``):
 
 - ``stampede.<event>``: one counter per event of the hook, named after the
   ``Stats`` field it mirrors: ``misses``, ``loads``, ``load_errors``,
-  ``coalesced``, ``early_refreshes``, ``stale_served``, ``negative_hits``,
-  ``fenced``, ``lease_waits``, ``lease_takeovers``, ``backend_errors``,
-  ``serialization_errors``.
+  ``not_stored``, ``coalesced``, ``early_refreshes``, ``stale_served``,
+  ``negative_hits``, ``fenced``, ``lease_waits``, ``lease_takeovers``,
+  ``backend_errors``, ``serialization_errors``, ``breaker_opened``,
+  ``breaker_closed``.
 - ``stampede.hits``: an observable counter of the hits of the caches passed
-  to ``watch()``, read from ``stats()`` at collection time; ``stampede.near_hits``
-  the same for those served from the near cache.
+  to ``watch()``, read from their counters at collection time (caches of one
+  name summed; a cache garbage-collected leaves the sum, which a backend reads
+  as a reset); ``stampede.near_hits`` the same for those served from the near
+  cache. Each process reports its own: the collector or the backend adds
+  up the processes.
 - ``stampede.load.duration`` (unit ``s``, attribute ``outcome``: ``"ok"`` or
   ``"error"``): time in loader calls, a histogram.
 - ``stampede.wait.duration`` (unit ``s``): time callers waited for another
@@ -109,7 +113,6 @@ class OpenTelemetryMetrics(Adapter):
             raise ValueError(f"prefix must match {_PREFIX.pattern}, got {prefix!r}")
         self._prefix = prefix
         self._sink = _instruments_for(meter, meter_provider, prefix)
-
 
 
 # Instruments by meter and prefix. They hold no reference to their meter, so a

@@ -109,3 +109,29 @@ def none_means_the_default(x: int) -> int:
 def none_options_keep_the_signature() -> None:
     assert_type(none_means_the_default(1), int)
     none_means_the_default("1")  # type: ignore[arg-type]
+
+
+class Catalog:
+    @stampede.cached(ttl=60)
+    def product(self, sku: str, *, fresh: bool = False) -> str:
+        return sku
+
+    @stampede.cached(ttl=60)
+    async def stock(self, sku: str) -> int:
+        return len(sku)
+
+
+
+async def method_uses(catalog: Catalog) -> None:
+    # Through an instance: the bound call, self dropped from the signature.
+    assert_type(catalog.product("A1"), str)
+    assert_type(catalog.product("A1", fresh=True), str)
+    assert_type(await catalog.stock("A1"), int)
+    catalog.product(1)  # type: ignore[arg-type]
+    catalog.product()  # type: ignore[call-arg]
+    await catalog.stock(2)  # type: ignore[arg-type]
+    # Through the class: the cached function, helpers taking the instance first.
+    Catalog.product.invalidate(catalog, "A1")
+    assert_type(Catalog.product.refresh(catalog, "A1"), str)
+    await Catalog.stock.invalidate(catalog, "A1")
+    assert_type(Catalog.product.cache, stampede.CoalescingCache[str])
