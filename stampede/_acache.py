@@ -144,7 +144,15 @@ class AsyncCoalescingCache(CacheBase[V]):
 
         A cancelled caller leaves the loads running for the others.
         """
-        ks = self._many(keys)
+        return await self._get_or_load_many(self._many(keys), load_many, cache_if)
+
+    async def _get_or_load_many(
+        self,
+        ks: dict[Any, Hashable],
+        load_many: Callable[[list[Any]], Any],
+        cache_if: Callable[[Any], bool] | None,
+    ) -> dict[Any, Any]:
+        """``get_or_load_many`` of the keys in ``ks``, given with their store keys."""
         found: dict[Any, Any] = {}
         todo = self._peek_many(ks, found)
         if todo:

@@ -189,7 +189,15 @@ class CoalescingCache(CacheBase[V]):
         ``KeyError`` when ``load_many`` leaves out a key (that key is not
         stored), or the error of a failed load; the other keys are still stored.
         """
-        ks = self._many(keys)
+        return self._get_or_load_many(self._many(keys), load_many, cache_if)
+
+    def _get_or_load_many(
+        self,
+        ks: dict[Any, Hashable],
+        load_many: Callable[[list[Any]], Any],
+        cache_if: Callable[[Any], bool] | None,
+    ) -> dict[Any, Any]:
+        """``get_or_load_many`` of the keys in ``ks``, given with their store keys."""
         found: dict[Any, Any] = {}
         todo = self._peek_many(ks, found)
         if todo:

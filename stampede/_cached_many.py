@@ -33,6 +33,8 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Unpack
 
+_TEXTS_KEPT = 8192  # the store keys of ids kept per function (see _keys.FunctionKeys)
+
 P = ParamSpec("P")
 K = TypeVar("K")
 V = TypeVar("V")
@@ -123,6 +125,8 @@ def cached_many(
         is_async = inspect.iscoroutinefunction(fn)
         store, shared = _cache_for(fn, is_async, cache, maxsize, dict(options))
         keys = _Keys(fn, store, shared, None, typed)
+        if keys.text_key is not None:
+            keys.text_key.kept = _TEXTS_KEPT  # a batch asks for many ids at once
         if isinstance(store, AsyncCoalescingCache):
             return _wrap_async(fn, store, keys, shared)
         assert isinstance(store, CoalescingCache)
@@ -136,20 +140,21 @@ def cached_many(
 def _ids(
     keys: _Keys, ids: Iterable[Hashable], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[Hashable, Hashable]:
-    """Each id's cache key, for a call with ``ids`` first and ``args``/``kwargs`` after."""
+    """Each id, with its store key, for a call with ``ids`` first and ``args``/``kwargs``
+    after (the key ``@cached`` gives the call with the id in place of the collection)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(
             f"{keys.call_key.fn_name}() takes a collection of ids first, got {type(ids).__name__}"
         )
-    return {keys.user((one, *args), kwargs): one for one in ids}
+    store = keys.store
+    return {one: store((one, *args), kwargs) for one in ids}
 
 
-def _loaded(made: dict[Hashable, Hashable], loaded: object) -> Mapping[Hashable, Any]:
-    """The function's mapping of ids, as a mapping of their cache keys."""
+def _checked(loaded: object) -> Mapping[Hashable, Any]:
     if not isinstance(loaded, Mapping):
         kind = type(loaded).__name__
         raise TypeError(f"a @cached_many function must return a mapping, got a {kind}")
-    return {k: loaded[one] for k, one in made.items() if one in loaded}
+    return loaded
 
 
 def _wrap_sync(
@@ -157,18 +162,14 @@ def _wrap_sync(
 ) -> Any:
     @functools.wraps(fn)
     def wrapper(ids: Iterable[Hashable], /, *args: Any, **kwargs: Any) -> dict[Hashable, Any]:
-        made = _ids(keys, ids, args, kwargs)
-
         def load(missing: list[Hashable]) -> Mapping[Hashable, Any]:
-            asked = {k: made[k] for k in missing}
-            return _loaded(asked, fn(list(asked.values()), *args, **kwargs))
+            return _checked(fn(missing, *args, **kwargs))
 
-        found = cache.get_or_load_many(made, load)
-        return {made[k]: value for k, value in found.items()}
+        return cache._get_or_load_many(_ids(keys, ids, args, kwargs), load, None)
 
     def invalidate(ids: Iterable[Hashable], /, *args: Any, **kwargs: Any) -> None:
-        for k in _ids(keys, ids, args, kwargs):
-            cache.invalidate(k)
+        for one in _ids(keys, ids, args, kwargs):
+            cache.invalidate(keys.user((one, *args), kwargs))
 
     def cache_clear() -> None:
         if not shared:
@@ -188,18 +189,14 @@ def _wrap_async(
     async def wrapper(
         ids: Iterable[Hashable], /, *args: Any, **kwargs: Any
     ) -> dict[Hashable, Any]:
-        made = _ids(keys, ids, args, kwargs)
-
         async def load(missing: list[Hashable]) -> Mapping[Hashable, Any]:
-            asked = {k: made[k] for k in missing}
-            return _loaded(asked, await fn(list(asked.values()), *args, **kwargs))
+            return _checked(await fn(missing, *args, **kwargs))
 
-        found = await cache.get_or_load_many(made, load)
-        return {made[k]: value for k, value in found.items()}
+        return await cache._get_or_load_many(_ids(keys, ids, args, kwargs), load, None)
 
     async def invalidate(ids: Iterable[Hashable], /, *args: Any, **kwargs: Any) -> None:
-        for k in _ids(keys, ids, args, kwargs):
-            await cache.invalidate(k)
+        for one in _ids(keys, ids, args, kwargs):
+            await cache.invalidate(keys.user((one, *args), kwargs))
 
     async def cache_clear() -> None:
         if not shared:

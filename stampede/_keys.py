@@ -221,12 +221,13 @@ class FunctionKeys:
     other; whoever looks in ``made`` checks the types first.
     """
 
-    __slots__ = ("_head", "_prefix", "made")
+    __slots__ = ("_head", "_prefix", "kept", "made")
 
-    def __init__(self, namespace: str, fn_id: str) -> None:
+    def __init__(self, namespace: str, fn_id: str, kept: int = 256) -> None:
         self._prefix = namespace_prefix(namespace)
         self._head = f"@{_fn_digest(fn_id)}{_encode(fn_id)}"
         self.made: dict[Hashable, str] = {}
+        self.kept = kept  # texts kept at most (a batch function asks for more keys at once)
 
     def __call__(self, k: Hashable) -> str:
         if type(k) is tuple and (
@@ -236,7 +237,7 @@ class FunctionKeys:
             made = self.made
             text = made.get(k)
             if text is None:
-                if len(made) >= _TEXTS_KEPT:
+                if len(made) >= self.kept:
                     made.clear()
                 text = made[k] = _text_key(self._prefix, self._head + _encode(k))
             return text
@@ -244,7 +245,6 @@ class FunctionKeys:
 
 
 PLAIN = frozenset((str, int))  # exactly these types (not bool, not subclasses)
-_TEXTS_KEPT = 256  # per decorated function
 
 
 def _text_key(prefix: str, body: str) -> str:

@@ -476,7 +476,16 @@ class _Link:
             await conn.send_packed_command(
                 [c for key in keys for c in self._packed(conn, key, prefix)]
             )
-            return [await _areply(conn, self.refused) for _ in range(2 * len(keys))]
+            limit = conn.socket_timeout
+            if limit is None or not self.timed or sys.version_info < (3, 11):
+                return [await _areply(conn, self.refused) for _ in range(2 * len(keys))]
+            try:  # one timer for every reply (see _areplies), not one each
+                async with asyncio.timeout(limit):
+                    return [
+                        await _areply(conn, self.refused, math.inf) for _ in range(2 * len(keys))
+                    ]
+            except TimeoutError:
+                raise _redis().TimeoutError("Timeout reading the replies of a read") from None
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
