@@ -47,6 +47,9 @@ RENAMES = {
     "alease_commit": "lease_commit",
     "alease_break": "lease_break",
     "alease_listen": "lease_listen",
+    # an idempotency store's (stampede/_idem_stores.py)
+    "aclaim": "claim",
+    "acommit": "commit",
     # the hand-written primitives (stampede/_primitives.py)
     "acall_loader": "call_loader",
     "ALoader": "Loader",

@@ -16,12 +16,17 @@ from ._entry import MISSING
 from ._errors import (
     BackendUnavailable,
     BlockingWaitInLoop,
+    IdempotencyError,
+    InFlight,
+    KeyReused,
     LoadAbandoned,
     LoadTimeout,
     RecursiveLoad,
+    ReplayUnavailable,
     SerializationError,
     StampedeError,
 )
+from ._idempotency import AsyncIdempotency, Idempotency
 from ._singleflight import AsyncSingleFlight, SingleFlight
 from ._stats import LoggingMetrics, MetricsHook, Stats
 
@@ -32,6 +37,7 @@ __all__ = [
     "AsyncCachedFunction",
     "AsyncCachedManyFunction",
     "AsyncCoalescingCache",
+    "AsyncIdempotency",
     "AsyncSingleFlight",
     "BackendUnavailable",
     "BlockingWaitInLoop",
@@ -39,11 +45,16 @@ __all__ = [
     "CachedFunction",
     "CachedManyFunction",
     "CoalescingCache",
+    "Idempotency",
+    "IdempotencyError",
+    "InFlight",
+    "KeyReused",
     "LoadAbandoned",
     "LoadTimeout",
     "LoggingMetrics",
     "MetricsHook",
     "RecursiveLoad",
+    "ReplayUnavailable",
     "SerializationError",
     "SingleFlight",
     "StampedeError",

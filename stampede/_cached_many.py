@@ -24,9 +24,8 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
 from ._cache import CoalescingCache
-from ._decorator import CacheInfo, _cache_for, _drop_own_keys, _info, _Keys
+from ._decorator import CacheInfo, _cache_for, _info, _Keys, aclear_own, clear_own
 from ._options import CacheOptions
-from .backends import SharedStore
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -171,14 +170,7 @@ def _wrap_sync(
         for one in _ids(keys, ids, args, kwargs):
             cache.invalidate(keys.user((one, *args), kwargs))
 
-    def cache_clear() -> None:
-        if not shared:
-            cache.clear()
-        elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            backend = cache.backend
-            assert isinstance(backend, SharedStore)
-            backend.clear(prefix)
-
+    cache_clear = functools.partial(clear_own, cache, keys, shared)
     return _finish(wrapper, cache, keys, shared, invalidate, cache_clear)
 
 
@@ -198,14 +190,7 @@ def _wrap_async(
         for one in _ids(keys, ids, args, kwargs):
             await cache.invalidate(keys.user((one, *args), kwargs))
 
-    async def cache_clear() -> None:
-        if not shared:
-            await cache.clear()
-        elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            backend = cache.backend
-            assert isinstance(backend, SharedStore)
-            await backend.aclear(prefix)
-
+    cache_clear = functools.partial(aclear_own, cache, keys, shared)
     return _finish(wrapper, cache, keys, shared, invalidate, cache_clear)
 
 

@@ -378,6 +378,26 @@ def _drop_own_keys(cache: CacheBase[Any], keys: _Keys) -> str | None:
     return None
 
 
+def clear_own(cache: CoalescingCache[Any], keys: _Keys, shared: bool) -> None:
+    """``cache_clear()`` of a function: its whole cache, or its own keys in a shared one."""
+    if not shared:
+        cache.clear()
+    elif (prefix := _drop_own_keys(cache, keys)) is not None:
+        backend = cache.backend
+        assert isinstance(backend, SharedStore)
+        backend.clear(prefix)
+
+
+async def aclear_own(cache: AsyncCoalescingCache[Any], keys: _Keys, shared: bool) -> None:
+    """``clear_own`` for an async function."""
+    if not shared:
+        await cache.clear()
+    elif (prefix := _drop_own_keys(cache, keys)) is not None:
+        backend = cache.backend
+        assert isinstance(backend, SharedStore)
+        await backend.aclear(prefix)
+
+
 def _hit_path(
     fn: Callable[..., Any],
     cache: CacheBase[Any],
@@ -421,14 +441,7 @@ def _wrap_sync(
     def refresh(*args: Any, **kwargs: Any) -> Any:
         return cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
-    def cache_clear() -> None:
-        if not shared:
-            cache.clear()
-        elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            backend = cache.backend
-            assert isinstance(backend, SharedStore)
-            backend.clear(prefix)
-
+    cache_clear = functools.partial(clear_own, cache, keys, shared)
     return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
 
@@ -450,14 +463,7 @@ def _wrap_async(
     async def refresh(*args: Any, **kwargs: Any) -> Any:
         return await cache.refresh(keys.user(args, kwargs), partial(fn, *args, **kwargs))
 
-    async def cache_clear() -> None:
-        if not shared:
-            await cache.clear()
-        elif (prefix := _drop_own_keys(cache, keys)) is not None:
-            backend = cache.backend
-            assert isinstance(backend, SharedStore)
-            await backend.aclear(prefix)
-
+    cache_clear = functools.partial(aclear_own, cache, keys, shared)
     return _finish(wrapper, fn, cache, keys, shared, invalidate, refresh, cache_clear)
 
 

@@ -6,8 +6,12 @@
      ├── LoadAbandoned                              the leader died (BaseException, cancellation)
      ├── BlockingWaitInLoop     (also RuntimeError)  a sync wait would freeze a running event loop
      ├── BackendUnavailable                         the backend failed (its error is __cause__)
-     └── SerializationError     (also ValueError)    a value that cannot be stored, or bytes
-                                                    that cannot be trusted or decoded
+     ├── SerializationError     (also ValueError)    a value that cannot be stored, or bytes
+     │                                              that cannot be trusted or decoded
+     └── IdempotencyError                           an idempotent call that cannot run or replay
+          ├── KeyReused                             the key came with another fingerprint
+          ├── InFlight                              its first execution is still running
+          └── ReplayUnavailable                     it ran, its outcome could not be recorded
 
 Errors raised by a loader are never wrapped: callers see the loader's own
 exception (or, for negative-cached errors, a new instance of the same type).
@@ -50,3 +54,25 @@ class BackendUnavailable(StampedeError):
 
 class SerializationError(StampedeError, ValueError):
     """A value that cannot be serialized, or bytes that cannot be trusted or decoded."""
+
+
+class IdempotencyError(StampedeError):
+    """An idempotent call (``Idempotency.do``) that can neither run nor replay."""
+
+
+class KeyReused(IdempotencyError):
+    """The key was used before (running or finished) with a different fingerprint."""
+
+
+class InFlight(IdempotencyError):
+    """The key's first execution is still running: past ``wait_timeout``, or at once
+    with ``on_conflict="reject"``. ``retry_after``: seconds its lease still holds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after: float = retry_after
+
+
+class ReplayUnavailable(IdempotencyError):
+    """The key's work ran, but its outcome could not be recorded (too large, not
+    serializable, streamed): it is never run again for this key."""

@@ -135,3 +135,36 @@ async def method_uses(catalog: Catalog) -> None:
     assert_type(Catalog.product.refresh(catalog, "A1"), str)
     await Catalog.stock.invalidate(catalog, "A1")
     assert_type(Catalog.product.cache, stampede.CoalescingCache[str])
+
+
+def idempotency_uses(idem: stampede.Idempotency) -> None:
+    value, replayed = idem.do("order-1", lambda: 42, fingerprint=b"body")
+    assert_type(value, int)
+    assert_type(replayed, bool)
+
+    def order_key(order_id: str, amount: int) -> str:
+        return order_id
+
+    @idem.idempotent(key=order_key)
+    def charge(order_id: str, amount: int) -> str:
+        return order_id
+
+    assert_type(charge("o", 5), str)
+    charge(1, 5)  # type: ignore[arg-type]
+
+
+async def async_idempotency_uses(idem: stampede.AsyncIdempotency) -> None:
+    async def work() -> int:
+        return 1
+
+    value, _ = await idem.do("k", work)
+    assert_type(value, int)
+
+    def job_key(job_id: str) -> str:
+        return job_id
+
+    @idem.idempotent(key=job_key)
+    async def handle(job_id: str) -> bytes:
+        return job_id.encode()
+
+    assert_type(await handle("j"), bytes)

@@ -1,0 +1,153 @@
+"""The leader's work of an idempotent call, written once.
+
+Written once, as async code, in ``stampede/_async/idempotency.py``; the sync
+twin ``stampede/_sync/idempotency.py`` is generated from it by
+``scripts/make_sync.py``. Edit this file, then run the script.
+
+``run`` is what the first caller of a key in this process does (the others
+join its flight in the shell): claim the key in the store (``_idem_stores``),
+then, by what the claim found,
+
+- a record: replay it (the same fingerprint), or ``KeyReused``;
+- a running claim elsewhere: ``KeyReused`` for another fingerprint, ``InFlight``
+  at once in reject mode, else wait for its wake-up and claim again, until
+  ``wait_timeout`` (then ``InFlight``);
+- the claim is ours: run the work under a renewed lease, with ``current()``
+  telling it its fence; record the outcome with the token (a lost lease:
+  refused, counted ``fenced``; the caller still gets its value). An exception
+  not listed in ``record_errors`` (and before ``effect_started()``) releases
+  the key instead, so a retry runs again.
+
+The store failing before the claim: ``BackendUnavailable`` (``on_backend_error=
+"raise"``), or the work runs unprotected (``"fail-open"``, counted). Failing
+after the work ran: the caller gets its value and the failure is logged; the
+lease runs out and a retry may run the work again (documented).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any, Protocol
+
+from .._errors import BackendUnavailable, InFlight, KeyReused
+from .._idem import Claim, _current
+from .._idem_stores import CLAIMED, DONE, Claimed
+from .._primitives import ALoader, AsyncRenewer, acall_loader
+
+log = logging.getLogger("stampede")
+
+
+class AsyncWaker(Protocol):
+    async def wait(self, timeout: float) -> None: ...
+
+
+class AsyncIdemCore(Protocol):
+    """What the shell gives the leader's work (``_idempotency.Core``)."""
+
+    store: Any
+    options: Any
+    counters: Any
+
+    def clock(self) -> float: ...
+
+    def replay(self, key: str, data: bytes | int | None, fingerprint: str) -> Any: ...
+
+    def recorded(self, key: str, fingerprint: str, fence: int, value: Any) -> bytes: ...
+
+    def recorded_error(
+        self, key: str, fingerprint: str, fence: int, exc: BaseException
+    ) -> bytes: ...
+
+
+async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[Any, bool]:
+    """Claim ``k`` and run ``fn`` once for it, or replay its record: (value, replayed)."""
+    store = core.store
+    opts = core.options
+    token = secrets.token_hex(16)
+    fence_ttl = opts.retention + opts.lease_ttl  # a fence outlives the record it numbers
+    deadline = None
+    waited = False
+    while True:
+        try:
+            async with store.alease_listen(k) as wake:  # listening before claiming
+                found: Claimed = await store.aclaim(
+                    k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
+                )
+                if found.state == DONE:
+                    core.counters.count("replayed")
+                    return core.replay(k, found.data, fp), True
+                if found.state == CLAIMED:
+                    break
+                if found.holder != fp:
+                    core.counters.count("key_reused")
+                    raise KeyReused("this idempotency key is in use with another fingerprint")
+                now = core.clock()
+                if deadline is None:
+                    deadline = now + opts.wait_timeout
+                if opts.reject or now >= deadline:
+                    core.counters.count("rejected")
+                    raise InFlight(
+                        "this idempotency key's first execution is still running",
+                        retry_after=max(1.0, float(found.number)),
+                    )
+                if not waited:
+                    waited = True
+                    core.counters.count("waited")
+                await wake.wait(min(deadline - now, 0.25))
+        except BackendUnavailable:
+            if not opts.fail_open:
+                raise
+            core.counters.count("unprotected")
+            log.warning("idempotency store unavailable: running the work unprotected")
+            return await acall_loader(fn), False
+    if found.takeover:
+        core.counters.count("takeovers")
+    return await _lead(core, k, fn, fp, token, int(found.number))
+
+
+async def _lead(
+    core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str, token: str, fence: int
+) -> tuple[Any, bool]:
+    """Run the work under the claim, then record its outcome (or release the key)."""
+    store = core.store
+    opts = core.options
+    claim = Claim(k, fence)
+    reset = _current.set(claim)
+    try:
+        async with AsyncRenewer(store, k, token, opts.lease_ttl):
+            try:
+                value = await acall_loader(fn)
+            except Exception as exc:
+                core.counters.count("executed")
+                if isinstance(exc, opts.record_errors) or claim.effect:
+                    await _commit(core, k, token, core.recorded_error(k, fp, fence, exc))
+                else:
+                    core.counters.count("released")
+                    await _commit(core, k, token, None)
+                raise
+            except BaseException:
+                # Interrupted or cancelled mid-work: whether its effect happened is
+                # unknown; free the key (a retry runs again, as after a crash).
+                await _commit(core, k, token, None)
+                raise
+    finally:
+        _current.reset(reset)
+    core.counters.count("executed")
+    await _commit(core, k, token, core.recorded(k, fp, fence, value))
+    return value, False
+
+
+async def _commit(core: AsyncIdemCore, k: str, token: str, data: bytes | None) -> None:
+    """Record (or release, ``data`` None) if the lease is still ours; a failing store
+    is logged, never raised over the work's own outcome."""
+    try:
+        if not await core.store.acommit(k, token, data, core.options.retention):
+            core.counters.count("fenced")  # taken over meanwhile: its record stands
+    except BackendUnavailable:
+        log.warning(
+            "idempotency store failed while recording: the lease runs out and a retry "
+            "may run the work again",
+            exc_info=True,
+        )
+
