@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from ._async import engine
 from ._base import CacheBase, V
 from ._entry import MISSING, Entry
+from ._errors import LoadAbandoned
 from ._leader import outcome, picked
 from ._policy import Decision
 from ._primitives import acall_loader
@@ -175,18 +176,27 @@ class AsyncCoalescingCache(CacheBase[V]):
         if not missing:
             return
         flight = self._flight
-        batch: dict[str, asyncio.Task[list[Any]]] = {}
+        loop = asyncio.get_running_loop()
+        # The batch's outcomes, made before any key's task can run and look for them
+        # (an eager task factory runs a task as it is made).
+        batch: asyncio.Future[list[Any]] = loop.create_future()
         lead: list[tuple[Any, Hashable, Entry[Any] | None, _AsyncCall]] = []
         calls: list[tuple[Any, _AsyncCall, bool]] = []
-        for key, k, entry in missing:
-            part = functools.partial(_batch_part, batch, len(lead))
-            call, leader = flight._join(k, part)
-            calls.append((key, call, leader))
-            if leader:
-                lead.append((key, k, entry, call))
-        if lead:
-            # Made before this task yields, so before any key's task runs and looks
-            # for it; the batch is part of each key's load (recursion is detected).
+        try:
+            for key, k, entry in missing:
+                part = functools.partial(_batch_part, batch, len(lead))
+                call, leader = flight._join(k, part)
+                calls.append((key, call, leader))
+                if leader:
+                    lead.append((key, k, entry, call))
+        except Exception as exc:  # RecursiveLoad: the key tasks started so far end with it
+            batch.set_exception(exc)
+            batch.exception()  # retrieved here: no key task may be left to read it
+            raise
+        if not lead:
+            batch.cancel()
+        else:
+            # The batch is part of each key's load (recursion is detected).
             load = engine.load_many(
                 host,
                 [k for _, k, _, _ in lead],
@@ -198,9 +208,10 @@ class AsyncCoalescingCache(CacheBase[V]):
             )
             token = _leading.set((*_leading.get(), *(call for _, _, _, call in lead)))
             try:
-                batch["task"] = asyncio.get_running_loop().create_task(load)
+                task = loop.create_task(load)
             finally:
                 _leading.reset(token)
+            task.add_done_callback(functools.partial(_settle, batch))
         failure: Exception | None = None
         for key, call, leader in calls:
             try:
@@ -246,12 +257,22 @@ class AsyncCoalescingCache(CacheBase[V]):
         await engine.clear(self._host)
 
 
-async def _batch_part(
-    batch: dict[str, asyncio.Task[list[Any]]], i: int, _call: _AsyncCall
-) -> Any:
+async def _batch_part(batch: asyncio.Future[list[Any]], i: int, _call: _AsyncCall) -> Any:
     """A key's task in a batch: the batch load's outcome for its key."""
-    outcomes = await asyncio.shield(batch["task"])  # the batch outlives any one key's task
+    outcomes = await asyncio.shield(batch)  # the batch outlives any one key's task
     return outcome(outcomes[i])
+
+
+def _settle(batch: asyncio.Future[list[Any]], task: asyncio.Task[list[Any]]) -> None:
+    """The batch task's end, handed to the keys' tasks."""
+    if batch.done():
+        return
+    if task.cancelled():
+        batch.set_exception(LoadAbandoned("the batch load was cancelled"))
+    elif task.exception() is not None:
+        batch.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        batch.set_result(task.result())
 
 
 async def _one(load_many: Callable[[list[Any]], Any], key: Any) -> Any:

@@ -10,8 +10,8 @@ function, with nothing in between. Before binding, a call raises
 ``StampedeError`` saying what to bind.
 
 Binding again (a second application started in one process, as tests do)
-rebuilds every function on the new store; a call running meanwhile finishes
-on the store it started with.
+rebuilds every function on the new store; bind again only while no call is
+running (a call running meanwhile may finish on the new store).
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ class Deferred:
         return f"stampede.deferred({self.name!r}) ({state})"
 
     def __getattr__(self, attr: str) -> Any:
-        # ``fn.cache.<anything>`` before binding: say what is missing.
+        # ``fn.cache.<anything>`` before binding: say what is missing (an AttributeError
+        # too, so getattr() with a default and hasattr() keep working).
+        if attr.startswith("_") or self._target is not None:
+            raise AttributeError(attr)
         raise _unbound(self.name, f"the cache's {attr}")
 
     @property
@@ -107,8 +110,8 @@ class _Declared:
         wrapper = self.build(target, self.globals)
         for helper in _HELPERS:
             setattr(self.function, helper, getattr(wrapper, helper))
+        self.wrapper = wrapper  # first: a call still in the stub finds it
         self.function.__code__ = wrapper.__code__  # same globals: the hit path itself
-        self.wrapper = wrapper
 
     def unbind(self, store: Deferred) -> None:
         """Back to the stub: calls and helpers raise until the next binding."""
@@ -131,8 +134,12 @@ class _Unbound:
         raise _unbound(self.name, self.what)
 
 
+class NotBound(StampedeError, AttributeError):
+    """A call (or a look at the cache) of a function whose store is not bound yet."""
+
+
 def _unbound(name: str, what: str) -> StampedeError:
-    return StampedeError(
+    return NotBound(
         f"{what} needs the store named {name!r}, which is not bound yet: call "
         f"stampede.bind({name!r}, <a Redis client, a URL, a cache...>) at application "
         f"startup (a FastAPI lifespan, Django AppConfig.ready, a Flask app factory)"

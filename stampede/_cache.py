@@ -219,9 +219,15 @@ class CoalescingCache(CacheBase[V]):
             return
         lead: list[tuple[Any, Hashable, Entry[Any] | None, _Call]] = []
         wait: list[tuple[Any, Hashable, Entry[Any] | None, _Call]] = []
-        for key, k, entry in missing:
-            call, leader = self._flight._join(k)
-            (lead if leader else wait).append((key, k, entry, call))
+        try:
+            for key, k, entry in missing:
+                call, leader = self._flight._join(k)
+                (lead if leader else wait).append((key, k, entry, call))
+        except Exception as exc:  # RecursiveLoad: the flights led so far end with it
+            for _, k, _, call in lead:
+                with contextlib.suppress(Exception):
+                    self._flight._lead(k, call, functools.partial(_finish, Failed(exc)))
+            raise
         failure: BaseException | None = None
         if lead:
             failure = self._lead_many(lead, load_many, cache_if, found)
@@ -247,6 +253,7 @@ class CoalescingCache(CacheBase[V]):
         # The batch is part of each key's load: a loader asking for one of them recurses.
         token = _leading.set((*_leading.get(), *calls))
         outcomes: list[Any] | None = None
+        error: BaseException | None = None
         try:
             outcomes = engine.load_many(
                 self._host,
@@ -257,14 +264,21 @@ class CoalescingCache(CacheBase[V]):
                 load_many,
                 cache_if,
             )
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             _leading.reset(token)
             failure: Exception | None = None
+            # Each flight ends with its key's outcome, or what ended the batch: the
+            # same error for every caller, an interrupt as LoadAbandoned.
+            ended = Failed(
+                error
+                if isinstance(error, Exception)
+                else LoadAbandoned("the batch load ended early")
+            )
             for i, (key, k, _, call) in enumerate(lead):
-                # Each flight ends with its key's outcome (or the batch's interrupt).
-                result = Failed(LoadAbandoned("the batch load ended early"))
-                if outcomes is not None:
-                    result = outcomes[i]
+                result = ended if outcomes is None else outcomes[i]
                 try:
                     found[key] = flight._lead(k, call, functools.partial(_finish, result))
                 except Exception as exc:

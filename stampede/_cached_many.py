@@ -23,6 +23,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from ._acache import AsyncCoalescingCache
 from ._base import CacheBase
+from ._binding import Deferred
 from ._cache import CoalescingCache
 from ._decorator import CacheInfo, _cache_for, _info, _Keys, aclear_own, clear_own
 from ._options import CacheOptions
@@ -121,6 +122,10 @@ def cached_many(
     def decorate(fn: Any) -> Any:
         if not callable(fn):
             raise TypeError(f"@cached_many needs a function, got {type(fn).__name__}")
+        if isinstance(cache, Deferred):
+            raise TypeError(
+                "@cached_many takes a store it can use now (stampede.deferred is for @cached)"
+            )
         is_async = inspect.iscoroutinefunction(fn)
         store, shared = _cache_for(fn, is_async, cache, maxsize, dict(options))
         keys = _Keys(fn, store, shared, None, typed)
@@ -146,7 +151,11 @@ def _ids(
             f"{keys.call_key.fn_name}() takes a collection of ids first, got {type(ids).__name__}"
         )
     store = keys.store
-    return {one: store((one, *args), kwargs) for one in ids}
+    made: dict[Hashable, Hashable] = {}
+    for one in ids:
+        if one not in made:  # equal ids (1 and True) are one id, with the first one's key
+            made[one] = store((one, *args), kwargs)
+    return made
 
 
 def _checked(loaded: object) -> Mapping[Hashable, Any]:

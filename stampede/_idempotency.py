@@ -235,6 +235,8 @@ class Idempotency(_Base):
                 (k, fp), call, lambda _call: sync_engine.run(self._core, k, fn, fp)
             )
             return result
+        if self.options.reject:
+            raise self._in_flight()  # reject mode: a duplicate here is refused too
         try:
             value, _ = flight._wait(call, self.options.wait_timeout_or_none())
         except LoadTimeout:
@@ -306,6 +308,8 @@ class AsyncIdempotency(_Base):
             (k, fp), lambda _call: async_engine.run(self._core, k, fn, fp)
         )
         try:
+            if not leader and self.options.reject:
+                raise self._in_flight()  # reject mode: a duplicate here is refused too
             value, replayed = await flight._wait(call, self.options.wait_timeout_or_none())
         except LoadTimeout:
             raise self._in_flight() from None

@@ -101,7 +101,7 @@ class Renewer:
     def _run(self) -> None:
         while not self._stop.wait(self._ttl / 3):
             for key in self._keys:
-                if key in self.lost_keys:
+                if key in self.lost_keys or self._stop.is_set():
                     continue
                 try:
                     if not self._store.lease_renew(key, self._token, self._ttl):

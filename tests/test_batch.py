@@ -441,3 +441,86 @@ def test_cached_many_on_redis_from_threads(redis_client: redis.Redis) -> None:
     join_all(threads)
     assert calls == [list(range(10))]
     assert all(result == {i: {"id": i} for i in range(10)} for result in results)
+
+
+# -- regressions found in review ----------------------------------------------------------------
+
+
+def test_a_batch_recursing_into_a_key_it_loads_leaves_no_flight_behind() -> None:
+    cache: CoalescingCache[Any] = CoalescingCache(ttl=60)
+
+    def outer() -> Any:
+        return cache.get_or_load_many(["y", "x"], Loads())  # x is being loaded: recursion
+
+    with pytest.raises(stampede.RecursiveLoad):
+        cache.get_or_load("x", outer)
+    assert len(cache._flight) == 0  # y's flight, led by the batch, was finished
+    assert cache.get_or_load("y", lambda: "loaded") == "loaded"
+
+
+def test_an_async_batch_recursing_leaves_no_flight_and_no_key_error() -> None:
+    async def main() -> None:
+        cache: AsyncCoalescingCache[Any] = AsyncCoalescingCache(ttl=60)
+
+        async def outer() -> Any:
+            return await cache.get_or_load_many(["y", "x"], Loads())
+
+        with pytest.raises(stampede.RecursiveLoad):
+            await cache.get_or_load("x", outer)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert await cache.get_or_load("y", lambda: "loaded") in ("loaded", "vy")
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+def test_async_batches_work_with_an_eager_task_factory() -> None:
+    async def main() -> None:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        cache: AsyncCoalescingCache[Any] = AsyncCoalescingCache(ttl=60)
+        assert await cache.get_or_load_many([1, 2], Loads()) == {1: "v1", 2: "v2"}
+
+    asyncio.run(main())
+
+
+def test_a_refused_value_does_not_drop_a_newer_write_made_meanwhile(redis_url: str) -> None:
+    ns = f"refused-{uuid.uuid4().hex[:6]}"
+    leader: CoalescingCache[Any] = CoalescingCache(
+        redis.Redis.from_url(redis_url),
+        ttl=60,
+        distributed=True,
+        namespace=ns,
+        cache_if=lambda v: v != "refused",
+    )
+    writer: CoalescingCache[Any] = CoalescingCache(
+        redis.Redis.from_url(redis_url), ttl=60, distributed=True, namespace=ns
+    )
+    leader.set("k", "old")
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        assert release.wait(10)
+        return "refused"
+
+    thread, out = in_thread(lambda: leader.refresh("k", slow))
+    assert started.wait(10)
+    writer.set("k", "new")  # breaks the leader's lease and writes
+    release.set()
+    thread.join(10)
+    assert out == ["refused"]
+    assert writer.get("k") == "new"  # the leader, fenced, dropped nothing
+
+
+def test_cached_many_with_typed_keys_never_mixes_equal_ids() -> None:
+    calls: list[list[Any]] = []
+
+    @cached_many(typed=True)
+    def f(ids: list[Any]) -> dict[Any, str]:
+        calls.append(list(ids))
+        return {i: f"{type(i).__name__}:{i}" for i in ids}
+
+    assert f([1, True]) == {1: "int:1"}  # equal ids are one id: the first one's
+    assert f([True]) == {True: "bool:True"}  # its own key, loaded for itself
+    assert calls == [[1], [True]]

@@ -186,3 +186,16 @@ def test_concurrent_calls_while_binding_get_the_bound_cache_or_the_clear_error()
     stampede.bind(name, {})
     join_all(threads)
     assert set(outcomes) <= {1, "unbound"} and f(1) == 1
+
+
+def test_an_unbound_cache_is_an_attribute_error_for_getattr_and_hasattr() -> None:
+    name = fresh_name()
+
+    @cached(cache=stampede.deferred(name))
+    def f(x: int) -> int:
+        return x
+
+    assert getattr(f.cache, "get", "absent") == "absent"  # a NotBound is an AttributeError
+    assert not hasattr(f.cache, "stats")
+    stampede.bind(name, {})
+    assert f.cache.get(1) is None

@@ -171,6 +171,16 @@ def test_reject_mode_answers_in_flight_at_once(store: Any) -> None:
     with pytest.raises(InFlight) as caught:
         strict.do("k", work)
     assert caught.value.retry_after >= 1
+    # A duplicate in the running instance's own process is refused too, not joined.
+    same = Idempotency(store, on_conflict="reject")
+    held = Work(held=True)
+    thread2 = threading.Thread(target=lambda: same.do("k2", held))
+    thread2.start()
+    assert held.entered.wait(10)
+    with pytest.raises(InFlight):
+        same.do("k2", held)
+    held.release.set()
+    thread2.join(10)
     work.release.set()
     thread.join(10)
     assert strict.do("k", work) == ("done", True)

@@ -82,7 +82,9 @@ class SyncLeaseStore(SyncEntryStore, Protocol):
 
     def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool: ...
 
-    def lease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool: ...
+    def lease_commit(
+        self, key: str, token: str, entry: Entry[Any] | None, drop: bool = False
+    ) -> bool: ...
 
     def lease_break(
         self, key: str, drop_value: bool, entry: Entry[Any] | None = None
@@ -318,9 +320,8 @@ def _load_leased(
         _release(host, store, k, token)
         host.rec.count("fenced")
     else:
-        if stored is None and previous is not None:
-            _drop(host, k, call)  # before the lease is freed: no one reads it meanwhile
-        _commit_leased(host, store, k, token, call, stored)
+        drop = stored is None and previous is not None  # outdated by a refused value
+        _commit_leased(host, store, k, token, call, stored, drop)
     host.rec.count_load("loads", delta)
     return value
 
@@ -332,14 +333,20 @@ def _commit_leased(
     token: str,
     call: Fenced,
     entry: Entry[Any] | None,
+    drop: bool = False,
 ) -> None:
-    """Write ``entry`` and free the lease, if both this process and the fleet allow it."""
+    """Write ``entry`` (or, with ``drop``, delete the value it would have replaced) and
+    free the lease, if both this process and the fleet allow it: the token decides,
+    so a leader that lost its lease neither writes nor drops."""
     failure: Exception | None = None
     written = False
     with host.fences.fence(k):
         fenced = call.fenced  # invalidated here meanwhile: only free the lease
         try:
-            written = store.lease_commit(k, token, None if fenced else entry)
+            if fenced:
+                written = store.lease_commit(k, token, None)
+            else:
+                written = store.lease_commit(k, token, entry, drop)
         except Exception as exc:
             failure = exc
         except BaseException:
@@ -484,34 +491,40 @@ def _take_leases(
     """Try each key's lease (reading its value): sort the keys into answered, led
     here with the lease, led here without one (fail open), or led elsewhere."""
     lease_ttl = host.options.lease_ttl
-    for i, k in enumerate(ks):
-        assert isinstance(k, str)
-        try:
-            taken, data, remaining = store.lease_acquire(k, token, lease_ttl)
-        except StoreBusy:
-            elsewhere.append(i)  # the one-key path waits for a connection
-            continue
-        except BackendUnavailable as exc:
-            host.read_failed(exc)  # counted; raises when configured to
-            here.append(i)
-            continue
-        except BaseException:
-            for j in [*leased, i]:  # cancelled mid-request: free what may be ours
-                _release(host, store, cast(str, ks[j]), token)
-            raise
-        current: Entry[Any] | None = host.decoded(k, data, remaining)
-        step, found, previous[i] = look(
-            host, k, taken, current, previous[i], force=False, background=False
-        )
-        if step is Step.ANSWER:
-            assert found is not None
-            if taken:
-                _release(host, store, k, token)
-            out[i] = _answered(host, found)
-        elif step is Step.LEAD:
-            leased.append(i)
-        else:
-            elsewhere.append(i)
+    try:
+        for i, k in enumerate(ks):
+            assert isinstance(k, str)
+            try:
+                taken, data, remaining = store.lease_acquire(k, token, lease_ttl)
+            except StoreBusy:
+                elsewhere.append(i)  # the one-key path waits for a connection
+                continue
+            except BackendUnavailable as exc:
+                host.read_failed(exc)  # counted; raises when configured to
+                here.append(i)
+                continue
+            except BaseException:
+                _release(host, store, k, token)  # cancelled mid-request: may be ours
+                raise
+            current: Entry[Any] | None = host.decoded(k, data, remaining)
+            step, found, previous[i] = look(
+                host, k, taken, current, previous[i], force=False, background=False
+            )
+            if step is Step.ANSWER:
+                assert found is not None
+                if taken:
+                    _release(host, store, k, token)
+                out[i] = _answered(host, found)
+            elif step is Step.LEAD:
+                leased.append(i)
+            else:
+                elsewhere.append(i)
+    except BaseException:
+        # Raised (the store failing under "raise", a cancel): the leases taken so
+        # far are freed, or the fleet would wait lease_ttl for them.
+        for j in leased:
+            _release(host, store, cast(str, ks[j]), token)
+        raise
 
 
 def _load_batch(
@@ -553,32 +566,68 @@ def _load_batch(
             raise
         return
     delta = 0.0
-    for i in batch:
-        try:
-            value = picked(loaded, keys[i])
-        except (KeyError, TypeError) as exc:
-            out[i] = Failed(exc)  # not loaded: nothing stored, the lease freed
-            if i in holds:
-                assert store is not None
-                _release(host, store, cast(str, ks[i]), token)
-            continue
-        stored, delta = host.loaded(value, started, cache_if)
-        out[i] = value
-        if i in holds:
+    pending = set(holds)  # leases not yet committed nor freed
+    try:
+        for i in batch:
+            held = i in holds
+            delta = _settle_one(
+                host, ks, keys, previous, calls, cache_if, token, renewer, loaded, started, i, out,
+                held,
+            )  # fmt: skip
+            pending.discard(i)
+    except BaseException:
+        for i in pending:  # interrupted between commits: free the rest
+            assert store is not None
+            _release(host, store, cast(str, ks[i]), token)
+        raise
+    host.rec.count_load("loads", delta)
+
+
+def _settle_one(
+    host: SyncHost,
+    ks: Sequence[Hashable],
+    keys: Sequence[Hashable],
+    previous: list[Entry[Any] | None],
+    calls: Sequence[Fenced],
+    cache_if: Keep,
+    token: str,
+    renewer: Renewer,
+    loaded: object,
+    started: float,
+    i: int,
+    out: list[Any],
+    held: bool,
+) -> float:
+    """Key ``i``'s outcome in a batch loaded together, committed as its one-key load
+    would commit it (with its lease, if ``held``); the load's duration."""
+    store = host.leases
+    try:
+        value = picked(loaded, keys[i])
+    except (KeyError, TypeError) as exc:
+        out[i] = Failed(exc)  # not loaded: nothing stored, the lease freed
+        if held:
+            assert store is not None
+            _release(host, store, cast(str, ks[i]), token)
+        return 0.0
+    stored, delta = host.loaded(value, started, cache_if)
+    out[i] = value
+    try:
+        if held:
             assert store is not None
             k = cast(str, ks[i])
             if k in renewer.lost_keys:
                 _release(host, store, k, token)
                 host.rec.count("fenced")
-                continue
-            if stored is None and previous[i] is not None:
-                _drop(host, k, calls[i])
-            _commit_leased(host, store, k, token, calls[i], stored)
+                return delta
+            drop = stored is None and previous[i] is not None
+            _commit_leased(host, store, k, token, calls[i], stored, drop)
         elif stored is not None:
             _commit(host, ks[i], calls[i], stored)
         elif previous[i] is not None:
             _drop(host, ks[i], calls[i])
-    host.rec.count_load("loads", delta)
+    except Exception as exc:  # this key's write failed: its callers still get the value
+        host.write_failed(exc)
+    return delta
 
 
 # -- get, set, invalidate, clear -----------------------------------------------------

@@ -256,15 +256,18 @@ class SharedStore:
     def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return bool(self._call(self._lease_renew_raw, key, token, lease_ttl))
 
-    def lease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
-        """Write ``entry`` (None: nothing) and free the lease, only if ``token`` holds it.
+    def lease_commit(
+        self, key: str, token: str, entry: Entry[Any] | None, drop: bool = False
+    ) -> bool:
+        """Write ``entry`` (None: nothing; with ``drop``: delete the key's value) and
+        free the lease, only if ``token`` holds it.
 
         An entry that cannot be stored (``SerializationError``, ``ValueTooLarge``)
         still frees the lease, so that other processes load instead of waiting
         for it to expire, and the error is raised to be counted and logged.
         """
         data, ttl, refused = self._commit_payload(key, entry)
-        written = bool(self._call(self._lease_commit_raw, key, token, data, ttl))
+        written = bool(self._call(self._lease_commit_raw, key, token, data, ttl, *_dropping(drop)))
         if refused is not None:
             raise refused
         return written
@@ -298,7 +301,9 @@ class SharedStore:
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
         raise NotImplementedError
 
-    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+    def _lease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
+    ) -> bool:
         raise NotImplementedError
 
     def _lease_break_raw(
@@ -316,9 +321,13 @@ class SharedStore:
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return bool(await self._acall(self._alease_renew_raw, key, token, lease_ttl))
 
-    async def alease_commit(self, key: str, token: str, entry: Entry[Any] | None) -> bool:
+    async def alease_commit(
+        self, key: str, token: str, entry: Entry[Any] | None, drop: bool = False
+    ) -> bool:
         data, ttl, refused = self._commit_payload(key, entry)
-        written = bool(await self._acall(self._alease_commit_raw, key, token, data, ttl))
+        written = bool(
+            await self._acall(self._alease_commit_raw, key, token, data, ttl, *_dropping(drop))
+        )
         if refused is not None:
             raise refused
         return written
@@ -341,9 +350,9 @@ class SharedStore:
         return await asyncio.to_thread(self._lease_renew_raw, key, token, lease_ttl)
 
     async def _alease_commit_raw(
-        self, key: str, token: str, data: bytes | None, ttl: float
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
     ) -> bool:
-        return await asyncio.to_thread(self._lease_commit_raw, key, token, data, ttl)
+        return await asyncio.to_thread(self._lease_commit_raw, key, token, data, ttl, drop)
 
     async def _alease_break_raw(
         self, key: str, drop_value: bool, data: bytes | None = None, ttl: float = 0.0
@@ -490,6 +499,12 @@ class _AsyncPolling:
 
     async def wait(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, self.poll_interval))
+
+
+def _dropping(drop: bool) -> tuple[bool, ...]:
+    # ``drop`` reaches _lease_commit_raw only when set: a store written before it
+    # existed keeps working for every commit but a refused value's (cache_if).
+    return (True,) if drop else ()
 
 
 def lease_key(key: str) -> str:

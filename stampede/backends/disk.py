@@ -230,12 +230,16 @@ class DiskBackend(SharedStore):
                 return False
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
-    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+    def _lease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
+    ) -> bool:
         with self.cache.transact():
             if _holder(self._shard(lease_key(key)), lease_key(key)) != token:
                 return False
             if data:
                 self.cache.set(key, data, expire=ttl)
+            elif drop:
+                self.cache.delete(key)
             self.cache.delete(lease_key(key))
             return True
 

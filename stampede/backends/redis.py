@@ -114,7 +114,8 @@ return 0
 """
 _COMMIT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+elseif ARGV[5] == '1' then redis.call('DEL', KEYS[1]) end
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[4], KEYS[1])
 return 1
@@ -363,8 +364,10 @@ def _keys(key: str) -> list[str]:
     return [key, lease_key(key)]
 
 
-def _commit_args(key: str, token: str, data: bytes | None, ttl: float) -> list[Any]:
-    return [token, data or b"", ttl_ms(ttl), _channel_of(key)]
+def _commit_args(
+    key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
+) -> list[Any]:
+    return [token, data or b"", ttl_ms(ttl), _channel_of(key), "1" if drop else "0"]
 
 
 def _break_args(key: str, drop_value: bool, data: bytes | None, ttl: float) -> list[Any]:
@@ -477,6 +480,8 @@ class _Link:
                 [c for key in keys for c in self._packed(conn, key, prefix)]
             )
             limit = conn.socket_timeout
+            if limit is not None:  # one timer for the batch: the more replies, the longer
+                limit *= max(1.0, len(keys) / 64)
             if limit is None or not self.timed or sys.version_info < (3, 11):
                 return [await _areply(conn, self.refused) for _ in range(2 * len(keys))]
             try:  # one timer for every reply (see _areplies), not one each
@@ -579,8 +584,10 @@ class RedisBackend(_RedisStore):
     def _lease_renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
         return bool(self._here().renew(keys=_keys(key), args=[token, ttl_ms(lease_ttl)]))
 
-    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
-        args = _commit_args(key, token, data, ttl)
+    def _lease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
+    ) -> bool:
+        args = _commit_args(key, token, data, ttl, drop)
         return bool(self._here().commit(keys=_keys(key), args=args))
 
     def _lease_break_raw(
@@ -697,9 +704,9 @@ class AsyncRedisBackend(_RedisStore):
         return bool(await self._here().renew(keys=_keys(key), args=[token, ttl_ms(lease_ttl)]))
 
     async def _alease_commit_raw(
-        self, key: str, token: str, data: bytes | None, ttl: float
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
     ) -> bool:
-        args = _commit_args(key, token, data, ttl)
+        args = _commit_args(key, token, data, ttl, drop)
         return bool(await self._here().commit(keys=_keys(key), args=args))
 
     async def _alease_break_raw(

@@ -121,13 +121,17 @@ class DictLeaseStore(SharedStore):
             self._leases[key] = (token, self._now() + lease_ttl)
             return True
 
-    def _lease_commit_raw(self, key: str, token: str, data: bytes | None, ttl: float) -> bool:
+    def _lease_commit_raw(
+        self, key: str, token: str, data: bytes | None, ttl: float, drop: bool = False
+    ) -> bool:
         self._enter("lease_commit")
         with self._cond:
             if self._holder(key) != token:
                 return False
             if data:
                 self._values[key] = (data, self._now() + ttl)
+            elif drop:
+                self._values.pop(key, None)
             del self._leases[key]
             self._wake(key)
             return True
