@@ -44,7 +44,8 @@ class Claimed(NamedTuple):
     state: int
     data: bytes | int | None = None  # DONE: the record (its size when too large)
     holder: str = ""  # RUNNING: the running claim's fingerprint
-    number: float = 0.0  # CLAIMED: the fence; RUNNING: seconds the lease still holds
+    number: float = 0.0  # CLAIMED: the fence; RUNNING: seconds the lease still holds;
+    # DONE: seconds the store still keeps the record (0: not known)
     takeover: bool = False  # CLAIMED: the previous claim's owner vanished
 
 
@@ -59,7 +60,7 @@ _CLAIM = """
 local size = redis.call('STRLEN', KEYS[1])
 if size > 0 then
   if size > tonumber(ARGV[4]) then return {2, size, '', 0, 0} end
-  return {2, redis.call('GET', KEYS[1]), '', 0, 0}
+  return {2, redis.call('GET', KEYS[1]), '', redis.call('PTTL', KEYS[1]), 0}
 end
 local holder = redis.call('GET', KEYS[2])
 if holder then
@@ -98,7 +99,7 @@ def _ms(seconds: float) -> int:
 def _claimed(reply: Any) -> Claimed:
     state, data, holder, number, takeover = reply
     if state == DONE:
-        return Claimed(DONE, data)
+        return Claimed(DONE, data, number=max(0, int(number)) / 1000)
     if state == RUNNING:
         text = holder.decode("utf-8", "replace") if isinstance(holder, bytes) else str(holder)
         return Claimed(RUNNING, holder=text.partition(" ")[2], number=int(number) / 1000)
@@ -220,8 +221,9 @@ class DiskIdemStore:
         with self.cache.transact():
             found = self._row(key, limit)
             if found is not None:
-                data = found[0]
-                return Claimed(DONE, data if isinstance(data, (bytes, int)) else b"")
+                data, expires = found
+                left = 0.0 if expires is None else max(0.0, expires - time.time())
+                return Claimed(DONE, data if isinstance(data, (bytes, int)) else b"", number=left)
             held = self._row(lease_key(key), 512)
             if held is not None and isinstance(held[0], str) and held[1] is not None:
                 remaining = held[1] - time.time()
@@ -330,7 +332,8 @@ class MemoryIdemStore:
                 self._purge(now)
             data = self._get(key, now)
             if data is not None:
-                return Claimed(DONE, data if len(data) <= limit else len(data))
+                left = self.mapping[key][1] - now
+                return Claimed(DONE, data if len(data) <= limit else len(data), number=left)
             held = self.mapping.get(lease_key(key))
             if held is not None and held[1] > now:
                 return Claimed(RUNNING, holder=held[0][1], number=held[1] - now)

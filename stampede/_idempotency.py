@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
 
@@ -60,10 +62,47 @@ DAY = 24 * 3600.0
 class _Core:
     """What both shells hold, and what the leader's work asks of them."""
 
-    def __init__(self, store: Any, options: IdemOptions) -> None:
+    def __init__(self, store: Any, options: IdemOptions, local_records: int) -> None:
         self.store = store
         self.options = options
         self.counters = IdemCounters(options.metrics, options.name)
+        # Finished records kept in this process (``local_records``), each until a
+        # moment before its end in the store: a replay with no round trip, never
+        # one the store would no longer give.
+        self.local_records = local_records
+        self.local: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, key: str, data: bytes | int | None, seconds: float) -> None:
+        if not self.local_records or not isinstance(data, bytes) or seconds <= 0:
+            return
+        until = time.monotonic() + seconds * 0.99 - 0.05
+        with self._lock:
+            self.local[key] = (data, until)
+            self.local.move_to_end(key)
+            while len(self.local) > self.local_records:
+                self.local.popitem(last=False)
+
+    def recall(self, key: str) -> bytes | None:
+        """A finished record kept here, if it has not ended."""
+        if not self.local_records:
+            return None
+        with self._lock:
+            found = self.local.get(key)
+            if found is None:
+                return None
+            if found[1] <= time.monotonic():
+                del self.local[key]
+                return None
+            return found[0]
+
+    def replayed_here(self, key: str, fingerprint: str) -> tuple[bool, Any]:
+        """(True, the outcome) when a record kept here answers the call."""
+        data = self.recall(key)
+        if data is None:
+            return False, None
+        self.counters.count("replayed")
+        return True, self.replay(key, data, fingerprint)
 
     @staticmethod
     def clock() -> float:
@@ -136,6 +175,7 @@ class _Base:
         record_errors: tuple[type[BaseException], ...] | type[BaseException] = (),
         serializer: Any = None,
         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+        local_records: int = 0,
         metrics: Any = None,
     ) -> None:
         """Keep the outcomes of idempotent work in ``store``.
@@ -162,6 +202,9 @@ class _Base:
             serializer: how outcomes are written (default ``DataSerializer``).
             max_record_size: the largest record in bytes; a larger outcome is
                 recorded as ``ReplayUnavailable`` (never run again).
+            local_records: finished records also kept in this process (0: none),
+                replayed with no store round trip, each until just before the
+                store's copy ends.
             metrics: a ``MetricsHook`` told of each counter's events.
         """
         self.options: IdemOptions = IdemOptions(
@@ -176,8 +219,14 @@ class _Base:
             max_record_size=max_record_size,
             metrics=metrics,
         )
+        if isinstance(local_records, bool) or not isinstance(local_records, int):
+            raise TypeError("local_records must be an int")
+        if local_records < 0:
+            raise ValueError("local_records must be >= 0")
         self._core = _Core(
-            resolve_idem_store(store, asynchronous=self._asynchronous), self.options
+            resolve_idem_store(store, asynchronous=self._asynchronous),
+            self.options,
+            local_records,
         )
 
     def stats(self) -> IdemStats:
@@ -228,6 +277,9 @@ class Idempotency(_Base):
         or ``fn``'s own exception (a recorded one: a new instance of its type).
         """
         k, fp = self._keys(key, fingerprint)
+        kept, value = self._core.replayed_here(k, fp)
+        if kept:
+            return value, True
         flight = self._flight
         call, leader = flight._join((k, fp))
         if leader:
@@ -303,6 +355,9 @@ class AsyncIdempotency(_Base):
     ) -> tuple[Any, bool]:
         """See ``Idempotency.do``; ``fn`` may be a coroutine function or a plain one."""
         k, fp = self._keys(key, fingerprint)
+        kept, local = self._core.replayed_here(k, fp)
+        if kept:
+            return local, True
         flight = self._flight
         call, leader = flight._join(
             (k, fp), lambda _call: async_engine.run(self._core, k, fn, fp)

@@ -559,3 +559,49 @@ def test_recursion_is_an_error_not_a_deadlock() -> None:
         idem.do("k", again)
 
 
+
+
+def _commands(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+
+
+def test_local_records_replay_with_no_round_trip_and_never_outlive_the_store(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    idem = Idempotency(redis.Redis.from_url(redis_url), local_records=16, retention=0.5)
+    runs = 0
+
+    def work() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    assert idem.do("k", work) == (1, False)
+    before = _commands(redis_client)
+    assert idem.do("k", work) == (1, True)
+    assert _commands(redis_client) - before == 1  # the INFO itself: the replay sent nothing
+    other = Idempotency(redis.Redis.from_url(redis_url), local_records=16, retention=0.5)
+    assert other.do("k", work) == (1, True)  # learned from the store, with its end
+    with pytest.raises(KeyReused):
+        idem.do("k", work, fingerprint="another")  # checked on the kept copy too
+    wait_until(
+        lambda: not any(
+            not k.endswith((b":fence", b":lease")) for k in redis_client.scan_iter("*")
+        ),
+        what="the record to expire",
+    )
+    assert idem.do("k", work) == (2, False)  # the kept copy ended with the store's
+    assert other.do("k", work) == (2, True)
+
+
+def test_a_redis_cluster_keeps_a_record_its_lease_and_fence_together(redis_cluster: Any) -> None:
+    client = redis.RedisCluster.from_url(redis_cluster.url)
+    idem = Idempotency(client, lease_ttl=2)
+    work = Work({"ok": 1})
+    assert idem.do("cluster-key", work) == ({"ok": 1}, False)
+    assert idem.do("cluster-key", work) == ({"ok": 1}, True)
+    with pytest.raises(KeyReused):
+        idem.do("cluster-key", work, fingerprint="other")
+    assert work.runs == 1
+    client.close()

@@ -594,8 +594,11 @@ def test_a_dropped_registry_or_meter_is_forgotten() -> None:
 
 
 def test_every_stats_counter_is_exported() -> None:
-    assert set(_common.EVENTS) | {"hits", "near_hits"} == set(_FIELDS)
-    assert set(_common._HELP) == set(_FIELDS)
+    from stampede._idem import COUNTERS
+
+    idempotency = {f"idempotency_{name}" for name in COUNTERS}
+    assert set(_common.EVENTS) | {"hits", "near_hits"} == set(_FIELDS) | idempotency
+    assert set(_common._HELP) == set(_FIELDS) | idempotency
     assert set(_common.LOAD_OUTCOMES) | _common.WAITS <= set(_common.EVENTS)
 
 
@@ -634,3 +637,16 @@ def test_a_missing_library_names_the_extra(module: str, library: str, extra: str
     done = _run(f"import sys; sys.modules[{library!r}] = None\nimport stampede.metrics.{module}\n")
     assert done.returncode != 0
     assert f"pip install 'stampede[{extra}]'" in done.stderr
+
+
+def test_an_idempotencys_counters_are_exported_by_its_namespace() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry=registry)
+    idem = stampede.Idempotency(metrics=metrics, namespace="payments")
+    idem.do("order-1", lambda: 1)
+    idem.do("order-1", lambda: 1)
+    labels = {"cache": "payments"}
+    assert registry.get_sample_value("stampede_idempotency_executed_total", labels) == 1
+    assert registry.get_sample_value("stampede_idempotency_replayed_total", labels) == 1

@@ -53,6 +53,8 @@ class AsyncIdemCore(Protocol):
 
     def replay(self, key: str, data: bytes | int | None, fingerprint: str) -> Any: ...
 
+    def remember(self, key: str, data: bytes | int | None, seconds: float) -> None: ...
+
     def recorded(self, key: str, fingerprint: str, fence: int, value: Any) -> bytes: ...
 
     def recorded_error(
@@ -76,6 +78,7 @@ async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[A
                 )
                 if found.state == DONE:
                     core.counters.count("replayed")
+                    core.remember(k, found.data, found.number)
                     return core.replay(k, found.data, fp), True
                 if found.state == CLAIMED:
                     break
@@ -134,20 +137,24 @@ async def _lead(
     finally:
         _current.reset(reset)
     core.counters.count("executed")
-    await _commit(core, k, token, core.recorded(k, fp, fence, value))
+    data = core.recorded(k, fp, fence, value)
+    if await _commit(core, k, token, data):
+        core.remember(k, data, opts.retention)
     return value, False
 
 
-async def _commit(core: AsyncIdemCore, k: str, token: str, data: bytes | None) -> None:
-    """Record (or release, ``data`` None) if the lease is still ours; a failing store
-    is logged, never raised over the work's own outcome."""
+async def _commit(core: AsyncIdemCore, k: str, token: str, data: bytes | None) -> bool:
+    """Record (or release, ``data`` None) if the lease is still ours; whether it was.
+    A failing store is logged, never raised over the work's own outcome."""
     try:
-        if not await core.store.acommit(k, token, data, core.options.retention):
-            core.counters.count("fenced")  # taken over meanwhile: its record stands
+        if await core.store.acommit(k, token, data, core.options.retention):
+            return True
+        core.counters.count("fenced")  # taken over meanwhile: its record stands
     except BackendUnavailable:
         log.warning(
             "idempotency store failed while recording: the lease runs out and a retry "
             "may run the work again",
             exc_info=True,
         )
+    return False
 

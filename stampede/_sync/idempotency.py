@@ -55,6 +55,8 @@ class SyncIdemCore(Protocol):
 
     def replay(self, key: str, data: bytes | int | None, fingerprint: str) -> Any: ...
 
+    def remember(self, key: str, data: bytes | int | None, seconds: float) -> None: ...
+
     def recorded(self, key: str, fingerprint: str, fence: int, value: Any) -> bytes: ...
 
     def recorded_error(
@@ -78,6 +80,7 @@ def run(core: SyncIdemCore, k: str, fn: Loader[Any], fp: str) -> tuple[Any, bool
                 )
                 if found.state == DONE:
                     core.counters.count("replayed")
+                    core.remember(k, found.data, found.number)
                     return core.replay(k, found.data, fp), True
                 if found.state == CLAIMED:
                     break
@@ -136,20 +139,24 @@ def _lead(
     finally:
         _current.reset(reset)
     core.counters.count("executed")
-    _commit(core, k, token, core.recorded(k, fp, fence, value))
+    data = core.recorded(k, fp, fence, value)
+    if _commit(core, k, token, data):
+        core.remember(k, data, opts.retention)
     return value, False
 
 
-def _commit(core: SyncIdemCore, k: str, token: str, data: bytes | None) -> None:
-    """Record (or release, ``data`` None) if the lease is still ours; a failing store
-    is logged, never raised over the work's own outcome."""
+def _commit(core: SyncIdemCore, k: str, token: str, data: bytes | None) -> bool:
+    """Record (or release, ``data`` None) if the lease is still ours; whether it was.
+    A failing store is logged, never raised over the work's own outcome."""
     try:
-        if not core.store.commit(k, token, data, core.options.retention):
-            core.counters.count("fenced")  # taken over meanwhile: its record stands
+        if core.store.commit(k, token, data, core.options.retention):
+            return True
+        core.counters.count("fenced")  # taken over meanwhile: its record stands
     except BackendUnavailable:
         log.warning(
             "idempotency store failed while recording: the lease runs out and a retry "
             "may run the work again",
             exc_info=True,
         )
+    return False
 

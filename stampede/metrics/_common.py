@@ -14,6 +14,7 @@ from .._acache import AsyncCoalescingCache
 from .._base import CacheBase
 from .._cache import CoalescingCache
 from .._decorator import AsyncCachedFunction, CachedFunction
+from .._idem import COUNTERS as IDEM_COUNTERS
 from .._stats import _FIELDS, Counters
 
 log = logging.getLogger("stampede.metrics")
@@ -47,12 +48,24 @@ _HELP = {
     "whose call opened it).",
     "breaker_closed": "Times the store's circuit breaker closed again (counted by the cache "
     "whose call closed it).",
+    "idempotency_executed": "Idempotent work run (under a claim, or unprotected).",
+    "idempotency_replayed": "Idempotent calls answered by a recorded or shared outcome.",
+    "idempotency_waited": "Idempotent calls that waited for another process's run.",
+    "idempotency_rejected": "Idempotent calls refused as InFlight.",
+    "idempotency_key_reused": "Idempotent calls refused as KeyReused (another fingerprint).",
+    "idempotency_takeovers": "Idempotency claims taken over after their owner vanished.",
+    "idempotency_fenced": "Idempotent outcomes not recorded: the claim was lost meanwhile.",
+    "idempotency_released": "Idempotency claims released by an exception not recorded.",
+    "idempotency_unreplayable": "Idempotent outcomes recorded as not replayable.",
+    "idempotency_unprotected": "Idempotent work run with the store down (fail-open).",
 }
 
 # The events a hook receives: every Stats counter but the hits (read from stats()
 # at collection time: the hit paths call nothing). Built from the
 # counters themselves, so a counter added to the core is exported too.
 EVENTS: tuple[str, ...] = tuple(name for name in _FIELDS if name not in ("hits", "near_hits"))
+# And an Idempotency's counters (labelled by its namespace), as idempotency_<counter>.
+EVENTS += tuple(f"idempotency_{name}" for name in IDEM_COUNTERS)
 
 # Bucket bounds in seconds (the OpenTelemetry SDK's defaults are meant for
 # milliseconds): loaders range from a sub-millisecond lookup to a long report.
