@@ -70,18 +70,49 @@ def digest(value: object) -> str:
         try:
             data = b"k" + encode_key("", value).encode("utf-8", "surrogatepass")
         except TypeError:
-            try:
-                text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-            except (TypeError, ValueError):
+            if not _plain_json(value):
                 raise TypeError(
-                    f"cannot fingerprint a {type(value).__name__}: pass bytes, a str, or "
-                    "plain data (numbers, strings, tuples, dicts, lists)"
+                    f"cannot fingerprint {value!r:.60}: pass fingerprint= (bytes, a str, or "
+                    "plain data: numbers, strings, tuples, dicts with str keys, lists) "
+                    "saying what the call is about"
+                ) from None
+            try:
+                text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError, RecursionError):
+                raise TypeError(
+                    f"cannot fingerprint {value!r:.60}: pass fingerprint= (bytes, a str, or "
+                    "plain data: numbers, strings, tuples, dicts with str keys, lists) "
+                    "saying what the call is about"
                 ) from None
             data = b"j" + text.encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_record(key: str, record: Record, serializer: Any, max_size: int) -> bytes:
+def _plain_json(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON data whose dict keys are all str (so that its JSON
+    text tells two values apart: ``{1: "a"}`` and ``{"1": "a"}`` would not be)."""
+    if depth > 100:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_json(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(type(k) is str and _plain_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
+class Unrecordable:
+    """A value the work returns to its callers that is recorded as "ran, not
+    replayable" (a streamed HTTP response): retries get ``ReplayUnavailable``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def encode_record(key: str, record: Record, serializer: Any, max_size: int | None) -> bytes:
     """The bytes of ``record`` under ``key``; ``SerializationError`` when the payload
     cannot be written, ``ValueTooLarge`` past ``max_size``."""
     context = key.encode("utf-8", "surrogatepass")
@@ -92,7 +123,7 @@ def encode_record(key: str, record: Record, serializer: Any, max_size: int) -> b
     except Exception as exc:
         raise SerializationError(f"cannot record a {type(record.payload).__name__}: {exc}") from exc
     data = _MAGIC + body
-    if len(data) + _CRC.size > max_size:
+    if max_size is not None and len(data) + _CRC.size > max_size:
         raise ValueTooLarge(f"the record takes {len(data):,} bytes, more than {max_size:,}")
     return data + _CRC.pack(zlib.crc32(data + context))
 
@@ -218,8 +249,8 @@ class IdemOptions:
         self.serializer: Any = serializer
         if isinstance(max_record_size, bool) or not isinstance(max_record_size, int):
             raise TypeError("max_record_size must be an int")
-        if max_record_size < 64:
-            raise ValueError("max_record_size must be at least 64 bytes")
+        if max_record_size < 256:
+            raise ValueError("max_record_size must be at least 256 bytes")
         self.max_record_size: int = max_record_size
         self.metrics: Any = metrics
         self.name: str = namespace or "idempotency"

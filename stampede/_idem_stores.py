@@ -69,7 +69,7 @@ if holder then
 end
 local open = redis.call('HGET', KEYS[3], 'open')
 local fence = redis.call('HINCRBY', KEYS[3], 'n', 1)
-redis.call('HSET', KEYS[3], 'open', 1)
+redis.call('HSET', KEYS[3], 'open', 1, 'ttl', ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 return {0, '', '', fence, open == '1' and 1 or 0}
@@ -77,6 +77,8 @@ return {0, '', '', fence, open == '1' and 1 or 0}
 _RENEW = """
 local v = redis.call('GET', KEYS[2])
 if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  local t = redis.call('HGET', KEYS[3], 'ttl')
+  if t then redis.call('PEXPIRE', KEYS[3], t) end
   return redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return 0
@@ -86,7 +88,9 @@ local v = redis.call('GET', KEYS[2])
 if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[3], 'open', 0)
+local t = redis.call('HGET', KEYS[3], 'ttl') or ARGV[3]
+redis.call('HSET', KEYS[3], 'open', 0, 'ttl', t)
+redis.call('PEXPIRE', KEYS[3], t)
 redis.call('PUBLISH', ARGV[4], KEYS[1])
 return 1
 """
@@ -232,9 +236,10 @@ class DiskIdemStore:
             opened = self._row(fence_key(key) + ":open", 16)
             fence = self._row(fence_key(key), 64)
             number = 1
-            if fence is not None and isinstance(fence[0], str) and fence[0].isdigit():
-                number = int(fence[0]) + 1
-            self.cache.set(fence_key(key), str(number), expire=fence_ttl)
+            if fence is not None and isinstance(fence[0], str):
+                head = fence[0].partition(" ")[0]
+                number = int(head) + 1 if head.isdigit() else 1
+            self.cache.set(fence_key(key), f"{number} {fence_ttl}", expire=fence_ttl)
             self.cache.set(fence_key(key) + ":open", "1", expire=fence_ttl)
             self.cache.set(lease_key(key), f"{token} {fingerprint}", expire=lease_ttl)
             takeover = opened is not None and opened[0] == "1"
@@ -249,10 +254,26 @@ class DiskIdemStore:
             and (held[1] is None or held[1] > time.time())
         )
 
+    def _fence_ttl(self, key: str) -> float | None:
+        fence = self._row(fence_key(key), 64)
+        if fence is None or not isinstance(fence[0], str):
+            return None
+        try:
+            return float(fence[0].partition(" ")[2])
+        except ValueError:
+            return None
+
+    def _keep_fence(self, key: str, ttl: float | None) -> None:
+        """The fence outlives the lease and the record it numbers."""
+        if ttl is not None:
+            self.cache.touch(fence_key(key), expire=ttl)
+            self.cache.touch(fence_key(key) + ":open", expire=ttl)
+
     def _renew_raw(self, key: str, token: str, lease_ttl: float) -> bool:
         with self.cache.transact():
             if not self._holds(key, token):
                 return False
+            self._keep_fence(key, self._fence_ttl(key))
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
     def _commit_raw(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
@@ -262,7 +283,9 @@ class DiskIdemStore:
             if data:
                 self.cache.set(key, data, expire=retention)
             self.cache.delete(lease_key(key))
-            self.cache.set(fence_key(key) + ":open", "0", expire=retention + 60)
+            ttl = self._fence_ttl(key) or retention + 60
+            self.cache.set(fence_key(key) + ":open", "0", expire=ttl)
+            self._keep_fence(key, ttl)
             return True
 
     def claim(self, *args: Any) -> Claimed:
@@ -337,9 +360,9 @@ class MemoryIdemStore:
             held = self.mapping.get(lease_key(key))
             if held is not None and held[1] > now:
                 return Claimed(RUNNING, holder=held[0][1], number=held[1] - now)
-            fence = self._get(fence_key(key), now) or (0, False)
+            fence = self._get(fence_key(key), now) or (0, False, fence_ttl)
             number, opened = fence[0] + 1, fence[1]
-            self.mapping[fence_key(key)] = ((number, True), now + fence_ttl)
+            self.mapping[fence_key(key)] = ((number, True, fence_ttl), now + fence_ttl)
             self.mapping[lease_key(key)] = ((token, fingerprint), now + lease_ttl)
             return Claimed(CLAIMED, number=number, takeover=opened)
 
@@ -350,6 +373,9 @@ class MemoryIdemStore:
             if held is None or held[0][0] != token or held[1] <= now:
                 return False
             self.mapping[lease_key(key)] = (held[0], now + lease_ttl)
+            fence = self._get(fence_key(key), now)
+            if fence is not None:  # the fence outlives the lease and the record
+                self.mapping[fence_key(key)] = (fence, now + fence[2])
             return True
 
     def commit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
@@ -363,7 +389,7 @@ class MemoryIdemStore:
             self.mapping.pop(lease_key(key), None)
             fence = self._get(fence_key(key), now)
             if fence is not None:
-                self.mapping[fence_key(key)] = ((fence[0], False), now + retention + 60)
+                self.mapping[fence_key(key)] = ((fence[0], False, fence[2]), now + fence[2])
             self._lock.notify_all()
             return True
 

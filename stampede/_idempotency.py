@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from ._idem import (
     IdemOptions,
     IdemStats,
     Record,
+    Unrecordable,
     decode_record,
     digest,
     encode_record,
@@ -137,26 +139,30 @@ class _Core:
         )
 
     def recorded(self, key: str, fingerprint: str, fence: int, value: Any) -> bytes:
-        """The record of a value; one of ``ReplayUnavailable`` when it cannot be kept."""
+        """The record of a value; "not replayable" when it cannot be kept."""
+        if isinstance(value, Unrecordable):
+            return self.unreplayable(key, fingerprint, fence)
         return self._encode(key, Record(VALUE, fingerprint, fence, value))
 
     def recorded_error(self, key: str, fingerprint: str, fence: int, exc: BaseException) -> bytes:
         return self._encode(key, Record(ERROR, fingerprint, fence, error_payload(exc)))
+
+    def unreplayable(self, key: str, fingerprint: str, fence: int) -> bytes:
+        """The record of work that ran but whose outcome is not kept: never run again."""
+        self.counters.count("unreplayable")
+        marker = Record(UNREPLAYABLE, fingerprint, fence, None)
+        return encode_record(key, marker, self.options.serializer, None)
 
     def _encode(self, key: str, record: Record) -> bytes:
         opts = self.options
         try:
             return encode_record(key, record, opts.serializer, opts.max_record_size)
         except (SerializationError, ValueTooLarge) as exc:
-            self.counters.count("unreplayable")
-            marker = Record(UNREPLAYABLE, record.fingerprint, record.fence, None)
-            import logging
-
             logging.getLogger("stampede").warning(
                 "an idempotent outcome cannot be recorded (%s): retries get ReplayUnavailable",
                 exc,
             )
-            return encode_record(key, marker, opts.serializer, opts.max_record_size)
+            return self.unreplayable(key, record.fingerprint, record.fence)
 
 
 class _Base:
@@ -251,7 +257,7 @@ def _call_fingerprint(
 ) -> Callable[..., object]:
     if fingerprint is not None:
         return fingerprint
-    call_key = CallKey(fn, typed=True)
+    call_key = CallKey(fn)  # the bound arguments (plain data: see digest)
     return lambda *args, **kwargs: call_key(args, kwargs)
 
 
@@ -365,7 +371,9 @@ class AsyncIdempotency(_Base):
         try:
             if not leader and self.options.reject:
                 raise self._in_flight()  # reject mode: a duplicate here is refused too
-            value, replayed = await flight._wait(call, self.options.wait_timeout_or_none())
+            # wait_timeout bounds a duplicate's wait, never the caller running the work.
+            timeout = None if leader else self.options.wait_timeout_or_none()
+            value, replayed = await flight._wait(call, timeout)
         except LoadTimeout:
             raise self._in_flight() from None
         if not leader:

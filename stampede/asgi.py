@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from ._errors import BackendUnavailable, InFlight, KeyReused, ReplayUnavailable
-from ._idem import current
+from ._idem import Unrecordable, current
 from ._idempotency import AsyncIdempotency
 
 Scope = MutableMapping[str, Any]
@@ -126,7 +126,10 @@ class IdempotencyMiddleware:
                 await _problem(send, 400, "identity-unavailable", "no caller identity for this key")
                 return
             identity = found
-        body = await _read_body(receive, self.max_body_size)
+        try:
+            body = await _read_body(receive, self.max_body_size)
+        except _Gone:
+            return  # the client left before its request was whole: nothing runs
         if body is None:
             await _problem(send, 413, "body-too-large", "the request body is too large")
             return
@@ -138,7 +141,10 @@ class IdempotencyMiddleware:
                 effective, lambda: self._run(scope, body, ran), fingerprint=fingerprint
             )
         except _NotRecorded as released:
-            await _send_response(send, released.response, None)
+            if ran:  # it ran for this client: its response as sent
+                await _send_response(send, ran[0], None)
+            else:  # joined the run here: its allow-listed response, marked
+                await _send_response(send, released.response, self.replayed_header)
             return
         except KeyReused:
             await _problem(send, 422, "key-reused", "this key was used for another request")
@@ -168,8 +174,8 @@ class IdempotencyMiddleware:
         if not replayed and ran:
             await _send_response(send, ran[0], None)  # all its headers: it ran for this client
             return
-        if isinstance(recorded, _Unrecordable):
-            recorded = recorded.response  # joined the run here: its allow-listed response
+        if isinstance(recorded, Unrecordable):
+            recorded = recorded.value  # joined the run here: its allow-listed response
         await _send_response(send, recorded, self.replayed_header)
 
     async def _run(self, scope: Scope, body: bytes, ran: list[Response]) -> Any:
@@ -191,7 +197,14 @@ class IdempotencyMiddleware:
         async def capture(message: Message) -> None:
             messages.append(message)
 
-        await self.app(scope, replay_receive, capture)
+        # Without the send extensions that hand the server a file to send (pathsend,
+        # zerocopysend): the response must come as body messages to be kept.
+        extensions = {
+            name: value
+            for name, value in (scope.get("extensions") or {}).items()
+            if name not in ("http.response.pathsend", "http.response.zerocopysend")
+        }
+        await self.app({**scope, "extensions": extensions}, replay_receive, capture)
         status, headers, chunks = 500, [], []
         for message in messages:
             if message["type"] == "http.response.start":
@@ -200,14 +213,14 @@ class IdempotencyMiddleware:
             elif message["type"] == "http.response.body":
                 chunks.append(bytes(message.get("body", b"")))
         response = (status, headers, b"".join(chunks))
-        claim = current()
-        if not (200 <= status < 300 or (claim is not None and claim.effect)):
-            raise _NotRecorded(response)  # the key is released: a retry runs again
         ran.append(response)
         kept = [(k, v) for k, v in headers if k.decode("latin-1").lower() in self.replayed_headers]
         recorded = (status, kept, response[2])
+        claim = current()
+        if not (200 <= status < 300 or (claim is not None and claim.effect)):
+            raise _NotRecorded(recorded)  # the key is released: a retry runs again
         if sum(1 for chunk in chunks if chunk) > 1:
-            return _Unrecordable(recorded)  # streamed: recorded as not replayable
+            return Unrecordable(recorded)  # streamed: recorded as not replayable
         return recorded
 
 
@@ -215,21 +228,18 @@ Response = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 class _NotRecorded(Exception):
-    """A response not to be recorded (a failure before the effect): the key is released."""
+    """A response not to be recorded (a failure before the effect): the key is
+    released, whatever ``record_errors`` lists. ``response``: its allow-listed form."""
+
+    releases_key = True
 
     def __init__(self, response: Response) -> None:
         super().__init__("not recorded")
         self.response = response
 
 
-class _Unrecordable:
-    """A response the record refuses (no serializer writes this type): the record
-    says "ran, not replayable", and a retry gets 409, never a second run."""
-
-    __slots__ = ("response",)
-
-    def __init__(self, response: Response) -> None:
-        self.response = response
+class _Gone(Exception):
+    """The client disconnected before its request body was whole."""
 
 
 def parse_key(raw: bytes) -> str | None:
@@ -269,7 +279,7 @@ def _fingerprint(scope: Scope, body: bytes) -> bytes:
             content_type = bytes(v).split(b";")[0].strip().lower()
     canonical = body
     if content_type.endswith(b"json") and body:
-        with contextlib.suppress(ValueError):  # not JSON after all: the bytes as they are
+        with contextlib.suppress(ValueError, RecursionError):  # not JSON: the bytes as they are
             canonical = json.dumps(
                 json.loads(body), sort_keys=True, separators=(",", ":")
             ).encode()
@@ -291,7 +301,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise _Gone
         chunk = bytes(message.get("body", b""))
         size += len(chunk)
         if size > limit:

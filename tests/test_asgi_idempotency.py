@@ -306,3 +306,85 @@ def test_store_down_is_503(redis_url: str) -> None:
         response = asyncio.run(post(server.url, "/empty", "k"))
         assert response.status_code == 503 and "retry-after" in response.headers
         assert response.json()["type"].endswith("store-unavailable")
+
+
+# -- the middleware alone, on an in-process store -------------------------------------------------
+
+
+def _app_answering(status: int, gate: asyncio.Event | None = None) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def endpoint(request: Any) -> Response:
+        await request.body()
+        if gate is not None:
+            await gate.wait()
+        response = Response(b"body", status_code=status)
+        response.set_cookie("session", "secret")
+        return response
+
+    return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+
+
+def test_a_released_response_reaches_joiners_without_its_cookie() -> None:
+    import stampede
+    from stampede.asgi import IdempotencyMiddleware
+
+    async def main() -> None:
+        gate = asyncio.Event()
+        app = IdempotencyMiddleware(
+            _app_answering(500, gate), idempotency=stampede.AsyncIdempotency()
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            headers = {"Idempotency-Key": "k"}
+            first = asyncio.create_task(client.post("/", headers=headers))
+            second = asyncio.create_task(client.post("/", headers=headers))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            gate.set()
+            ran, joined = await first, await second
+        assert ran.status_code == joined.status_code == 500
+        assert "set-cookie" in ran.headers and "idempotent-replayed" not in ran.headers
+        assert "set-cookie" not in joined.headers  # never handed to another caller
+        assert joined.headers["idempotent-replayed"] == "true"
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_request_whose_client_left_mid_body_never_runs() -> None:
+    import stampede
+    from stampede.asgi import IdempotencyMiddleware
+
+    runs = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal runs
+        runs += 1
+
+    async def main() -> None:
+        middleware = IdempotencyMiddleware(app, idempotency=stampede.AsyncIdempotency())
+        messages = [
+            {"type": "http.request", "body": b'{"amount":', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            return messages.pop(0)
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/",
+            "query_string": b"",
+            "headers": [(b"idempotency-key", b"k")],
+        }
+        await middleware(scope, receive, send)
+        assert sent == [] and runs == 0
+
+    asyncio.run(main())

@@ -605,3 +605,85 @@ def test_a_redis_cluster_keeps_a_record_its_lease_and_fence_together(redis_clust
         idem.do("cluster-key", work, fingerprint="other")
     assert work.runs == 1
     client.close()
+
+
+# -- regressions found in review ---------------------------------------------------------------
+
+
+def test_an_interrupt_after_the_effect_started_never_runs_again(store: Any) -> None:
+    idem = Idempotency(store)
+    runs = 0
+
+    def charge() -> None:
+        nonlocal runs
+        runs += 1
+        claim = stampede.idempotency.current()
+        assert claim is not None
+        claim.effect_started()
+        raise KeyboardInterrupt  # a worker shutting down after the charge
+
+    with pytest.raises(KeyboardInterrupt):
+        idem.do("k", charge)
+    with pytest.raises(ReplayUnavailable):
+        idem.do("k", charge)
+    assert runs == 1
+
+
+def test_the_async_caller_running_the_work_is_not_cut_off_by_wait_timeout() -> None:
+    async def main() -> None:
+        idem = AsyncIdempotency(wait_timeout=0.05)
+        gate = asyncio.Event()
+
+        async def long_work() -> str:
+            await gate.wait()
+            return "done"
+
+        leader = asyncio.create_task(idem.do("k", long_work))
+        duplicate = asyncio.create_task(idem.do("k", long_work))
+        with pytest.raises(InFlight):
+            await duplicate  # a duplicate's wait is bounded
+        gate.set()
+        assert await leader == ("done", False)  # the caller running it is not
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_arguments_that_cannot_be_fingerprinted_say_so() -> None:
+    idem = Idempotency()
+
+    class Order:
+        def __init__(self, order_id: str) -> None:
+            self.id = order_id
+
+    @idem.idempotent(key=lambda order: order.id)
+    def charge(order: Order) -> str:
+        return order.id
+
+    with pytest.raises(TypeError, match="fingerprint="):
+        charge(Order("o-1"))  # its repr changes from one object to the next
+
+    @idem.idempotent(key=lambda order: order.id, fingerprint=lambda order: order.id)
+    def charge_fingerprinted(order: Order) -> str:
+        return order.id
+
+    assert charge_fingerprinted(Order("o-2")) == charge_fingerprinted(Order("o-2")) == "o-2"
+    with pytest.raises(TypeError):
+        idem.do("k", lambda: 1, fingerprint={1: "a"})  # {1: ...} and {"1": ...} would merge
+
+
+def test_a_fence_never_goes_back_while_its_claim_is_renewed() -> None:
+    from stampede._idem_stores import CLAIMED, MemoryIdemStore
+
+    store = MemoryIdemStore()
+    first = store.claim("k", "t1", "", 0.1, 0.15, 10_000)  # lease 0.1 s, fence kept 0.15 s
+    assert (first.state, first.number) == (CLAIMED, 1)
+    end = time.monotonic() + 0.5  # renewed well past the fence's first lifetime
+    while time.monotonic() < end:
+        assert store.lease_renew("k", "t1", 0.1)
+        time.sleep(0.02)
+    taken = None
+    deadline = time.monotonic() + 5
+    while taken is None or taken.state != CLAIMED:  # the owner stalls: taken over
+        assert time.monotonic() < deadline
+        taken = store.claim("k", "t2", "", 0.1, 0.15, 10_000)
+    assert taken.number == 2 and taken.takeover

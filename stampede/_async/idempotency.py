@@ -61,6 +61,8 @@ class AsyncIdemCore(Protocol):
         self, key: str, fingerprint: str, fence: int, exc: BaseException
     ) -> bytes: ...
 
+    def unreplayable(self, key: str, fingerprint: str, fence: int) -> bytes: ...
+
 
 async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[Any, bool]:
     """Claim ``k`` and run ``fn`` once for it, or replay its record: (value, replayed)."""
@@ -123,16 +125,22 @@ async def _lead(
                 value = await acall_loader(fn)
             except Exception as exc:
                 core.counters.count("executed")
-                if isinstance(exc, opts.record_errors) or claim.effect:
+                releases = getattr(exc, "releases_key", False)  # (the HTTP layer's signal)
+                if not releases and (isinstance(exc, opts.record_errors) or claim.effect):
                     await _commit(core, k, token, core.recorded_error(k, fp, fence, exc))
                 else:
                     core.counters.count("released")
                     await _commit(core, k, token, None)
                 raise
             except BaseException:
-                # Interrupted or cancelled mid-work: whether its effect happened is
-                # unknown; free the key (a retry runs again, as after a crash).
-                await _commit(core, k, token, None)
+                core.counters.count("executed")
+                if claim.effect:
+                    # Interrupted after its side effect began: never run again.
+                    await _commit(core, k, token, core.unreplayable(k, fp, fence))
+                else:
+                    # Interrupted or cancelled before: free the key (a retry runs
+                    # again, as after a crash).
+                    await _commit(core, k, token, None)
                 raise
     finally:
         _current.reset(reset)

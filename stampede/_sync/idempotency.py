@@ -63,6 +63,8 @@ class SyncIdemCore(Protocol):
         self, key: str, fingerprint: str, fence: int, exc: BaseException
     ) -> bytes: ...
 
+    def unreplayable(self, key: str, fingerprint: str, fence: int) -> bytes: ...
+
 
 def run(core: SyncIdemCore, k: str, fn: Loader[Any], fp: str) -> tuple[Any, bool]:
     """Claim ``k`` and run ``fn`` once for it, or replay its record: (value, replayed)."""
@@ -125,16 +127,22 @@ def _lead(
                 value = call_loader(fn)
             except Exception as exc:
                 core.counters.count("executed")
-                if isinstance(exc, opts.record_errors) or claim.effect:
+                releases = getattr(exc, "releases_key", False)  # (the HTTP layer's signal)
+                if not releases and (isinstance(exc, opts.record_errors) or claim.effect):
                     _commit(core, k, token, core.recorded_error(k, fp, fence, exc))
                 else:
                     core.counters.count("released")
                     _commit(core, k, token, None)
                 raise
             except BaseException:
-                # Interrupted or cancelled mid-work: whether its effect happened is
-                # unknown; free the key (a retry runs again, as after a crash).
-                _commit(core, k, token, None)
+                core.counters.count("executed")
+                if claim.effect:
+                    # Interrupted after its side effect began: never run again.
+                    _commit(core, k, token, core.unreplayable(k, fp, fence))
+                else:
+                    # Interrupted or cancelled before: free the key (a retry runs
+                    # again, as after a crash).
+                    _commit(core, k, token, None)
                 raise
     finally:
         _current.reset(reset)
