@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from .._errors import BackendUnavailable, InFlight, KeyReused
 from .._idem import Claim, _current
-from .._idem_stores import CLAIMED, DONE, Claimed
+from .._idem_stores import DONE, RUNNING, Claimed
 from .._primitives import ALoader, AsyncRenewer, acall_loader
 
 log = logging.getLogger("stampede")
@@ -72,34 +72,38 @@ async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[A
     fence_ttl = opts.retention + opts.lease_ttl  # a fence outlives the record it numbers
     deadline = None
     waited = False
+    found: Claimed | None = None
     while True:
         try:
-            async with store.alease_listen(k) as wake:  # listening before claiming
-                found: Claimed = await store.aclaim(
+            if found is None:
+                # The first look without a listener: most claims find a record or
+                # take the key, and a wake-up registration costs more than a claim.
+                found = await store.aclaim(
                     k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
                 )
-                if found.state == DONE:
-                    core.counters.count("replayed")
-                    core.remember(k, found.data, found.number)
-                    return core.replay(k, found.data, fp), True
-                if found.state == CLAIMED:
-                    break
-                if found.holder != fp:
-                    core.counters.count("key_reused")
-                    raise KeyReused("this idempotency key is in use with another fingerprint")
-                now = core.clock()
-                if deadline is None:
-                    deadline = now + opts.wait_timeout
-                if opts.reject or now >= deadline:
-                    core.counters.count("rejected")
-                    raise InFlight(
-                        "this idempotency key's first execution is still running",
-                        retry_after=max(1.0, float(found.number)),
+                if found.state == RUNNING:
+                    _still_running(core, found, fp, None)  # KeyReused, or InFlight (reject)
+                    continue  # then listening before claiming again: no lost wake-up
+            else:
+                async with store.alease_listen(k) as wake:
+                    found = await store.aclaim(
+                        k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
                     )
-                if not waited:
-                    waited = True
-                    core.counters.count("waited")
-                await wake.wait(min(deadline - now, 0.25))
+                    if found.state == RUNNING:
+                        now = core.clock()
+                        if deadline is None:
+                            deadline = now + opts.wait_timeout
+                        _still_running(core, found, fp, deadline - now)
+                        if not waited:
+                            waited = True
+                            core.counters.count("waited")
+                        await wake.wait(min(deadline - now, 0.25))
+                        continue
+            if found.state == DONE:
+                core.counters.count("replayed")
+                core.remember(k, found.data, found.number)
+                return core.replay(k, found.data, fp), True
+            break  # CLAIMED
         except BackendUnavailable:
             if not opts.fail_open:
                 raise
@@ -109,6 +113,20 @@ async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[A
     if found.takeover:
         core.counters.count("takeovers")
     return await _lead(core, k, fn, fp, token, int(found.number))
+
+
+def _still_running(core: AsyncIdemCore, found: Claimed, fp: str, left: float | None) -> None:
+    """Another execution holds the key: ``KeyReused`` for another fingerprint; ``InFlight``
+    in reject mode or once the wait is over (``left``: seconds of it remaining)."""
+    if found.holder != fp:
+        core.counters.count("key_reused")
+        raise KeyReused("this idempotency key is in use with another fingerprint")
+    if core.options.reject or (left is not None and left <= 0):
+        core.counters.count("rejected")
+        raise InFlight(
+            "this idempotency key's first execution is still running",
+            retry_after=max(1.0, float(found.number)),
+        )
 
 
 async def _lead(

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from .._errors import BackendUnavailable, InFlight, KeyReused
 from .._idem import Claim, _current
-from .._idem_stores import CLAIMED, DONE, Claimed
+from .._idem_stores import DONE, RUNNING, Claimed
 from .._primitives import Loader, Renewer, call_loader
 
 log = logging.getLogger("stampede")
@@ -74,34 +74,38 @@ def run(core: SyncIdemCore, k: str, fn: Loader[Any], fp: str) -> tuple[Any, bool
     fence_ttl = opts.retention + opts.lease_ttl  # a fence outlives the record it numbers
     deadline = None
     waited = False
+    found: Claimed | None = None
     while True:
         try:
-            with store.lease_listen(k) as wake:  # listening before claiming
-                found: Claimed = store.claim(
+            if found is None:
+                # The first look without a listener: most claims find a record or
+                # take the key, and a wake-up registration costs more than a claim.
+                found = store.claim(
                     k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
                 )
-                if found.state == DONE:
-                    core.counters.count("replayed")
-                    core.remember(k, found.data, found.number)
-                    return core.replay(k, found.data, fp), True
-                if found.state == CLAIMED:
-                    break
-                if found.holder != fp:
-                    core.counters.count("key_reused")
-                    raise KeyReused("this idempotency key is in use with another fingerprint")
-                now = core.clock()
-                if deadline is None:
-                    deadline = now + opts.wait_timeout
-                if opts.reject or now >= deadline:
-                    core.counters.count("rejected")
-                    raise InFlight(
-                        "this idempotency key's first execution is still running",
-                        retry_after=max(1.0, float(found.number)),
+                if found.state == RUNNING:
+                    _still_running(core, found, fp, None)  # KeyReused, or InFlight (reject)
+                    continue  # then listening before claiming again: no lost wake-up
+            else:
+                with store.lease_listen(k) as wake:
+                    found = store.claim(
+                        k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
                     )
-                if not waited:
-                    waited = True
-                    core.counters.count("waited")
-                wake.wait(min(deadline - now, 0.25))
+                    if found.state == RUNNING:
+                        now = core.clock()
+                        if deadline is None:
+                            deadline = now + opts.wait_timeout
+                        _still_running(core, found, fp, deadline - now)
+                        if not waited:
+                            waited = True
+                            core.counters.count("waited")
+                        wake.wait(min(deadline - now, 0.25))
+                        continue
+            if found.state == DONE:
+                core.counters.count("replayed")
+                core.remember(k, found.data, found.number)
+                return core.replay(k, found.data, fp), True
+            break  # CLAIMED
         except BackendUnavailable:
             if not opts.fail_open:
                 raise
@@ -111,6 +115,20 @@ def run(core: SyncIdemCore, k: str, fn: Loader[Any], fp: str) -> tuple[Any, bool
     if found.takeover:
         core.counters.count("takeovers")
     return _lead(core, k, fn, fp, token, int(found.number))
+
+
+def _still_running(core: SyncIdemCore, found: Claimed, fp: str, left: float | None) -> None:
+    """Another execution holds the key: ``KeyReused`` for another fingerprint; ``InFlight``
+    in reject mode or once the wait is over (``left``: seconds of it remaining)."""
+    if found.holder != fp:
+        core.counters.count("key_reused")
+        raise KeyReused("this idempotency key is in use with another fingerprint")
+    if core.options.reject or (left is not None and left <= 0):
+        core.counters.count("rejected")
+        raise InFlight(
+            "this idempotency key's first execution is still running",
+            retry_after=max(1.0, float(found.number)),
+        )
 
 
 def _lead(
