@@ -11,9 +11,11 @@ key, with the same meaning everywhere:
   renewing it is free again after ``lease_ttl``; a fence number never goes
   down while the key has a record or a lease.
 - ``lease_renew(key, token, lease_ttl)``: keep the lease, if still ``token``'s.
-- ``commit(key, token, data, retention)``: if the lease is still ``token``'s,
-  write the record (``data``; None: release without a record), drop the lease
-  and wake the key's waiters; False when the lease was lost.
+- ``commit(key, token, data, retention, fence)``: if the lease is still
+  ``token``'s, or it ran out with no one claiming the key since (no lease, no
+  record, and ``fence`` still the key's latest: the store was away while the
+  work ran), write the record (``data``; None: release without a record),
+  drop the lease and wake the key's waiters; False when another claim took it.
 - ``lease_listen(key)``: a wake-up for waiters (Redis: the namespace's pub/sub
   channel; elsewhere a bounded poll).
 
@@ -85,7 +87,10 @@ return 0
 """
 _COMMIT = """
 local v = redis.call('GET', KEYS[2])
-if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then return 0 end
+if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
+  if v or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  if redis.call('HGET', KEYS[3], 'n') ~= ARGV[5] then return 0 end
+end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 redis.call('DEL', KEYS[2])
 local t = redis.call('HGET', KEYS[3], 'ttl') or ARGV[3]
@@ -156,10 +161,12 @@ class RedisIdemStore:
 
         return bool(self.backend._call(raw))
 
-    def commit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
+    def commit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
         def raw() -> Any:
             client = self.backend.client
-            args = [token, data or b"", _ms(retention), self._channel(key)]
+            args = [token, data or b"", _ms(retention), self._channel(key), str(fence)]
             return self._of(client)[2](keys=self._args(key), args=args)
 
         return bool(self.backend._call(raw))
@@ -186,10 +193,12 @@ class RedisIdemStore:
 
         return bool(await self.backend._acall(raw))
 
-    async def acommit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
+    async def acommit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
         async def raw() -> Any:
             client = self.backend.client
-            args = [token, data or b"", _ms(retention), self._channel(key)]
+            args = [token, data or b"", _ms(retention), self._channel(key), str(fence)]
             return await self._of(client)[2](keys=self._args(key), args=args)
 
         return bool(await self.backend._acall(raw))
@@ -276,9 +285,19 @@ class DiskIdemStore:
             self._keep_fence(key, self._fence_ttl(key))
             return bool(self.cache.touch(lease_key(key), expire=lease_ttl))
 
-    def _commit_raw(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
+    def _latest(self, key: str, fence: int) -> bool:
+        """No lease, no record, and ``fence`` still the key's latest claim."""
+        if self._row(lease_key(key), 512) is not None or self._row(key, 16) is not None:
+            return False
+        row = self._row(fence_key(key), 64)
+        head = row[0].partition(" ")[0] if row is not None and isinstance(row[0], str) else ""
+        return head == str(fence)
+
+    def _commit_raw(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
         with self.cache.transact():
-            if not self._holds(key, token):
+            if not self._holds(key, token) and not self._latest(key, fence):
                 return False
             if data:
                 self.cache.set(key, data, expire=retention)
@@ -294,8 +313,10 @@ class DiskIdemStore:
     def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return bool(self.backend._call(self._renew_raw, key, token, lease_ttl))
 
-    def commit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
-        return bool(self.backend._call(self._commit_raw, key, token, data, retention))
+    def commit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
+        return bool(self.backend._call(self._commit_raw, key, token, data, retention, fence))
 
     def lease_listen(self, key: str) -> Any:
         return self.backend.lease_listen(key)
@@ -306,8 +327,10 @@ class DiskIdemStore:
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return await asyncio.to_thread(self.lease_renew, key, token, lease_ttl)
 
-    async def acommit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
-        return await asyncio.to_thread(self.commit, key, token, data, retention)
+    async def acommit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
+        return await asyncio.to_thread(self.commit, key, token, data, retention, fence)
 
     def alease_listen(self, key: str) -> Any:
         return self.backend.alease_listen(key)
@@ -378,18 +401,24 @@ class MemoryIdemStore:
                 self.mapping[fence_key(key)] = (fence, now + fence[2])
             return True
 
-    def commit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
+    def commit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
         with self._lock:
             now = time.monotonic()
             held = self.mapping.get(lease_key(key))
-            if held is None or held[0][0] != token or held[1] <= now:
-                return False
+            ours = held is not None and held[0][0] == token and held[1] > now
+            if not ours:
+                latest = self._get(fence_key(key), now)
+                lapsed = (held is None or held[1] <= now) and self._get(key, now) is None
+                if not (lapsed and latest is not None and latest[0] == fence):
+                    return False
             if data:
                 self.mapping[key] = (data, now + retention)
             self.mapping.pop(lease_key(key), None)
-            fence = self._get(fence_key(key), now)
-            if fence is not None:
-                self.mapping[fence_key(key)] = ((fence[0], False, fence[2]), now + fence[2])
+            kept = self._get(fence_key(key), now)
+            if kept is not None:
+                self.mapping[fence_key(key)] = ((kept[0], False, kept[2]), now + kept[2])
             self._lock.notify_all()
             return True
 
@@ -402,8 +431,10 @@ class MemoryIdemStore:
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return self.lease_renew(key, token, lease_ttl)
 
-    async def acommit(self, key: str, token: str, data: bytes | None, retention: float) -> bool:
-        return self.commit(key, token, data, retention)
+    async def acommit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
+        return self.commit(key, token, data, retention, fence)
 
     def alease_listen(self, key: str) -> _AsyncPolling:
         return _AsyncPolling(self.poll_interval)

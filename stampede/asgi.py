@@ -63,6 +63,7 @@ REPLAYED_HEADERS = frozenset(
         "link",
         "cache-control",
         "retry-after",
+        "content-length",  # the body replayed is the same bytes
     }
 )
 PROBLEM = "https://stampede.readthedocs.io/idempotency#"
@@ -267,6 +268,8 @@ def parse_key(raw: bytes) -> str | None:
         allowed = range(0x20, 0x7F)
     else:
         allowed = range(0x21, 0x7F)
+        if any(ch in ',;"\\' for ch in text):
+            return None  # a list, parameters or a broken string: not one bare key
     if not 1 <= len(text) <= 255 or any(ord(ch) not in allowed for ch in text):
         return None
     return text

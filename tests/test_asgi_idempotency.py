@@ -216,7 +216,7 @@ def test_bad_keys_are_400(server: Server) -> None:
 def test_key_parsing() -> None:
     assert parse_key(b"abc") == parse_key(b'"abc"') == "abc"
     assert parse_key(b'"a b\\"c"') == 'a b"c'
-    for bad in (b"", b"a b", b"\x7f", b'"a\\x"', b'"', "é".encode()):
+    for bad in (b"", b"a b", b"\x7f", b'"a\\x"', b'"', "é".encode(), b"a,b", b"abc;x=1"):
         assert parse_key(bad) is None
 
 

@@ -687,3 +687,25 @@ def test_a_fence_never_goes_back_while_its_claim_is_renewed() -> None:
         assert time.monotonic() < deadline
         taken = store.claim("k", "t2", "", 0.1, 0.15, 10_000)
     assert taken.number == 2 and taken.takeover
+
+
+def test_a_claim_whose_lease_lapsed_unclaimed_still_records(store: Any) -> None:
+    """The store was away longer than the lease while the work ran: if no one claimed
+    the key meanwhile, the outcome is recorded (a retry replays it, never runs it
+    again); if someone did, the late commit is refused."""
+    from stampede._idem_stores import CLAIMED, DONE
+
+    backend = Idempotency(store)._core.store
+    assert backend.claim("a", "t1", "", 0.1, 60, 10_000).state == CLAIMED  # fence 1
+    lapsed = time.monotonic() + 0.3
+    wait_until(lambda: time.monotonic() > lapsed, what="the lease to run out")
+    assert backend.commit("a", "t1", b"record", 60, 1)  # nobody claimed: recorded
+    assert backend.claim("a", "t9", "", 0.1, 60, 10_000).state == DONE
+
+    assert backend.claim("b", "t1", "", 0.1, 60, 10_000).state == CLAIMED  # fence 1
+    lapsed = time.monotonic() + 0.3
+    wait_until(lambda: time.monotonic() > lapsed, what="the lease to run out")
+    taken = backend.claim("b", "t2", "", 5, 60, 10_000)
+    assert (taken.state, taken.number) == (CLAIMED, 2)
+    assert not backend.commit("b", "t1", b"late", 60, 1)  # taken over: refused
+    assert backend.commit("b", "t2", b"record", 60, 2)

@@ -74,17 +74,18 @@ def run(core: SyncIdemCore, k: str, fn: Loader[Any], fp: str) -> tuple[Any, bool
     fence_ttl = opts.retention + opts.lease_ttl  # a fence outlives the record it numbers
     deadline = None
     waited = False
-    found: Claimed | None = None
+    listening = False
     while True:
         try:
-            if found is None:
+            if not listening:
                 # The first look without a listener: most claims find a record or
                 # take the key, and a wake-up registration costs more than a claim.
-                found = store.claim(
+                found: Claimed = store.claim(
                     k, token, fp, opts.lease_ttl, fence_ttl, opts.max_record_size
                 )
                 if found.state == RUNNING:
                     _still_running(core, found, fp, None)  # KeyReused, or InFlight (reject)
+                    listening = True
                     continue  # then listening before claiming again: no lost wake-up
             else:
                 with store.lease_listen(k) as wake:
@@ -147,35 +148,38 @@ def _lead(
                 core.counters.count("executed")
                 releases = getattr(exc, "releases_key", False)  # (the HTTP layer's signal)
                 if not releases and (isinstance(exc, opts.record_errors) or claim.effect):
-                    _commit(core, k, token, core.recorded_error(k, fp, fence, exc))
+                    _commit(core, k, token, fence, core.recorded_error(k, fp, fence, exc))
                 else:
                     core.counters.count("released")
-                    _commit(core, k, token, None)
+                    _commit(core, k, token, fence, None)
                 raise
             except BaseException:
                 core.counters.count("executed")
                 if claim.effect:
                     # Interrupted after its side effect began: never run again.
-                    _commit(core, k, token, core.unreplayable(k, fp, fence))
+                    _commit(core, k, token, fence, core.unreplayable(k, fp, fence))
                 else:
                     # Interrupted or cancelled before: free the key (a retry runs
                     # again, as after a crash).
-                    _commit(core, k, token, None)
+                    _commit(core, k, token, fence, None)
                 raise
     finally:
         _current.reset(reset)
     core.counters.count("executed")
     data = core.recorded(k, fp, fence, value)
-    if _commit(core, k, token, data):
+    if _commit(core, k, token, fence, data):
         core.remember(k, data, opts.retention)
     return value, False
 
 
-def _commit(core: SyncIdemCore, k: str, token: str, data: bytes | None) -> bool:
-    """Record (or release, ``data`` None) if the lease is still ours; whether it was.
-    A failing store is logged, never raised over the work's own outcome."""
+def _commit(
+    core: SyncIdemCore, k: str, token: str, fence: int, data: bytes | None
+) -> bool:
+    """Record (or release, ``data`` None) if the claim is still ours (its lease, or
+    its fence the latest); whether it was. A failing store is logged, never raised
+    over the work's own outcome."""
     try:
-        if core.store.commit(k, token, data, core.options.retention):
+        if core.store.commit(k, token, data, core.options.retention, fence):
             return True
         core.counters.count("fenced")  # taken over meanwhile: its record stands
     except BackendUnavailable:
