@@ -25,7 +25,7 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-pytest_plugins = ["tests.redis_fixtures"]
+pytest_plugins = ["tests.redis_fixtures", "tests.pg_fixtures"]
 
 
 @pytest.fixture(autouse=True)
