@@ -119,6 +119,7 @@ class RedisIdemStore:
     """Records in Redis, through the cache's Redis store (its client, breaker, wake-ups)."""
 
     local = False
+    transactional = False
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend  # a RedisBackend or AsyncRedisBackend
@@ -217,6 +218,7 @@ class DiskIdemStore:
     """Records in a diskcache folder: each step one transaction, rows read raw."""
 
     local = False
+    transactional = False
     poll_interval = 0.02
 
     def __init__(self, backend: Any) -> None:
@@ -346,6 +348,7 @@ class MemoryIdemStore:
     """Records in a mapping of this process (one process only), under one lock."""
 
     local = True
+    transactional = False
     poll_interval = 0.01
 
     def __init__(self, mapping: MutableMapping[Any, Any] | None = None) -> None:
@@ -478,6 +481,11 @@ def resolve_idem_store(store: Any, *, asynchronous: bool) -> Any:
         return MemoryIdemStore()
     if isinstance(store, MutableMapping) and not isinstance(store, SharedStore):
         return MemoryIdemStore(store)
+    from ._idem_pg import postgres_store
+
+    found = postgres_store(store, asynchronous=asynchronous)
+    if found is not None:
+        return found
     try:
         backend = resolve(store, asynchronous=asynchronous)
     except TypeError:
@@ -496,7 +504,8 @@ def resolve_idem_store(store: Any, *, asynchronous: bool) -> Any:
         return DiskIdemStore(backend.bind(_no_codec(), ""))
     raise TypeError(
         f"cannot keep idempotency records in {store!r}: pass a dict (one process), a "
-        "diskcache.Cache, a redis.Redis / redis.asyncio.Redis client, or a URL"
+        "diskcache.Cache, a redis.Redis / redis.asyncio.Redis client, a psycopg_pool "
+        "pool, or a URL"
     )
 
 

@@ -189,8 +189,9 @@ class _Base:
         Args:
             store: a dict (one process), a ``diskcache.Cache``, a ``redis.Redis``
                 (``redis.asyncio.Redis`` for ``AsyncIdempotency``) or
-                ``RedisCluster`` client, or a URL (``memory://``, ``disk:///path``,
-                ``redis://...``).
+                ``RedisCluster`` client, a ``psycopg_pool.ConnectionPool``
+                (``AsyncConnectionPool``), or a URL (``memory://``,
+                ``disk:///path``, ``redis://...``, ``postgresql://...``).
             namespace: the prefix of this layer's keys in the store.
             retention: seconds a finished execution's record is kept and replayed
                 (default 48 h: a 24 h retry window, safely).
@@ -244,6 +245,16 @@ class _Base:
             fingerprint
         )
 
+    def _in(self, transaction: Any) -> Any:
+        """The store's steps in the caller's transaction (PostgreSQL stores only)."""
+        in_transaction = getattr(self._core.store, "in_transaction", None)
+        if in_transaction is None:
+            raise TypeError(
+                "transaction= needs a PostgreSQL store (a postgresql:// URL or a psycopg "
+                f"pool), not {self._core.store!r}"
+            )
+        return in_transaction(transaction)
+
     def _in_flight(self) -> InFlight:
         self._core.counters.count("rejected")
         return InFlight("this idempotency key's first execution is still running")
@@ -269,7 +280,12 @@ class Idempotency(_Base):
         self._flight = SingleFlight()
 
     def do(
-        self, key: Hashable, fn: Callable[[], R], *, fingerprint: object = None
+        self,
+        key: Hashable,
+        fn: Callable[[], R],
+        *,
+        fingerprint: object = None,
+        transaction: Any = None,
     ) -> tuple[R, bool]:
         """``fn()``'s outcome for ``key``: (value, replayed).
 
@@ -281,8 +297,16 @@ class Idempotency(_Base):
         Raises ``InFlight``, ``KeyReused``, ``ReplayUnavailable``,
         ``BackendUnavailable`` (the store down, ``on_backend_error="raise"``),
         or ``fn``'s own exception (a recorded one: a new instance of its type).
+
+        ``transaction``: a ``psycopg.Connection`` in an open transaction, on the
+        database of a PostgreSQL store. The key is claimed and the outcome
+        written in that transaction: a rollback undoes them with the caller's
+        other writes, and a duplicate's claim waits until the transaction ends
+        (then replays after a commit, or runs after a rollback).
         """
         k, fp = self._keys(key, fingerprint)
+        if transaction is not None:
+            return sync_engine.run(self._core, k, fn, fp, self._in(transaction))
         kept, value = self._core.replayed_here(k, fp)
         if kept:
             return value, True
@@ -348,19 +372,38 @@ class AsyncIdempotency(_Base):
 
     @overload
     async def do(
-        self, key: Hashable, fn: Callable[[], Awaitable[U]], *, fingerprint: object = None
+        self,
+        key: Hashable,
+        fn: Callable[[], Awaitable[U]],
+        *,
+        fingerprint: object = None,
+        transaction: Any = None,
     ) -> tuple[U, bool]: ...
 
     @overload
     async def do(
-        self, key: Hashable, fn: Callable[[], U], *, fingerprint: object = None
+        self,
+        key: Hashable,
+        fn: Callable[[], U],
+        *,
+        fingerprint: object = None,
+        transaction: Any = None,
     ) -> tuple[U, bool]: ...
 
     async def do(
-        self, key: Hashable, fn: Callable[[], Any], *, fingerprint: object = None
+        self,
+        key: Hashable,
+        fn: Callable[[], Any],
+        *,
+        fingerprint: object = None,
+        transaction: Any = None,
     ) -> tuple[Any, bool]:
-        """See ``Idempotency.do``; ``fn`` may be a coroutine function or a plain one."""
+        """See ``Idempotency.do``; ``fn`` may be a coroutine function or a plain one;
+        ``transaction``: a ``psycopg.AsyncConnection`` in an open transaction (the
+        work then runs in the caller's task, on that transaction)."""
         k, fp = self._keys(key, fingerprint)
+        if transaction is not None:
+            return await async_engine.run(self._core, k, fn, fp, self._in(transaction))
         kept, local = self._core.replayed_here(k, fp)
         if kept:
             return local, True

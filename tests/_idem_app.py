@@ -2,7 +2,8 @@
 
 Run by uvicorn with several workers (``python -m uvicorn tests._idem_app:app
 --workers N``). Settings from the environment: ``REDIS_URL`` (records, and the
-run counters the test reads), ``IDEM_NAMESPACE``, ``IDEM_LEASE_TTL``,
+run counters the test reads), ``IDEM_STORE_URL`` (records elsewhere: a
+``postgresql://`` URL), ``IDEM_NAMESPACE``, ``IDEM_LEASE_TTL``,
 ``IDEM_ON_CONFLICT``, ``IDEM_WAIT_TIMEOUT``. A handler counts each of its runs
 with ``INCR runs:<namespace>:<route>:<key>``; ``/payments`` waits until
 ``release:<namespace>`` exists, so a test can line its duplicates up.
@@ -32,7 +33,8 @@ app = FastAPI()
 app.add_middleware(
     stampede.asgi.IdempotencyMiddleware,
     idempotency=stampede.AsyncIdempotency(
-        redis.asyncio.Redis.from_url(URL, socket_timeout=1, socket_connect_timeout=1),
+        os.environ.get("IDEM_STORE_URL")
+        or redis.asyncio.Redis.from_url(URL, socket_timeout=1, socket_connect_timeout=1),
         namespace=NS,
         lease_ttl=float(os.environ.get("IDEM_LEASE_TTL", "2")),
         on_conflict=os.environ.get("IDEM_ON_CONFLICT", "wait"),  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """A process for tests/test_idempotency.py (run as a script).
 
-argv: store (a redis URL or a disk folder), key, callers, workdir, lease_ttl, mode
+argv: store (a redis or postgresql URL, or a disk folder), key, callers, workdir, lease_ttl, mode
 
 Modes:
 - ``fleet``: once ``go`` exists in workdir, ``callers`` threads call ``do(key)``;
@@ -34,6 +34,8 @@ def wait_for(path: Path, deadline: float = 60.0) -> None:
 
 
 def store_of(where: str) -> Any:
+    if where.startswith("postgresql://"):
+        return where  # the store makes its own pool
     if where.startswith("redis://"):
         import redis
 

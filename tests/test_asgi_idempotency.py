@@ -93,6 +93,16 @@ def server(redis_url: str) -> Iterator[Server]:
         yield running
 
 
+@pytest.fixture(params=["redis", "postgres"])
+def any_server(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Server]:
+    """The app with its records in Redis, then in PostgreSQL (the middleware unchanged)."""
+    env = {}
+    if request.param == "postgres":
+        env["IDEM_STORE_URL"] = request.getfixturevalue("pg_url")
+    with Server(redis_url, **env) as running:
+        yield running
+
+
 async def post(
     url: str, path: str, key: str | None = None, json: Any = None, **headers: str
 ) -> httpx.Response:
@@ -104,7 +114,9 @@ async def post(
 
 
 @pytest.mark.timeout(120)
-def test_concurrent_duplicates_across_workers_run_once(server: Server) -> None:
+def test_concurrent_duplicates_across_workers_run_once(any_server: Server) -> None:
+    server = any_server
+
     async def main() -> list[httpx.Response]:
         requests = [
             asyncio.create_task(post(server.url, "/payments", "pay-1", {"order": 7, "amount": 5}))
@@ -132,7 +144,9 @@ def test_concurrent_duplicates_across_workers_run_once(server: Server) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_replays_are_byte_identical(server: Server) -> None:
+def test_replays_are_byte_identical(any_server: Server) -> None:
+    server = any_server
+
     server.release()
 
     async def main() -> None:

@@ -12,8 +12,11 @@ show them:
   for the reader's own database or origin).
 - ``redis://localhost:6379`` in a block means the test's private Redis server:
   the text is rewritten to its URL, so no example touches a shared server.
+- ``postgresql://localhost/app`` likewise means a fresh database on the test's
+  private PostgreSQL server.
 
-A page whose examples use Redis gets a private server emptied for it.
+A page whose examples use Redis gets a private server emptied for it; one whose
+examples use PostgreSQL, a database of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 REDIS_PLACEHOLDER = "redis://localhost:6379"
+POSTGRES_PLACEHOLDER = "postgresql://localhost/app"
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)(?P<rest>.*)$")
 _SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s+(?P<reason>\S.*?)\s*-->")
@@ -47,12 +51,18 @@ class Page:
     def uses_redis(self) -> bool:
         return any(REDIS_PLACEHOLDER in code for _, code in self.blocks)
 
-    def script(self, redis_url: str | None) -> str:
+    @property
+    def uses_postgres(self) -> bool:
+        return any(POSTGRES_PLACEHOLDER in code for _, code in self.blocks)
+
+    def script(self, redis_url: str | None, pg_url: str | None = None) -> str:
         parts = []
         for line, code in self.blocks:
             if redis_url is not None:
                 parts_ = urlsplit(redis_url)
                 code = code.replace(REDIS_PLACEHOLDER, f"{parts_.scheme}://{parts_.netloc}")
+            if pg_url is not None:
+                code = code.replace(POSTGRES_PLACEHOLDER, pg_url)
             parts.append(f"# --- {self.path.relative_to(ROOT)}:{line}\n{code}")
         return "\n".join(parts)
 
@@ -118,11 +128,13 @@ def test_docs_have_examples() -> None:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.path.relative_to(ROOT)) for p in RUNNABLE])
 def test_page_examples_run(page: Page, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    redis_url = None
+    redis_url = pg_url = None
     if page.uses_redis:
         redis_url = request.getfixturevalue("redis_url")
+    if page.uses_postgres:
+        pg_url = request.getfixturevalue("pg_url")
     script = tmp_path / (page.path.stem + "_examples.py")
-    script.write_text(page.script(redis_url), encoding="utf-8")
+    script.write_text(page.script(redis_url, pg_url), encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
     done = subprocess.run(
         [sys.executable, str(script)],

@@ -64,9 +64,15 @@ class AsyncIdemCore(Protocol):
     def unreplayable(self, key: str, fingerprint: str, fence: int) -> bytes: ...
 
 
-async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[Any, bool]:
-    """Claim ``k`` and run ``fn`` once for it, or replay its record: (value, replayed)."""
-    store = core.store
+async def run(
+    core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str, store: Any = None
+) -> tuple[Any, bool]:
+    """Claim ``k`` and run ``fn`` once for it, or replay its record: (value, replayed).
+
+    ``store``: the core's store, or its steps in the caller's transaction
+    (``InTransaction``: nothing is kept in this process, since it may roll back).
+    """
+    store = core.store if store is None else store
     opts = core.options
     token = secrets.token_hex(16)
     fence_ttl = opts.retention + opts.lease_ttl  # a fence outlives the record it numbers
@@ -102,18 +108,19 @@ async def run(core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str) -> tuple[A
                         continue
             if found.state == DONE:
                 core.counters.count("replayed")
-                core.remember(k, found.data, found.number)
+                if not store.transactional:
+                    core.remember(k, found.data, found.number)
                 return core.replay(k, found.data, fp), True
             break  # CLAIMED
         except BackendUnavailable:
-            if not opts.fail_open:
+            if not opts.fail_open or store.transactional:
                 raise
             core.counters.count("unprotected")
             log.warning("idempotency store unavailable: running the work unprotected")
             return await acall_loader(fn), False
     if found.takeover:
         core.counters.count("takeovers")
-    return await _lead(core, k, fn, fp, token, int(found.number))
+    return await _lead(core, store, k, fn, fp, token, int(found.number))
 
 
 def _still_running(core: AsyncIdemCore, found: Claimed, fp: str, left: float | None) -> None:
@@ -131,10 +138,9 @@ def _still_running(core: AsyncIdemCore, found: Claimed, fp: str, left: float | N
 
 
 async def _lead(
-    core: AsyncIdemCore, k: str, fn: ALoader[Any], fp: str, token: str, fence: int
+    core: AsyncIdemCore, store: Any, k: str, fn: ALoader[Any], fp: str, token: str, fence: int
 ) -> tuple[Any, bool]:
     """Run the work under the claim, then record its outcome (or release the key)."""
-    store = core.store
     opts = core.options
     claim = Claim(k, fence)
     reset = _current.set(claim)
@@ -146,38 +152,40 @@ async def _lead(
                 core.counters.count("executed")
                 releases = getattr(exc, "releases_key", False)  # (the HTTP layer's signal)
                 if not releases and (isinstance(exc, opts.record_errors) or claim.effect):
-                    await _commit(core, k, token, fence, core.recorded_error(k, fp, fence, exc))
+                    await _commit(
+                        core, store, k, token, fence, core.recorded_error(k, fp, fence, exc)
+                    )
                 else:
                     core.counters.count("released")
-                    await _commit(core, k, token, fence, None)
+                    await _commit(core, store, k, token, fence, None)
                 raise
             except BaseException:
                 core.counters.count("executed")
                 if claim.effect:
                     # Interrupted after its side effect began: never run again.
-                    await _commit(core, k, token, fence, core.unreplayable(k, fp, fence))
+                    await _commit(core, store, k, token, fence, core.unreplayable(k, fp, fence))
                 else:
                     # Interrupted or cancelled before: free the key (a retry runs
                     # again, as after a crash).
-                    await _commit(core, k, token, fence, None)
+                    await _commit(core, store, k, token, fence, None)
                 raise
     finally:
         _current.reset(reset)
     core.counters.count("executed")
     data = core.recorded(k, fp, fence, value)
-    if await _commit(core, k, token, fence, data):
+    if await _commit(core, store, k, token, fence, data) and not store.transactional:
         core.remember(k, data, opts.retention)
     return value, False
 
 
 async def _commit(
-    core: AsyncIdemCore, k: str, token: str, fence: int, data: bytes | None
+    core: AsyncIdemCore, store: Any, k: str, token: str, fence: int, data: bytes | None
 ) -> bool:
     """Record (or release, ``data`` None) if the claim is still ours (its lease, or
     its fence the latest); whether it was. A failing store is logged, never raised
     over the work's own outcome."""
     try:
-        if await core.store.acommit(k, token, data, core.options.retention, fence):
+        if await store.acommit(k, token, data, core.options.retention, fence):
             return True
         core.counters.count("fenced")  # taken over meanwhile: its record stands
     except BackendUnavailable:
@@ -187,4 +195,3 @@ async def _commit(
             exc_info=True,
         )
     return False
-
