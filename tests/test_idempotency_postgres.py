@@ -387,6 +387,35 @@ def test_owner_backend_terminated_mid_work(pool: Any, pg_url: str) -> None:
     assert Idempotency(pool).do("k", work) == ("taker", True)
 
 
+def test_owner_pool_backends_terminated_mid_work_renew_and_record(pg_url: str) -> None:
+    """On the store's pool the lease is a row, not a connection: backends killed while
+    the work runs (pg_terminate_backend) cost a reconnect, never a second run."""
+    kwargs = {"application_name": "owner"}
+    with psycopg_pool.ConnectionPool(pg_url, kwargs=kwargs, min_size=2, max_size=4) as pool:
+        owner = Idempotency(pool, lease_ttl=3)  # renewed every second
+        taker = Idempotency(pg_url, lease_ttl=3, on_conflict="reject")
+        work = Work("once", held=True)
+        thread, out = in_thread(lambda: owner.do("k", work))
+        assert work.entered.wait(10)
+        killed = sql(
+            pg_url,
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'owner' AND datname = current_database()",
+        )[0][0]
+        assert killed >= 1
+        renewed = sql(pg_url, f"SELECT lease_until FROM {_idem_pg.TABLE}")[0][0]
+        wait_until(
+            lambda: sql(pg_url, f"SELECT lease_until FROM {_idem_pg.TABLE}")[0][0] > renewed,
+            what="a renewal on a new connection",
+        )
+        with pytest.raises(InFlight):
+            taker.do("k", work)  # still held: never taken over
+        work.release.set()
+        join_all([thread])
+        assert out == [("once", False)] and owner.stats().fenced == 0
+        assert taker.do("k", work) == ("once", True) and work.runs == 1
+
+
 def test_server_restarted_in_the_transaction_leaves_nothing(fresh_pg_server: Any) -> None:
     url = fresh_pg_server.url("postgres")
     idem = Idempotency(url)
