@@ -21,9 +21,14 @@ keys, even over a rolled-back claim or a deleted row.
 
 In the caller's transaction (``do(..., transaction=conn)``), ``InTransaction``
 runs the claim and the commit on the caller's connection: the row is written
-with the caller's other rows, a duplicate's ``INSERT`` waits on the unique
-index until that transaction ends, and a rollback undoes the claim and the
-outcome with the business writes.
+with the caller's other rows, and a rollback undoes the claim and the outcome
+with the business writes. Each claim there is made under a savepoint, rolled
+back unless the key was taken: a claim that found a record or a running claim
+never keeps a lock on that row (``ON CONFLICT DO UPDATE`` locks the row even
+when its ``WHERE`` is false), a claim that waited too long leaves the
+caller's transaction usable, and the ``lock_timeout`` it set is put back.
+A duplicate of a transaction still running sees "running": it waits for the
+outcome (up to ``wait_timeout``) like any other caller.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ import weakref
 from typing import Any, NoReturn
 
 from ._breaker import Breaker
-from ._errors import BackendUnavailable, InFlight
+from ._errors import BackendUnavailable, IdempotencyError
 from ._idem_stores import CLAIMED, DONE, RUNNING, Claimed
-from .backends._shared import CircuitOpen
+from .backends._shared import CircuitOpen, StoreBusy
 
 log = logging.getLogger("stampede")
 
@@ -72,24 +77,24 @@ _FREE = (
 )
 
 
-def _claim_sql(bounded: bool) -> str:
-    # ``settings`` bounds the wait for a row another transaction holds (set for
-    # this statement's own transaction; never in the caller's transaction).
-    settings = (
-        "settings AS MATERIALIZED"
-        f" (SELECT set_config('lock_timeout', '{CLAIM_LOCK_TIMEOUT}', true)),"
-        if bounded
-        else "settings AS MATERIALIZED (SELECT 1),"
-    )
-    return f"""
-WITH {settings}
-old AS (SELECT token IS NOT NULL AND record IS NULL AS open FROM {TABLE} WHERE key = %(k)s),
+# ``prior`` keeps the caller's lock_timeout (put back after a claim taken in the
+# caller's transaction); ``settings`` bounds the wait for a row that another
+# transaction holds, for this statement's transaction (or savepoint) only.
+CLAIM = f"""
+WITH prior AS MATERIALIZED (SELECT current_setting('lock_timeout') AS was),
+settings AS MATERIALIZED (
+  SELECT set_config('lock_timeout', '{CLAIM_LOCK_TIMEOUT}', true) FROM prior),
+old AS (SELECT token IS NOT NULL AND record IS NULL AS open, ({_FREE}) AS free
+        FROM {TABLE} AS r WHERE key = %(k)s),
 claimed AS (
   INSERT INTO {TABLE} AS r (key, fingerprint, token, fence, lease_until, created_at, expires_at)
   SELECT %(k)s, %(fp)s, %(token)s, nextval('{TABLE}_fence'),
          statement_timestamp() + %(lease)s * interval '1 second', statement_timestamp(),
          statement_timestamp() + %(keep)s * interval '1 second'
   FROM settings
+  -- A live record or a running claim, as of this statement: read, not written (no
+  -- row lock, no fence number taken); a row freed since is claimed next time.
+  WHERE coalesce((SELECT free FROM old), true)
   ON CONFLICT (key) DO UPDATE SET
     fingerprint = excluded.fingerprint, token = excluded.token, fence = excluded.fence,
     lease_until = excluded.lease_until, record = NULL, created_at = excluded.created_at,
@@ -98,19 +103,17 @@ claimed AS (
   RETURNING r.fence
 )
 SELECT true, fence, NULL::bytea, 0, '', '',
-       0::float8, 0::float8, coalesce((SELECT open FROM old), false)
+       0::float8, 0::float8, coalesce((SELECT open FROM old), false), (SELECT was FROM prior)
 FROM claimed
 UNION ALL
 SELECT false, fence, CASE WHEN octet_length(record) <= %(limit)s THEN record END,
        coalesce(octet_length(record), 0), fingerprint, coalesce(token, ''),
        coalesce(extract(epoch FROM lease_until - statement_timestamp())::float8, 0),
-       extract(epoch FROM expires_at - statement_timestamp())::float8, false
+       extract(epoch FROM expires_at - statement_timestamp())::float8, false,
+       (SELECT was FROM prior)
 FROM {TABLE} WHERE key = %(k)s AND NOT EXISTS (SELECT FROM claimed)
 """
-
-
-CLAIM = _claim_sql(bounded=True)
-CLAIM_IN_TRANSACTION = _claim_sql(bounded=False)
+CLAIM_TRIES = 5  # statements per claim when rows are freed under it
 
 RENEW = f"""
 UPDATE {TABLE} SET
@@ -124,16 +127,24 @@ WITH done AS (
   UPDATE {TABLE} SET record = %(data)s, token = NULL, lease_until = NULL,
     expires_at = CASE WHEN %(data)s::bytea IS NULL THEN expires_at
                  ELSE statement_timestamp() + %(retention)s * interval '1 second' END
-  WHERE key = %(k)s AND token = %(token)s AND record IS NULL
+  WHERE key = %(k)s AND (token = %(token)s AND record IS NULL
+    -- (or this same commit again, its first reply lost: the fence is this claim's alone)
+    OR fence = %(fence)s AND token IS NULL)
   RETURNING key
 )
 SELECT pg_notify('{CHANNEL}', key) FROM done
 """
 
-SWEEP = f"""
-DELETE FROM {TABLE} WHERE key IN (
-  SELECT key FROM {TABLE} WHERE expires_at <= statement_timestamp()
+SWEEP = """
+DELETE FROM {table} WHERE key IN (
+  SELECT key FROM {table} WHERE expires_at <= statement_timestamp()
   ORDER BY expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED)
+"""
+# The table as the pool's connections see it (their search_path), schema-qualified:
+# the listening connection sweeps it whatever its own settings.
+WHERE_IS = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)
 """
 
 
@@ -150,23 +161,31 @@ def _params(
     }
 
 
-class _Retry(Exception):
-    """The claim met a row being freed by another transaction: read it again."""
-
-
-def _found(row: Any, token: str) -> Claimed:
-    claimed, fence, record, size, fingerprint, holder, lease_left, expires_left, opened = row
+def _found(rows: Any, token: str) -> tuple[Claimed | None, str]:
+    """What a claim statement found, and the caller's lock_timeout before it; None
+    when the row was freed after the statement's snapshot (look again)."""
+    if not rows:
+        return None, "0"
+    claimed, fence, record, size, fingerprint, holder, lease_left, expires_left, opened, was = rows[
+        0
+    ]
     if claimed:
-        return Claimed(CLAIMED, number=int(fence), takeover=bool(opened))
+        return Claimed(CLAIMED, number=int(fence), takeover=bool(opened)), was
     if expires_left > 0 and size:
         data = bytes(record) if record is not None else int(size)
-        return Claimed(DONE, data, number=float(expires_left))
+        return Claimed(DONE, data, number=float(expires_left)), was
     if holder == token:
         # Our own claim, made by an attempt whose reply was lost: it is ours.
-        return Claimed(CLAIMED, number=int(fence))
+        return Claimed(CLAIMED, number=int(fence)), was
     if holder and lease_left > 0 and expires_left > 0:
-        return Claimed(RUNNING, holder=fingerprint, number=float(lease_left))
-    raise _Retry  # free, but not claimed by this statement: its snapshot was older
+        return Claimed(RUNNING, holder=fingerprint, number=float(lease_left)), was
+    return None, was  # free, but not claimed by this statement: its snapshot was older
+
+
+def _held(fingerprint: str, lease_ttl: float) -> Claimed:
+    """Another transaction holds the row (a claim in its transaction, not yet ended):
+    running, as far as anyone else can tell."""
+    return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
 
 
 def _unavailable(exc: BaseException) -> BackendUnavailable:
@@ -188,9 +207,11 @@ def _errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
 def _broken(exc: BaseException) -> bool:
     """A connection lost under the statement (server restarted, backend killed)."""
     import psycopg
+    import psycopg_pool
 
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
-        exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
+        exc,
+        (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, psycopg_pool.PoolTimeout),
     )
 
 
@@ -237,6 +258,7 @@ class _Listener:
         self.connected = threading.Event()
         self.swept = 0.0  # time.monotonic() of the last sweep
         self.sweeps = 0
+        self.tables: set[str] = set()  # schema-qualified, found by the stores
 
     def start(self) -> None:
         with self.lock:
@@ -299,18 +321,12 @@ class _Listener:
         """Delete expired rows, ``SWEEP_BATCH`` at a time, at most ``SWEEP_BATCHES`` times."""
         self.swept = time.monotonic()
         removed = 0
-        for _ in range(SWEEP_BATCHES):
-            try:
-                count = conn.execute(SWEEP, {"n": SWEEP_BATCH}).rowcount
-            except Exception as exc:
-                import psycopg
-
-                if isinstance(exc, psycopg.errors.UndefinedTable):
-                    break  # (no record written yet)
-                raise
-            removed += max(0, count)
-            if count < SWEEP_BATCH:
-                break
+        for table in sorted(self.tables):
+            for _ in range(SWEEP_BATCHES):
+                count = conn.execute(SWEEP.format(table=table), {"n": SWEEP_BATCH}).rowcount
+                removed += max(0, count)
+                if count < SWEEP_BATCH:
+                    break
         self.sweeps += 1
         return removed
 
@@ -384,6 +400,80 @@ class _AsyncListening:
         self.waiter.event.clear()
 
 
+# -- connections for an AsyncIdempotency made from a URL ---------------------------------------
+
+
+class _LoopConnections:
+    """The async connections a store made from a URL keeps, for each event loop.
+
+    A psycopg_pool ``AsyncConnectionPool`` runs worker tasks that must be closed in
+    their own loop: one left open when ``asyncio.run`` ends can hang the loop's
+    shutdown, and one opened in a loop since gone never refills. These are plain
+    connections, kept idle per loop (at most ``max_size`` in use per loop, waited
+    for up to ``timeout`` seconds), with nothing running in the background.
+    """
+
+    def __init__(self, conninfo: str, *, max_size: int = 10, timeout: float = 2.0) -> None:
+        self.conninfo = conninfo
+        self.kwargs: dict[str, Any] = {"autocommit": True}
+        self.max_size, self.timeout = max_size, timeout
+        self._loops: weakref.WeakKeyDictionary[Any, tuple[list[Any], asyncio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.busy = 0
+
+    def _of_loop(self) -> tuple[list[Any], asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        found = self._loops.get(loop)
+        if found is None:
+            found = self._loops.setdefault(loop, ([], asyncio.Semaphore(self.max_size)))
+        return found
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> Any:
+        import psycopg
+        import psycopg_pool
+
+        idle, slots = self._of_loop()
+        try:
+            await asyncio.wait_for(slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            raise psycopg_pool.PoolTimeout(f"no connection free within {self.timeout} s") from None
+        self.busy += 1
+        try:
+            conn = idle.pop() if idle else None
+            if conn is None:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.conninfo, **_listen_kwargs(self.conninfo, self.kwargs), autocommit=True
+                )
+            try:
+                yield conn
+            except BaseException:
+                await self._close(conn)
+                raise
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self._close(conn)
+            else:
+                idle.append(conn)
+        finally:
+            self.busy -= 1
+            slots.release()
+
+    @staticmethod
+    async def _close(conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    async def check(self) -> None:
+        """Close the idle connections (a restart broke them)."""
+        idle, _ = self._of_loop()
+        while idle:
+            await self._close(idle.pop())
+
+    def __repr__(self) -> str:
+        return "connections per event loop"
+
+
 # -- the store -------------------------------------------------------------------------------
 
 
@@ -394,44 +484,38 @@ class PostgresIdemStore:
     local = False
     transactional = False
 
-    def __init__(self, pool: Any, *, asynchronous: bool, owned: bool = False) -> None:
+    def __init__(self, pool: Any, *, asynchronous: bool) -> None:
         self.pool = pool
         self.asynchronous = asynchronous
-        self.owned = owned  # made here from a URL: opened (and closed) here
         self._ready = False  # the table is there
         self._ready_lock = threading.Lock()
-        self._opened = False
         self._alock: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
         self.listener = _listener_for(pool.conninfo, dict(pool.kwargs or {}))
         self.breaker = Breaker()  # a dead server costs one fast refusal, not a pool timeout
 
-    # setup
-
-    def _create(self, conn: Any) -> None:
-        # Concurrent CREATE ... IF NOT EXISTS can still collide: one at a time.
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
-            conn.execute(DDL)
+    # setup: the table (created on first use unless a migration made it), and the
+    # process's listening connection, started before anyone waits
 
     def ensure(self) -> None:
-        """The table exists (created on first use unless a migration made it); the
-        process's listening connection is started, ready for the first wait."""
         if self._ready:
             return
         self.listener.start()
         away, _ = _errors()
-        try:
-            self._ensure()
-        except away as exc:
-            raise _unavailable(exc) from exc
-
-    def _ensure(self) -> None:
         with self._ready_lock:
             if self._ready:
                 return
-            with self.pool.connection() as conn:
-                if not self._exists(_rows(conn, "SELECT to_regclass(%s)", (TABLE,))):
-                    self._create(conn)
+            try:
+                with self.pool.connection() as conn:
+                    found = _rows(conn, WHERE_IS, (TABLE,))
+                    if not found:
+                        # Concurrent CREATE ... IF NOT EXISTS can still collide: one at a time.
+                        with conn.transaction():
+                            _rows(conn, "SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
+                            conn.execute(DDL)
+                        found = _rows(conn, WHERE_IS, (TABLE,))
+            except away as exc:
+                raise _unavailable(exc) from exc
+            self.listener.tables.add(found[0][0])
             self._ready = True
 
     async def aensure(self) -> None:
@@ -439,12 +523,6 @@ class PostgresIdemStore:
             return
         self.listener.start()
         away, _ = _errors()
-        try:
-            await self._aensure()
-        except away as exc:
-            raise _unavailable(exc) from exc
-
-    async def _aensure(self) -> None:
         loop = asyncio.get_running_loop()
         lock = self._alock.get(loop)
         if lock is None:
@@ -452,27 +530,26 @@ class PostgresIdemStore:
         async with lock:
             if self._ready:
                 return
-            if self.owned and not self._opened:
-                await self.pool.open(wait=False)
-                self._opened = True
-            async with self.pool.connection() as conn:
-                found = await _arows(conn, "SELECT to_regclass(%s)", (TABLE,))
-                if not self._exists(found):
-                    async with conn.transaction():
-                        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,))
-                        await conn.execute(DDL)
+            try:
+                async with self.pool.connection() as conn:
+                    found = await _arows(conn, WHERE_IS, (TABLE,))
+                    if not found:
+                        async with conn.transaction():
+                            await _arows(
+                                conn, "SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE,)
+                            )
+                            await conn.execute(DDL)
+                        found = await _arows(conn, WHERE_IS, (TABLE,))
+            except away as exc:
+                raise _unavailable(exc) from exc
+            self.listener.tables.add(found[0][0])
             self._ready = True
 
-    @staticmethod
-    def _exists(rows: Any) -> bool:
-        return bool(rows) and rows[0][0] is not None
-
-    # sync
+    # each statement: on a pooled connection, behind the breaker; a connection lost
+    # under it is retried once on a checked one (each statement is safe to run
+    # twice: by its token and fence)
 
     def _run(self, sql: str, params: dict[str, Any]) -> Any:
-        """The statement on a pooled connection, behind the breaker; a lost connection
-        is retried once on a checked one (each statement is safe to run twice: by
-        its token)."""
         away, lock_wait = _errors()
         self._admit()
         try:
@@ -492,60 +569,6 @@ class PostgresIdemStore:
     def _once(self, sql: str, params: dict[str, Any]) -> Any:
         with self.pool.connection() as conn:
             return _rows(conn, sql, params)
-
-    def _admit(self) -> None:
-        if not self.breaker.allow():
-            raise CircuitOpen("the PostgreSQL idempotency store is failing: circuit open")
-
-    def _judge(
-        self,
-        exc: BaseException,
-        away: tuple[type[BaseException], ...],
-        lock_wait: type[BaseException],
-    ) -> NoReturn:
-        if isinstance(exc, BackendUnavailable):  # (from ensure)
-            exc = exc.__cause__ or exc
-        if isinstance(exc, away) and not isinstance(exc, lock_wait):
-            self.breaker.failure(exc, self)
-        else:
-            self.breaker.release()
-        if isinstance(exc, away):
-            raise _unavailable(exc) from exc
-        raise exc
-
-    def claim(
-        self, key: str, token: str, fingerprint: str, lease_ttl: float, fence_ttl: float, limit: int
-    ) -> Claimed:
-        params = _params(key, token, fingerprint, lease_ttl, fence_ttl, limit)
-        _, lock_wait = _errors()
-        for _ in range(5):
-            try:
-                rows = self._run(CLAIM, params)
-            except BackendUnavailable as exc:
-                if isinstance(exc.__cause__, lock_wait):  # another transaction holds the row
-                    return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
-                raise
-            try:
-                return _found(rows[0], token) if rows else _retry()
-            except _Retry:
-                continue
-        return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
-
-    def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
-        return bool(self._run(RENEW, {"k": key, "token": token, "lease": lease_ttl}))
-
-    def commit(
-        self, key: str, token: str, data: bytes | None, retention: float, fence: int
-    ) -> bool:
-        params = {"k": key, "token": token, "data": data, "retention": retention}
-        done = bool(self._run(COMMIT, params))
-        self.listener.start()  # (its thread also deletes expired rows)
-        return done
-
-    def lease_listen(self, key: str) -> _Listening:
-        return _Listening(self.listener, key)
-
-    # async
 
     async def _arun(self, sql: str, params: dict[str, Any]) -> Any:
         away, lock_wait = _errors()
@@ -568,23 +591,91 @@ class PostgresIdemStore:
         async with self.pool.connection() as conn:
             return await _arows(conn, sql, params)
 
+    def _admit(self) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpen("the PostgreSQL idempotency store is failing: circuit open")
+
+    def _judge(
+        self,
+        exc: BaseException,
+        away: tuple[type[BaseException], ...],
+        lock_wait: type[BaseException],
+    ) -> NoReturn:
+        """Tell the breaker, and raise what the caller sees."""
+        import psycopg_pool
+
+        if isinstance(exc, BackendUnavailable) and exc.__cause__ is not None:  # (ensure)
+            exc = exc.__cause__
+        if isinstance(exc, psycopg_pool.PoolTimeout) and self._has_connections():
+            self.breaker.release()  # every connection busy: not a sick server
+            raise StoreBusy(f"the PostgreSQL idempotency store's pool is full: {exc}") from exc
+        if isinstance(exc, away) and not isinstance(exc, lock_wait):
+            self.breaker.failure(exc, self)
+        else:
+            self.breaker.release()
+        if isinstance(exc, away):
+            raise _unavailable(exc) from exc
+        raise exc
+
+    def _has_connections(self) -> bool:
+        """Whether the pool holds connections (all busy), not none (the server away)."""
+        try:
+            return int(self.pool.get_stats().get("pool_size", 0)) > 0
+        except Exception:
+            return bool(getattr(self.pool, "busy", 0))
+
+    def _claimed(self, params: dict[str, Any], rows: Any) -> Claimed | None:
+        return _found(rows, params["token"])[0]
+
+    # sync
+
+    def claim(
+        self, key: str, token: str, fingerprint: str, lease_ttl: float, fence_ttl: float, limit: int
+    ) -> Claimed:
+        params = _params(key, token, fingerprint, lease_ttl, fence_ttl, limit)
+        _, lock_wait = _errors()
+        for _ in range(CLAIM_TRIES):
+            try:
+                found, _was = _found(self._run(CLAIM, params), token)
+            except BackendUnavailable as exc:
+                if isinstance(exc.__cause__, lock_wait):  # another transaction holds the row
+                    return _held(fingerprint, lease_ttl)
+                raise
+            if found is not None:
+                return found
+        return _held(fingerprint, lease_ttl)
+
+    def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
+        return bool(self._run(RENEW, {"k": key, "token": token, "lease": lease_ttl}))
+
+    def commit(
+        self, key: str, token: str, data: bytes | None, retention: float, fence: int
+    ) -> bool:
+        params = {"k": key, "token": token, "data": data, "retention": retention, "fence": fence}
+        done = bool(self._run(COMMIT, params))
+        self.listener.start()  # (its thread also deletes expired rows)
+        return done
+
+    def lease_listen(self, key: str) -> _Listening:
+        return _Listening(self.listener, key)
+
+    # async
+
     async def aclaim(
         self, key: str, token: str, fingerprint: str, lease_ttl: float, fence_ttl: float, limit: int
     ) -> Claimed:
         params = _params(key, token, fingerprint, lease_ttl, fence_ttl, limit)
         _, lock_wait = _errors()
-        for _ in range(5):
+        for _ in range(CLAIM_TRIES):
             try:
-                rows = await self._arun(CLAIM, params)
+                found, _was = _found(await self._arun(CLAIM, params), token)
             except BackendUnavailable as exc:
                 if isinstance(exc.__cause__, lock_wait):
-                    return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
+                    return _held(fingerprint, lease_ttl)
                 raise
-            try:
-                return _found(rows[0], token) if rows else _retry()
-            except _Retry:
-                continue
-        return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
+            if found is not None:
+                return found
+        return _held(fingerprint, lease_ttl)
 
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return bool(await self._arun(RENEW, {"k": key, "token": token, "lease": lease_ttl}))
@@ -592,7 +683,7 @@ class PostgresIdemStore:
     async def acommit(
         self, key: str, token: str, data: bytes | None, retention: float, fence: int
     ) -> bool:
-        params = {"k": key, "token": token, "data": data, "retention": retention}
+        params = {"k": key, "token": token, "data": data, "retention": retention, "fence": fence}
         done = bool(await self._arun(COMMIT, params))
         self.listener.start()
         return done
@@ -637,19 +728,30 @@ class PostgresIdemStore:
         return f"PostgresIdemStore({type(self.pool).__name__}, table={TABLE!r})"
 
 
-def _retry() -> Claimed:
-    raise _Retry
+_SAVEPOINT = "SAVEPOINT stampede_claim"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT stampede_claim; RELEASE SAVEPOINT stampede_claim"
+
+
+def _keep(was: str) -> Any:
+    """Put the caller's lock_timeout back, and keep the claim (its savepoint released)."""
+    from psycopg import sql
+
+    return sql.SQL(
+        "SELECT set_config('lock_timeout', {}, true); RELEASE SAVEPOINT stampede_claim"
+    ).format(sql.Literal(was))
 
 
 class InTransaction:
     """The store's steps on the caller's connection, inside its transaction.
 
-    The row is the lease: until the transaction ends no one else sees it, and a
-    duplicate's claim waits on the unique index. Renewal is not needed; the
+    The row is the lease: until the transaction ends no one else sees the claim,
+    and their claims find the row held ("running"). Each claim is made under a
+    savepoint, kept only when the key was taken: a claim that found a record or a
+    running claim releases the row lock its statement took, and one that waited
+    too long leaves the caller's transaction usable. Renewal is not needed; the
     record (or the release) is written in the transaction, and its ``NOTIFY`` is
     sent when the transaction commits. A transaction already failed (the work's
-    own SQL error) cannot be written to: nothing is, and the rollback undoes
-    the claim.
+    own SQL error) is not written to: the caller's rollback frees the key.
     """
 
     local = False
@@ -669,20 +771,25 @@ class InTransaction:
         self.store.ensure()
         params = _params(key, token, fingerprint, lease_ttl, fence_ttl, limit)
         _, lock_wait = _errors()
-        for _ in range(5):
+        conn = self.conn
+        for _ in range(CLAIM_TRIES):
+            conn.execute(_SAVEPOINT)
             try:
-                rows = _rows(self.conn, CLAIM_IN_TRANSACTION, params)
-            except lock_wait as exc:  # the caller's own lock_timeout ran out
-                raise InFlight(
-                    "this idempotency key is held by another transaction (lock_timeout); "
-                    "this transaction is aborted: roll it back",
-                    retry_after=1.0,
-                ) from exc
-            try:
-                return _found(rows[0], token) if rows else _retry()
-            except _Retry:
-                continue
-        return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
+                found, was = _found(_rows(conn, CLAIM, params), token)
+            except lock_wait:
+                conn.execute(_ROLLBACK_TO)  # held by another transaction, still running
+                return _held(fingerprint, lease_ttl)
+            except BaseException:
+                if not conn.closed:
+                    conn.execute(_ROLLBACK_TO)
+                raise
+            if found is not None and found.state == CLAIMED:
+                conn.execute(_keep(was))
+                return found
+            conn.execute(_ROLLBACK_TO)  # not taken: let go of the row's lock
+            if found is not None:
+                return found
+        return _held(fingerprint, lease_ttl)
 
     def lease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return True  # the transaction holds the row
@@ -692,8 +799,8 @@ class InTransaction:
     ) -> bool:
         if self._failed():
             return True  # nothing can be written; the caller's rollback frees the key
-        params = {"k": key, "token": token, "data": data, "retention": retention}
-        return bool(_rows(self.conn, COMMIT, params))
+        params = {"k": key, "token": token, "data": data, "retention": retention, "fence": fence}
+        return _written(bool(_rows(self.conn, COMMIT, params)))
 
     def lease_listen(self, key: str) -> _Listening:
         return self.store.lease_listen(key)
@@ -704,20 +811,25 @@ class InTransaction:
         await self.store.aensure()
         params = _params(key, token, fingerprint, lease_ttl, fence_ttl, limit)
         _, lock_wait = _errors()
-        for _ in range(5):
+        conn = self.conn
+        for _ in range(CLAIM_TRIES):
+            await conn.execute(_SAVEPOINT)
             try:
-                rows = await _arows(self.conn, CLAIM_IN_TRANSACTION, params)
-            except lock_wait as exc:
-                raise InFlight(
-                    "this idempotency key is held by another transaction (lock_timeout); "
-                    "this transaction is aborted: roll it back",
-                    retry_after=1.0,
-                ) from exc
-            try:
-                return _found(rows[0], token) if rows else _retry()
-            except _Retry:
-                continue
-        return Claimed(RUNNING, holder=fingerprint, number=lease_ttl)
+                found, was = _found(await _arows(conn, CLAIM, params), token)
+            except lock_wait:
+                await conn.execute(_ROLLBACK_TO)
+                return _held(fingerprint, lease_ttl)
+            except BaseException:
+                if not conn.closed:
+                    await conn.execute(_ROLLBACK_TO)
+                raise
+            if found is not None and found.state == CLAIMED:
+                await conn.execute(_keep(was))
+                return found
+            await conn.execute(_ROLLBACK_TO)
+            if found is not None:
+                return found
+        return _held(fingerprint, lease_ttl)
 
     async def alease_renew(self, key: str, token: str, lease_ttl: float) -> bool:
         return True
@@ -727,11 +839,22 @@ class InTransaction:
     ) -> bool:
         if self._failed():
             return True
-        params = {"k": key, "token": token, "data": data, "retention": retention}
-        return bool(await _arows(self.conn, COMMIT, params))
+        params = {"k": key, "token": token, "data": data, "retention": retention, "fence": fence}
+        return _written(bool(await _arows(self.conn, COMMIT, params)))
 
     def alease_listen(self, key: str) -> _AsyncListening:
         return self.store.alease_listen(key)
+
+
+def _written(done: bool) -> bool:
+    """In the caller's transaction the claim's row is held until it ends: finding it
+    gone means the work itself rolled the transaction back."""
+    if not done:
+        raise IdempotencyError(
+            "the transaction given to do() was rolled back while the work ran: its "
+            "claim is gone and nothing was recorded (do not end that transaction in the work)"
+        )
+    return True
 
 
 def postgres_store(store: Any, *, asynchronous: bool) -> PostgresIdemStore | None:
@@ -749,28 +872,18 @@ def postgres_store(store: Any, *, asynchronous: bool) -> PostgresIdemStore | Non
             "pip install 'stampede[postgres]'"
         ) from exc
     if is_url:
-        kwargs = {"autocommit": True}
         if asynchronous:
-            pool: Any = psycopg_pool.AsyncConnectionPool(
-                store,
-                min_size=1,
-                max_size=10,
-                timeout=2.0,
-                kwargs=kwargs,
-                open=False,
-                name="stampede-idempotency",
-            )
-        else:
-            pool = psycopg_pool.ConnectionPool(
-                store,
-                min_size=1,
-                max_size=10,
-                timeout=2.0,
-                kwargs=kwargs,
-                open=True,
-                name="stampede-idempotency",
-            )
-        return PostgresIdemStore(pool, asynchronous=asynchronous, owned=True)
+            return PostgresIdemStore(_LoopConnections(store), asynchronous=True)
+        pool = psycopg_pool.ConnectionPool(
+            store,
+            min_size=1,
+            max_size=10,
+            timeout=2.0,
+            kwargs={"autocommit": True},
+            open=True,
+            name="stampede-idempotency",
+        )
+        return PostgresIdemStore(pool, asynchronous=False)
     wanted = psycopg_pool.AsyncConnectionPool if asynchronous else psycopg_pool.ConnectionPool
     if isinstance(store, wanted):
         return PostgresIdemStore(store, asynchronous=asynchronous)

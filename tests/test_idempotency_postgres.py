@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import stampede
 import stampede.idempotency
 from stampede import (
     AsyncIdempotency,
@@ -27,6 +28,7 @@ from stampede import (
     KeyReused,
     _idem_pg,
 )
+from stampede.backends._shared import StoreBusy
 from stampede.testing import wait_until
 from tests.helpers import in_thread, join_all, run_threads
 from tests.test_idempotency import Work, finished, worker
@@ -505,3 +507,118 @@ def test_the_callers_row_factory_and_settings_do_not_matter(pg_url: str) -> None
             assert idem.do("t", lambda: 1, transaction=conn) == (1, False)
             conn.commit()
             assert idem.do("t", lambda: 2, transaction=conn) == (1, True)
+
+
+# -- what a review found ----------------------------------------------------------------------
+
+
+def lease_of(url: str) -> Any:
+    return sql(url, f"SELECT lease_until FROM {_idem_pg.TABLE}")[0][0]
+
+
+def test_a_duplicate_in_a_transaction_never_stalls_the_owners_renewals(
+    pool: Any, pg_url: str
+) -> None:
+    """A claim that does not take the key keeps no lock on its row: the owner on the
+    pool renews and records while the duplicate's transaction stays open."""
+    owner = Idempotency(pool, lease_ttl=1.5)  # renewed every 0.5 s
+    work = Work("owner's", held=True)
+    thread, out = in_thread(lambda: owner.do("k", work))
+    assert work.entered.wait(10)
+    with connect(pg_url) as conn:
+        duplicate = Idempotency(pg_url, on_conflict="reject")
+        with pytest.raises(InFlight):
+            duplicate.do("k", lambda: "duplicate's", transaction=conn)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # its transaction still usable
+        before = lease_of(pg_url)
+        wait_until(lambda: lease_of(pg_url) > before, what="a renewal, the transaction open")
+        work.release.set()
+        join_all([thread])
+        assert out == [("owner's", False)] and owner.stats().fenced == 0
+        assert duplicate.do("k", lambda: "never", transaction=conn) == ("owner's", True)
+        conn.rollback()
+    assert work.runs == 1
+
+
+def test_a_replay_in_an_open_transaction_blocks_no_one(pool: Any, pg_url: str) -> None:
+    idem = Idempotency(pool)
+    assert idem.do("k", lambda: "recorded") == ("recorded", False)
+    with connect(pg_url) as conn:
+        assert idem.do("k", lambda: "never", transaction=conn) == ("recorded", True)
+        # The transaction stays open: the others still replay at once.
+        rejecting = Idempotency(pg_url, on_conflict="reject", wait_timeout=0.5)
+        assert rejecting.do("k", lambda: "never") == ("recorded", True)
+        with connect(pg_url) as other:
+            assert idem.do("k", lambda: "never", transaction=other) == ("recorded", True)
+            other.commit()
+        conn.commit()
+
+
+def test_a_duplicate_of_an_open_transaction_waits_and_keeps_its_own_usable(pg_url: str) -> None:
+    idem = Idempotency(pg_url, wait_timeout=0.6)
+    with connect(pg_url) as first:
+        assert idem.do("k", lambda: "first", transaction=first) == ("first", False)
+        with connect(pg_url) as second:
+            with pytest.raises(InFlight):  # after wait_timeout: the first still open
+                idem.do("k", lambda: "second", transaction=second)
+            assert second.execute("SELECT 1").fetchone() == (1,)
+            second.rollback()
+        first.commit()
+    assert idem.do("k", lambda: "never") == ("first", True)
+
+
+def test_a_full_pool_is_busy_not_a_dead_server(pg_url: str) -> None:
+    with psycopg_pool.ConnectionPool(pg_url, min_size=1, max_size=1, timeout=0.2) as pool:
+        idem = Idempotency(pool)
+        assert idem.do("warm", lambda: 0) == (0, False)
+        held = pool.getconn()
+        try:
+            for _ in range(4):  # past the breaker's threshold: it must not open
+                with pytest.raises(StoreBusy):  # (a BackendUnavailable)
+                    idem.do("k", lambda: 1)
+        finally:
+            pool.putconn(held)
+        assert idem.do("k", lambda: 1) == (1, False)  # at once: no circuit open
+
+
+def test_a_commit_retried_after_its_reply_was_lost_is_not_fenced(pool: Any) -> None:
+    store = Idempotency(pool)._core.store
+    claimed = store.claim("k", "t1", "", 30, 60, 10_000)
+    assert claimed.state == _idem_pg.CLAIMED
+    fence = int(claimed.number)
+    assert store.commit("k", "t1", b"record", 60, fence)
+    assert store.commit("k", "t1", b"record", 60, fence)  # the same commit again: done
+    assert not store.commit("k", "t2", b"forged", 60, fence + 1)  # another claim's: refused
+
+
+def test_rows_are_swept_where_the_pool_sees_the_table(pg_url: str) -> None:
+    sql(pg_url, "CREATE SCHEMA app")
+
+    def configure(conn: Any) -> None:
+        conn.execute("SET search_path TO app")
+        conn.commit()
+
+    with psycopg_pool.ConnectionPool(pg_url, configure=configure, min_size=1, max_size=2) as pool:
+        idem = Idempotency(pool)
+        idem.do("k", lambda: 1)
+        table = f"app.{_idem_pg.TABLE}"
+        sql(pg_url, f"UPDATE {table} SET expires_at = statement_timestamp() - interval '1s'")
+        assert idem._core.store.sweep() == 1
+        assert sql(pg_url, f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+def test_work_that_rolls_its_transaction_back_is_an_error(pg_url: str) -> None:
+    idem = Idempotency(pg_url)
+    with connect(pg_url) as conn, pytest.raises(stampede.IdempotencyError, match="rolled back"):
+        idem.do("k", conn.rollback, transaction=conn)
+    assert idem.do("k", lambda: "ran") == ("ran", False)
+
+
+def test_an_async_store_from_a_url_serves_one_loop_after_another(fresh_pg_server: Any) -> None:
+    url = fresh_pg_server.url("postgres")
+    idem = AsyncIdempotency(url)
+    assert asyncio.run(idem.do("a", lambda: 1)) == (1, False)
+    assert asyncio.run(idem.do("a", lambda: 2)) == (1, True)
+    fresh_pg_server.restart()
+    assert asyncio.run(idem.do("b", lambda: 3)) == (3, False)  # a new pool, in this loop
+    assert asyncio.run(idem.do("b", lambda: 4)) == (3, True)

@@ -145,7 +145,8 @@ async def _lead(
     claim = Claim(k, fence)
     reset = _current.set(claim)
     try:
-        async with AsyncRenewer(store, k, token, opts.lease_ttl):
+        # (In the caller's transaction there is no lease: the transaction holds the row.)
+        async with AsyncRenewer(store, [] if store.transactional else k, token, opts.lease_ttl):
             try:
                 value = await acall_loader(fn)
             except Exception as exc:

@@ -147,7 +147,8 @@ def _lead(
     claim = Claim(k, fence)
     reset = _current.set(claim)
     try:
-        with Renewer(store, k, token, opts.lease_ttl):
+        # (In the caller's transaction there is no lease: the transaction holds the row.)
+        with Renewer(store, [] if store.transactional else k, token, opts.lease_ttl):
             try:
                 value = call_loader(fn)
             except Exception as exc:
