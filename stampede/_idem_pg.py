@@ -40,6 +40,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 from ._breaker import Breaker
@@ -430,7 +431,7 @@ class _LoopConnections:
         return found
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> Any:
+    async def connection(self) -> AsyncIterator[Any]:
         import psycopg
         import psycopg_pool
 
