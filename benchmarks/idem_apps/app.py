@@ -11,6 +11,9 @@ the value as sorted JSON (Powertools) replays the same bytes.
 - ``stampede`` / ``stampede-local``: ``stampede.asgi.IdempotencyMiddleware`` over
   ``AsyncIdempotency(redis.asyncio.Redis)``, defaults (wait and replay); ``-local``
   with ``local_records=1000``;
+- ``stampede-pg``: the same middleware over ``AsyncIdempotency(IDEM_PG_URL)``, a
+  ``postgresql://`` URL (the store's own pool, its defaults); the run counter
+  stays on Redis like the others';
 - ``idemkit`` / ``idemkit-local``: ``idemkit.IdempotencyMiddleware`` (its ASGI
   adapter) over ``RedisBackend.from_url``, single-tenant on purpose
   (``scope_mode="single_tenant"``), defaults otherwise; ``-local`` with
@@ -30,7 +33,7 @@ the value as sorted JSON (Powertools) replays the same bytes.
 Every Redis pool is sized past any burst (redis-py 8 refuses a 101st connection
 by default). Settings: ``REDIS_URL`` (the records), ``COUNTER_URL`` (the run counters;
 default ``REDIS_URL``), ``IDEM_NAMESPACE``, ``IDEM_WORK_MS``, ``IDEM_COUNT``
-(``0``: no ``INCR``, the run number is 0).
+(``0``: no ``INCR``, the run number is 0), ``IDEM_PG_URL`` (``stampede-pg``'s records).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ LIBRARIES = (
     "bare",
     "stampede",
     "stampede-local",
+    "stampede-pg",
     "idemkit",
     "idemkit-local",
     "powertools",
@@ -120,6 +124,19 @@ def _stampede(local: bool) -> FastAPI:
             namespace=NS,
             local_records=1000 if local else 0,
         ),
+    )
+    _async_route(app)
+    return app
+
+
+def _stampede_pg() -> FastAPI:
+    import stampede
+    import stampede.asgi
+
+    app = _base()
+    app.add_middleware(
+        stampede.asgi.IdempotencyMiddleware,
+        idempotency=stampede.AsyncIdempotency(os.environ["IDEM_PG_URL"], namespace=NS),
     )
     _async_route(app)
     return app
@@ -215,6 +232,8 @@ def build(library: str) -> FastAPI:
         return app
     if library in ("stampede", "stampede-local"):
         return _stampede(library.endswith("-local"))
+    if library == "stampede-pg":
+        return _stampede_pg()
     if library in ("idemkit", "idemkit-local"):
         return _idemkit(library.endswith("-local"))
     if library in ("powertools", "powertools-local"):

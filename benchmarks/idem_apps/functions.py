@@ -5,6 +5,15 @@ the apps' handler (``INCR`` a run counter, sleep, return the order with the run'
 number and a nonce) run once per key by that library's function API:
 
 - ``stampede``: ``Idempotency(redis.Redis).do(key, work, fingerprint=body)``;
+- ``stampede-pg``: the same on PostgreSQL, ``Idempotency("postgresql://...")`` (the
+  store's own pool, its defaults: up to 10 connections), ``store_url`` being that URL;
+- ``stampede-pg-tx``: the caller's transaction: each call takes a connection of
+  its own (a pool of ``connections``, opened beforehand, autocommit off), runs
+  ``do(key, work, fingerprint=body, transaction=conn)`` where the work also
+  ``INSERT``s the order into ``bench_orders`` in that transaction, then commits
+  (a rollback if anything raised). Runs are counted twice: the work's ``INCR``
+  (every call of it, a rolled-back one too) and the committed ``bench_orders``
+  rows (``committed_rows``). The table is made beforehand (``create_orders_table``);
 - ``idemkit``: ``@idempotent_sync`` on a ``RedisBackend`` (its sync facade: the
   core runs on one background event loop, the work on a thread), keyed on the
   ``key`` argument, the body as its ``validation_fingerprint``;
@@ -12,11 +21,13 @@ number and a nonce) run once per key by that library's function API:
   keyed on ``key`` (``event_key_jmespath``); an in-progress duplicate raises
   ``IdempotencyAlreadyInProgressError``.
 
-``serve`` is the body of one process of the cross-process burst.
+``serve`` is the body of one process of the cross-process burst. ``close_calls()``
+closes the connections the calls made so far hold (the PostgreSQL ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
@@ -31,17 +42,66 @@ import redis
 # hold one (Powertools: every call), so the pools are sized past any burst here.
 POOL = 1024
 
-FUNCTION_LIBRARIES = ("stampede", "idemkit", "powertools")
+FUNCTION_LIBRARIES = ("stampede", "stampede-pg", "stampede-pg-tx", "idemkit", "powertools")
+POSTGRES_LIBRARIES = ("stampede-pg", "stampede-pg-tx")
 
 Call = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+ORDERS_TABLE = """
+CREATE TABLE IF NOT EXISTS bench_orders (
+    id      bigserial PRIMARY KEY,
+    ns      text NOT NULL,
+    key     text NOT NULL,
+    run     integer NOT NULL,
+    body    text NOT NULL
+)"""
+# No unique key on (ns, key): a second committed run would show as a second row.
+INSERT_ORDER = "INSERT INTO bench_orders (ns, key, run, body) VALUES (%s, %s, %s, %s)"
+
+_closers: list[Callable[[], None]] = []
+
+
+def create_orders_table(url: str) -> None:
+    """The business table of ``stampede-pg-tx`` (once, before any process uses it)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(ORDERS_TABLE)
+
+
+def committed_rows(url: str, ns: str, key: str) -> int:
+    """The ``bench_orders`` rows committed for ``key`` (runs that were not rolled back)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM bench_orders WHERE ns = %s AND key = %s", (ns, key)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def close_calls() -> None:
+    """Close what the calls made so far hold open (their PostgreSQL connections)."""
+    while _closers:
+        closer = _closers.pop()
+        with contextlib.suppress(Exception):  # (a cleanup: never over the results)
+            closer()
 
 
 def _answer(body: dict[str, Any], run: int) -> dict[str, Any]:
     return {**body, "nonce": secrets.token_hex(8), "pid": 0, "run": run}
 
 
-def make_call(library: str, store_url: str, counter_url: str, ns: str, work_s: float) -> Call:
-    """``call(key, body)`` through ``library``'s function API (see the module)."""
+def make_call(
+    library: str,
+    store_url: str,
+    counter_url: str,
+    ns: str,
+    work_s: float,
+    connections: int = 1,
+) -> Call:
+    """``call(key, body)`` through ``library``'s function API (see the module);
+    ``connections``: how many callers at once (``stampede-pg-tx``: its own pool)."""
     counter = redis.Redis.from_url(counter_url, max_connections=POOL)
 
     def work(key: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +120,55 @@ def make_call(library: str, store_url: str, counter_url: str, ns: str, work_s: f
             return value
 
         return stampede_call
+    if library == "stampede-pg":
+        import stampede
+
+        pg_idem = stampede.Idempotency(store_url, namespace=ns)
+        _closers.append(store_pool_closer(pg_idem))
+
+        def stampede_pg_call(key: str, body: dict[str, Any]) -> dict[str, Any]:
+            value, _ = pg_idem.do(key, lambda: work(key, body), fingerprint=body)
+            return value
+
+        return stampede_pg_call
+    if library == "stampede-pg-tx":
+        import psycopg_pool
+
+        import stampede
+
+        tx_idem = stampede.Idempotency(store_url, namespace=ns)
+        _closers.append(store_pool_closer(tx_idem))
+        # Each caller's own connection, opened before the burst (autocommit off).
+        callers = psycopg_pool.ConnectionPool(
+            store_url,
+            min_size=connections,
+            max_size=connections,
+            timeout=60.0,
+            open=True,
+            name="bench-callers",
+        )
+        callers.wait(60.0)
+        _closers.append(callers.close)
+        text = json.dumps
+
+        def stampede_pg_tx_call(key: str, body: dict[str, Any]) -> dict[str, Any]:
+            with callers.connection() as conn:
+
+                def in_transaction() -> dict[str, Any]:
+                    run = int(counter.incr(f"runs:{ns}:{key}"))
+                    conn.execute(INSERT_ORDER, (ns, key, run, text(body, sort_keys=True)))
+                    time.sleep(work_s)
+                    return _answer(body, run)
+
+                try:
+                    value, _ = tx_idem.do(key, in_transaction, fingerprint=body, transaction=conn)
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
+                return value
+
+        return stampede_pg_tx_call
     if library == "idemkit":
         # From their modules: ``idemkit`` itself exports them through ``__getattr__``.
         from idemkit.adapters.ai import idempotent_sync
@@ -119,6 +228,17 @@ def make_call(library: str, store_url: str, counter_url: str, ns: str, work_s: f
     raise ValueError(f"no function surface for {library!r}: {', '.join(FUNCTION_LIBRARIES)}")
 
 
+def store_pool_closer(idem: Any) -> Callable[[], None]:
+    """Closes the pool ``Idempotency`` made for its URL (it keeps it for its lifetime)."""
+
+    def close() -> None:
+        pool = getattr(getattr(getattr(idem, "_core", None), "store", None), "pool", None)
+        if pool is not None:
+            pool.close()
+
+    return close
+
+
 def outcome(call: Call, key: str, body: dict[str, Any]) -> tuple[str, Any]:
     """("value", the run number in the value) or ("error", the exception's type name)."""
     try:
@@ -168,6 +288,7 @@ def thread_burst(
 
 def serve(
     store_url: str,
+    pg_url: str | None,
     counter_url: str,
     ns: str,
     work_s: float,
@@ -179,16 +300,23 @@ def serve(
     """One process of the cross-process burst: for each ``(library, key, body,
     timeout)`` from ``commands`` (``None``: stop), ``threads`` threads call it once
     every process has its threads waiting (``barrier``); the outcomes, or why there
-    are none, go to ``results``."""
+    are none, go to ``results``. The PostgreSQL libraries' records are at ``pg_url``,
+    the others' at ``store_url``."""
     calls: dict[str, Call] = {}
     while True:
         command = commands.get(timeout=120)
         if command is None:
+            close_calls()
             return
         library, key, body, timeout = command
         try:
             if library not in calls:
-                calls[library] = make_call(library, store_url, counter_url, ns, work_s)
+                url = store_url
+                if library in POSTGRES_LIBRARIES:
+                    if pg_url is None:
+                        raise RuntimeError("no PostgreSQL server")
+                    url = pg_url
+                calls[library] = make_call(library, url, counter_url, ns, work_s, threads)
         except Exception as exc:
             barrier.abort()  # the other processes stop waiting for this one
             results.put(("n/a", f"{type(exc).__name__}: {exc}"))
