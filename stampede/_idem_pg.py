@@ -258,7 +258,6 @@ class _Listener:
         self.thread: threading.Thread | None = None
         self.connected = threading.Event()
         self.swept = 0.0  # time.monotonic() of the last sweep
-        self.sweeps = 0
         self.tables: set[str] = set()  # schema-qualified, found by the stores
 
     def start(self) -> None:
@@ -328,7 +327,6 @@ class _Listener:
                 removed += max(0, count)
                 if count < SWEEP_BATCH:
                     break
-        self.sweeps += 1
         return removed
 
 
@@ -416,7 +414,8 @@ class _LoopConnections:
 
     def __init__(self, conninfo: str, *, max_size: int = 10, timeout: float = 2.0) -> None:
         self.conninfo = conninfo
-        self.kwargs: dict[str, Any] = {"autocommit": True}
+        self.kwargs: dict[str, Any] = {"autocommit": True}  # (read by the listener)
+        self._connect = {**_listen_kwargs(conninfo, {}), "autocommit": True}
         self.max_size, self.timeout = max_size, timeout
         self._loops: weakref.WeakKeyDictionary[Any, tuple[list[Any], asyncio.Semaphore]] = (
             weakref.WeakKeyDictionary()
@@ -444,9 +443,7 @@ class _LoopConnections:
         try:
             conn = idle.pop() if idle else None
             if conn is None:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.conninfo, **_listen_kwargs(self.conninfo, self.kwargs), autocommit=True
-                )
+                conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._connect)
             try:
                 yield conn
             except BaseException:
@@ -516,8 +513,12 @@ class PostgresIdemStore:
                         found = _rows(conn, WHERE_IS, (TABLE,))
             except away as exc:
                 raise _unavailable(exc) from exc
-            self.listener.tables.add(found[0][0])
-            self._ready = True
+            self._located(found)
+
+    def _located(self, found: Any) -> None:
+        """The table is there: its schema-qualified name is swept by the listener."""
+        self.listener.tables.add(found[0][0])
+        self._ready = True
 
     async def aensure(self) -> None:
         if self._ready:
@@ -543,8 +544,7 @@ class PostgresIdemStore:
                         found = await _arows(conn, WHERE_IS, (TABLE,))
             except away as exc:
                 raise _unavailable(exc) from exc
-            self.listener.tables.add(found[0][0])
-            self._ready = True
+            self._located(found)
 
     # each statement: on a pooled connection, behind the breaker; a connection lost
     # under it is retried once on a checked one (each statement is safe to run
@@ -624,9 +624,6 @@ class PostgresIdemStore:
             return int(self.pool.get_stats().get("pool_size", 0)) > 0
         except Exception:
             return bool(getattr(self.pool, "busy", 0))
-
-    def _claimed(self, params: dict[str, Any], rows: Any) -> Claimed | None:
-        return _found(rows, params["token"])[0]
 
     # sync
 
@@ -733,10 +730,14 @@ _SAVEPOINT = "SAVEPOINT stampede_claim"
 _ROLLBACK_TO = "ROLLBACK TO SAVEPOINT stampede_claim; RELEASE SAVEPOINT stampede_claim"
 
 
-def _keep(was: str) -> Any:
-    """Put the caller's lock_timeout back, and keep the claim (its savepoint released)."""
+def _ended(found: Claimed | None, was: str) -> Any:
+    """How a claim's savepoint ends: kept when the key was taken (the caller's
+    lock_timeout put back), else rolled back (a row lock the statement took is let go;
+    the lock_timeout it set goes with it)."""
     from psycopg import sql
 
+    if found is None or found.state != CLAIMED:
+        return _ROLLBACK_TO
     return sql.SQL(
         "SELECT set_config('lock_timeout', {}, true); RELEASE SAVEPOINT stampede_claim"
     ).format(sql.Literal(was))
@@ -784,10 +785,7 @@ class InTransaction:
                 if not conn.closed:
                     conn.execute(_ROLLBACK_TO)
                 raise
-            if found is not None and found.state == CLAIMED:
-                conn.execute(_keep(was))
-                return found
-            conn.execute(_ROLLBACK_TO)  # not taken: let go of the row's lock
+            conn.execute(_ended(found, was))
             if found is not None:
                 return found
         return _held(fingerprint, lease_ttl)
@@ -824,10 +822,7 @@ class InTransaction:
                 if not conn.closed:
                     await conn.execute(_ROLLBACK_TO)
                 raise
-            if found is not None and found.state == CLAIMED:
-                await conn.execute(_keep(was))
-                return found
-            await conn.execute(_ROLLBACK_TO)
+            await conn.execute(_ended(found, was))
             if found is not None:
                 return found
         return _held(fingerprint, lease_ttl)

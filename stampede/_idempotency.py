@@ -301,8 +301,8 @@ class Idempotency(_Base):
         ``transaction``: a ``psycopg.Connection`` in an open transaction, on the
         database of a PostgreSQL store. The key is claimed and the outcome
         written in that transaction: a rollback undoes them with the caller's
-        other writes, and a duplicate's claim waits until the transaction ends
-        (then replays after a commit, or runs after a rollback).
+        other writes. A duplicate meanwhile sees the key running and waits (up to
+        ``wait_timeout``): it replays after a commit, or runs after a rollback.
         """
         k, fp = self._keys(key, fingerprint)
         if transaction is not None:

@@ -386,13 +386,15 @@ def finished(proc: subprocess.Popen[str]) -> dict[str, Any]:
 def where_of(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if kind == "redis":
         return str(request.getfixturevalue("redis_url"))
+    if kind == "postgres":  # (the workers make the table together, on first use)
+        return str(request.getfixturevalue("pg_url"))
     folder = tmp_path / "store"
     folder.mkdir(mode=0o700)
     return str(folder)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["redis", "disk"])
+@pytest.mark.parametrize("kind", ["redis", "disk", "postgres"])
 def test_eight_processes_of_25_callers_run_it_once(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

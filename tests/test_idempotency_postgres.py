@@ -129,27 +129,6 @@ def test_the_documented_table_is_the_one_created() -> None:
     assert _idem_pg.DDL in page
 
 
-def test_eight_processes_of_25_callers_run_it_once(pg_url: str, tmp_path: Path) -> None:
-    Idempotency(pg_url).do("warm", lambda: None)  # the table first: not the test's subject
-    work = tmp_path / "work"
-    work.mkdir()
-    procs = [worker(pg_url, "fleet-key", 25, work, 5, "fleet") for _ in range(8)]
-    try:
-        wait_until(lambda: len(list(work.glob("ready-*"))) == 8, 60, "workers ready")
-        (work / "go").touch()
-        wait_until(lambda: (work / "runs").exists(), 60, "the run")
-        (work / "release").touch()
-        reports = [finished(proc) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert len((work / "runs").read_text().splitlines()) == 1
-    values = [value for report in reports for value in report["values"]]
-    assert len(values) == 200 and len({str(v) for v in values}) == 1
-    assert sum(report["replayed"] for report in reports) == 199
-
-
 def test_a_killed_owner_process_is_taken_over_after_its_lease(pg_url: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()

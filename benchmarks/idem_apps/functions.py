@@ -109,28 +109,22 @@ def make_call(
         time.sleep(work_s)
         return _answer(body, run)
 
-    if library == "stampede":
+    if library in ("stampede", "stampede-pg"):
         import stampede
 
-        store = redis.Redis.from_url(store_url, max_connections=POOL)
-        idem = stampede.Idempotency(store, namespace=ns)
+        # Redis: a client of the records' server; PostgreSQL: the URL (the store's pool).
+        where: Any = store_url
+        if library == "stampede":
+            where = redis.Redis.from_url(store_url, max_connections=POOL)
+        idem = stampede.Idempotency(where, namespace=ns)
+        if library == "stampede-pg":
+            _closers.append(store_pool_closer(idem))
 
         def stampede_call(key: str, body: dict[str, Any]) -> dict[str, Any]:
             value, _ = idem.do(key, lambda: work(key, body), fingerprint=body)
             return value
 
         return stampede_call
-    if library == "stampede-pg":
-        import stampede
-
-        pg_idem = stampede.Idempotency(store_url, namespace=ns)
-        _closers.append(store_pool_closer(pg_idem))
-
-        def stampede_pg_call(key: str, body: dict[str, Any]) -> dict[str, Any]:
-            value, _ = pg_idem.do(key, lambda: work(key, body), fingerprint=body)
-            return value
-
-        return stampede_pg_call
     if library == "stampede-pg-tx":
         import psycopg_pool
 
