@@ -82,6 +82,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .local import free_port, tail
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -361,14 +363,8 @@ def _child_env() -> dict[str, str]:
 
 
 def pick_free_port(host: str = HOST, avoid: Sequence[int] = (SHARED_DEFAULT_PORT,)) -> int:
-    """A port the OS just called free (bind to port 0, read it back, close)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise PostgresServerError("could not find a free loopback port")
+    """A port the OS just called free, never the shared server's."""
+    return free_port(host, avoid, PostgresServerError)
 
 
 def _proc_state(pid: int) -> str | None:
@@ -734,17 +730,7 @@ class PostgresServer:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the server log (``""`` if there is none)."""
-        path = self.log_path
-        if path is None:
-            return ""
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 64 * 1024))
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log_path, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
